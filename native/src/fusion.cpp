@@ -1,0 +1,180 @@
+// The arithmetic is written as plain element-wise loops over contiguous float arrays with branch-free
+// selects so that the compiler vectorises every pass; sums are accumulated in double lanes, because
+// vocabularies reach 262,144 entries and the temperature is very sensitive to the JS divergence
+// (dT/dJS = T ln2 / 0.01 in paper mode).
+#include "fusion.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace sda {
+namespace {
+
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr double kPaperSigma = 0.01;
+constexpr float kPaperMinTemperature = 0.2f;
+
+// exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp); 0 for x < -87.3 and for -inf. Inline and
+// branch-free, unlike std::exp, so loops calling it vectorise.
+inline float exp_nonpositive(float x) {
+    const bool underflow = !(x >= -87.3365447f);  // also true for NaN
+    x = underflow ? 0.0f : x;
+    const float fn = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+    float r = x - fn * 0.693359375f;
+    r = r - fn * -2.12194440e-4f;
+    float poly = 1.9875691500e-4f;
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    poly = poly * r * r + r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return underflow ? 0.0f : poly * scale;
+}
+
+// log(1 + u) for u in [0, 1] as 2 atanh(u / (2 + u)); |t| <= 1/3 so eight odd terms reach float precision,
+// and small u keeps full relative accuracy.
+inline float log1p_unit(float u) {
+    const float t = u / (2.0f + u);
+    const float t2 = t * t;
+    float s = 1.0f / 15.0f;
+    s = s * t2 + 1.0f / 13.0f;
+    s = s * t2 + 1.0f / 11.0f;
+    s = s * t2 + 1.0f / 9.0f;
+    s = s * t2 + 1.0f / 7.0f;
+    s = s * t2 + 1.0f / 5.0f;
+    s = s * t2 + 1.0f / 3.0f;
+    s = s * t2 + 1.0f;
+    return 2.0f * t * s;
+}
+
+constexpr size_t kLanes = 8;
+
+double lane_sum(const float * x, size_t n) {
+    double acc[kLanes] = {0};
+    size_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+        for (size_t j = 0; j < kLanes; ++j) acc[j] += x[i + j];
+    }
+    double total = 0;
+    for (; i < n; ++i) total += x[i];
+    for (size_t j = 0; j < kLanes; ++j) total += acc[j];
+    return total;
+}
+
+float max_of(const float * x, size_t n) {
+    float lanes[kLanes];
+    std::fill(lanes, lanes + kLanes, kNegInf);
+    size_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+        for (size_t j = 0; j < kLanes; ++j) lanes[j] = x[i + j] > lanes[j] ? x[i + j] : lanes[j];
+    }
+    float m = kNegInf;
+    for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+    for (size_t j = 0; j < kLanes; ++j) m = lanes[j] > m ? lanes[j] : m;
+    return m;
+}
+
+struct shifted_exp_sum {
+    float max;   // -inf when every entry is -inf
+    double sum;  // sum of exp(x - max)
+    double log_sum_exp() const { return static_cast<double>(max) + std::log(sum); }
+};
+
+// Writes exp(x - max) into e (zeros when every entry is -inf).
+shifted_exp_sum exp_shifted(const float * x, size_t n, float * e) {
+    const float m = max_of(x, n);
+    if (!(m > kNegInf)) {
+        std::fill(e, e + n, 0.0f);
+        return {m, 0.0};
+    }
+    for (size_t i = 0; i < n; ++i) e[i] = exp_nonpositive(x[i] - m);
+    return {m, lane_sum(e, n)};
+}
+
+float temperature_for(double js, const sda_params & params) {
+    switch (params.temperature_mode) {
+        case SDA_TEMPERATURE_PAPER: {
+            // Never above T0, also when the user picks a T0 below the paper's floor.
+            const float floor_t = std::min(kPaperMinTemperature, params.t0);
+            const double t = params.t0 * std::pow(0.5, js / kPaperSigma);
+            return std::max(floor_t, static_cast<float>(t));
+        }
+        case SDA_TEMPERATURE_REFERENCE:
+            return static_cast<float>(params.t0 * std::pow(0.5, js / (2.0 * std::log(2.0))));
+        default:
+            return params.t0;
+    }
+}
+
+}  // namespace
+
+bool params_valid(const sda_params & params) {
+    return std::isfinite(params.strength) && params.strength >= 0.0f && std::isfinite(params.k) &&
+           params.k >= 0.0f && std::isfinite(params.t0) && params.t0 > 0.0f &&
+           params.temperature_mode >= SDA_TEMPERATURE_PAPER && params.temperature_mode <= SDA_TEMPERATURE_FIXED;
+}
+
+fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,
+                          fusion_workspace & ws, float * out) {
+    ws.reserve(n);
+    float * p = ws.p.data();
+    float * q = ws.q.data();
+    const shifted_exp_sum with = exp_shifted(z_with, n, p);
+    const shifted_exp_sum without = exp_shifted(z_without, n, q);
+    if (!(with.max > kNegInf)) {  // nothing can be sampled: leave it to the rest of the chain
+        std::fill(out, out + n, kNegInf);
+        return {params.t0, 0.0f};
+    }
+    // A without-stream with no finite logit is treated as "no steering signal": log Q = -inf everywhere.
+    const float shift_with = static_cast<float>(with.log_sum_exp());
+    const float shift_without =
+        without.max > kNegInf ? static_cast<float>(without.log_sum_exp()) : -kNegInf;
+    const float inv_sum_with = static_cast<float>(1.0 / with.sum);
+    const float inv_sum_without = without.max > kNegInf ? static_cast<float>(1.0 / without.sum) : 0.0f;
+    const float gain = params.k * params.strength;
+
+    for (size_t i = 0; i < n; ++i) {
+        const float lp = z_with[i] - shift_with;        // log P
+        const float lq = z_without[i] - shift_without;  // log Q
+        const float prob_p = p[i] * inv_sum_with;
+        const float prob_q = q[i] * inv_sum_without;
+
+        // With M = (P + Q) / 2 and d = log Q - log P:
+        //   log P - log M = ln2 - max(d, 0) - log1p(exp(-|d|)),  log Q - log M = ln2 - max(-d, 0) - (same).
+        // Exact cancellation at P == Q, no log of an underflowed M; zero-probability terms are masked.
+        const float d = lq - lp;
+        const float soft = log1p_unit(exp_nonpositive(-std::fabs(d)));
+        const float term_p = prob_p > 0.0f ? prob_p * (kLn2 - (d > 0.0f ? d : 0.0f) - soft) : 0.0f;
+        const float term_q = prob_q > 0.0f ? prob_q * (kLn2 - (d < 0.0f ? -d : 0.0f) - soft) : 0.0f;
+        p[i] = term_p + term_q;
+
+        // A token impossible with the instruction stays impossible; one impossible only without it
+        // would get +inf from the difference, so it keeps its with-instruction log-prob instead.
+        const float steered = lp + gain * (lp - lq);
+        out[i] = lp == kNegInf ? kNegInf : (lq == kNegInf ? lp : steered);
+    }
+
+    const double js = std::max(0.0, 0.5 * lane_sum(p, n));
+    const float temperature = temperature_for(js, params);
+    const float inv_t = 1.0f / temperature;
+    for (size_t i = 0; i < n; ++i) out[i] *= inv_t;
+    return {temperature, static_cast<float>(js)};
+}
+
+void log_softmax_inplace(float * x, size_t n, fusion_workspace & ws) {
+    ws.reserve(n);
+    const shifted_exp_sum s = exp_shifted(x, n, ws.p.data());
+    if (!(s.max > kNegInf)) return;
+    const float lse = static_cast<float>(s.log_sum_exp());
+    for (size_t i = 0; i < n; ++i) x[i] -= lse;
+}
+
+}  // namespace sda

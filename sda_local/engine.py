@@ -1,0 +1,331 @@
+"""SDAEngine: loads a GGUF model once and generates with or without SDA steering.
+
+Per query (SPEC.md sections 3-5): the with- and without-instruction prompts are prefilled into two
+streams on the same weights; then, every step, llama.cpp's sampler chain [sda, top-p, dist] samples from
+the fused distribution and the token is appended to both streams. The per-token path is a handful of C
+calls: decode, sample (fusion inside the native sampler), token piece.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import math
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, List, Optional
+
+import llama_cpp
+import numpy as np
+
+from . import models, native
+from .errors import ContextOverflowError, InputError, ModelError
+from .fusion import (
+    DEFAULT_K,
+    DEFAULT_T0,
+    DEFAULT_TOP_P,
+    TEMPERATURE_MODES,
+    check_fusion_params,
+    fuse_numpy,
+)
+from .gguf_model import GGUFModel
+from .prompts import QUESTION_SYSTEM, Alignment, PromptFormatter, check_text, resolve_alignment
+from .streams import STREAM_MODES, make_streams
+
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
+
+
+@dataclass
+class GenerationStats:
+    """What one generation did. ``fusion_backend`` is "native", "numpy" or None (plain generation)."""
+
+    mode: str  # "sda" or "plain"
+    streams: str
+    fusion_backend: Optional[str]
+    strength: Optional[float]
+    temperature_mode: Optional[str]
+    t0: float
+    top_p: float
+    seed: int
+    prompt_tokens_with: int
+    prompt_tokens_without: Optional[int]
+    shared_prefix_tokens: int
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    mean_js: Optional[float] = None
+    mean_temperature: Optional[float] = None
+    fusion_us_per_token: Optional[float] = None
+    finish_reason: str = "length"  # "stop" (end-of-generation token), "length" (max_tokens), "context"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: List[int]
+    stats: GenerationStats
+    prompt_with: str = field(repr=False, default="")
+    prompt_without: Optional[str] = field(repr=False, default=None)
+
+
+class GenerationStream:
+    """Iterate for text pieces as they are decoded; ``result`` is set once the iteration is complete."""
+
+    def __init__(self, run):
+        self._run = run
+        self.result: Optional[GenerationResult] = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.result = yield from self._run
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class SDAEngine:
+    """One loaded model, two decoding streams, SDA generation.
+
+    ``model``: None (the default catalogue model, fetched on first use), a catalogue name, or a GGUF path.
+    ``streams``: "batched" (one context, two sequences, one decode per step) or "contexts" (two contexts
+    on the same weights). ``n_ctx`` is the context of each stream. Fusion runs on host logits, so CPU,
+    CUDA and Metal builds of llama-cpp-python all work; ``n_gpu_layers`` offloads layers as in llama.cpp.
+    """
+
+    def __init__(
+        self,
+        model: Optional[str] = None,
+        *,
+        n_ctx: int = 4096,
+        n_threads: Optional[int] = None,
+        n_gpu_layers: int = 0,
+        streams: str = "batched",
+        verbose: bool = False,
+    ):
+        if streams not in STREAM_MODES:
+            raise InputError(f"unknown streams mode {streams!r} (choose from {', '.join(STREAM_MODES)})")
+        if not isinstance(n_ctx, int) or n_ctx < 16:
+            raise InputError(f"n_ctx must be an integer >= 16, got {n_ctx!r}")
+        self.model_path = models.resolve(model)
+        self.model = GGUFModel(self.model_path, n_gpu_layers=n_gpu_layers, verbose=verbose)
+        if self.model.n_ctx_train > 0:
+            n_ctx = min(n_ctx, self.model.n_ctx_train)
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or _default_threads()
+        self.streams = make_streams(streams, self.model, n_ctx=n_ctx, n_threads=self.n_threads)
+        self.formatter = PromptFormatter(self.model.chat_template, self.model.bos_token, self.model.eos_token)
+        self._native = native.library()
+        self._candidates: Optional[np.ndarray] = None  # numpy-fallback token array, allocated on first use
+
+    @property
+    def fusion_backend(self) -> str:
+        return "native" if self._native is not None else "numpy"
+
+    # -- public API ---------------------------------------------------------------------------------
+    def generate(self, query: str, instruction: Optional[str] = None, **options) -> GenerationResult:
+        """Generate an answer; see ``stream`` for the options. Returns text, tokens and stats."""
+        stream = self.stream(query, instruction, **options)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream(
+        self,
+        query: str,
+        instruction: Optional[str] = None,
+        *,
+        strength: float = 0.5,
+        max_tokens: int = 256,
+        t0: float = DEFAULT_T0,
+        top_p: float = DEFAULT_TOP_P,
+        temperature_mode: str = "paper",
+        seed: Optional[int] = None,
+        system: Optional[str] = None,
+        k: float = DEFAULT_K,
+        ignore_eos: bool = False,
+    ) -> GenerationStream:
+        """Generate, yielding text pieces as they are decoded.
+
+        ``instruction``: a preset name (helpfulness, harmlessness, honesty, empathy, summarization), any
+        instruction text, or None for plain generation (one stream at temperature ``t0`` with top-p).
+        ``strength`` is the amplifier a of SPEC.md (0 = prompting with the instruction).
+        """
+        check_text("query", query)
+        alignment = resolve_alignment(instruction, system) if instruction is not None else None
+        if system is not None:
+            check_text("system prompt", system)
+        check_fusion_params(strength, k, t0, temperature_mode)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+            raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+        elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+            raise InputError(f"seed must be an integer in [0, 2^32), got {seed!r}")
+        run = self._run(query, alignment, system, float(strength), max_tokens, float(t0), float(top_p),
+                        temperature_mode, seed, float(k), ignore_eos)
+        return GenerationStream(run)
+
+    def close(self) -> None:
+        if getattr(self, "streams", None) is not None:
+            self.streams.close()
+            self.streams = None
+        if getattr(self, "model", None) is not None:
+            self.model.close()
+            self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _tokenize_prompt(self, prompt: str) -> List[int]:
+        # Chat templates write their own special tokens (BOS included), as llama-cpp-python assumes too.
+        add_bos = self.model.add_bos and not self.formatter.uses_chat_template
+        tokens = self.model.tokenize(prompt, add_bos=add_bos, special=True)
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx} (raise --n-ctx)"
+            )
+        return tokens
+
+    def _sampler_chain(self, head: Optional[int], t0: Optional[float], top_p: float, seed: int, ignore_eos: bool):
+        """[head (the SDA sampler) | temp(t0)] + [logit bias forbidding EOG] + top-p + dist(seed)."""
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if head is not None:
+            llama_cpp.llama_sampler_chain_add(chain, ctypes.cast(head, llama_cpp.llama_sampler_p_ctypes))
+        if ignore_eos:
+            eog = self.model.eog_tokens()
+            biases = (llama_cpp.llama_logit_bias * len(eog))(*[(t, -math.inf) for t in eog])
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_logit_bias(self.model.n_vocab, len(eog), biases)
+            )
+        if t0 is not None:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(t0))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(top_p, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def _sample_numpy(self, chain, strength, k, t0, temperature_mode, acc) -> int:
+        """Fallback when libsda is not loaded: fuse in numpy, then the same llama.cpp top-p and dist."""
+        n = self.model.n_vocab
+        if self._candidates is None:
+            self._candidates = np.zeros(n, dtype=_TOKEN_DATA)
+        ctx_w, idx_w = self.streams.with_logits
+        ctx_wo, idx_wo = self.streams.without_logits
+        z_with = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx_w, idx_w), shape=(n,))
+        z_without = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx_wo, idx_wo), shape=(n,))
+        started = time.perf_counter()
+        fused, temperature, js = fuse_numpy(z_with, z_without, strength, k=k, t0=t0,
+                                            temperature_mode=temperature_mode)
+        acc[0] += js
+        acc[1] += temperature
+        acc[2] += time.perf_counter() - started
+        cand = self._candidates
+        cand["id"] = np.arange(n, dtype=np.int32)
+        cand["logit"] = fused
+        arr = llama_cpp.llama_token_data_array(
+            data=cand.ctypes.data_as(llama_cpp.llama_token_data_p), size=n, selected=-1, sorted=False
+        )
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(arr))
+        token = arr.data[arr.selected].id
+        llama_cpp.llama_sampler_accept(chain, token)
+        return token
+
+    def _run(self, query, alignment: Optional[Alignment], system, strength, max_tokens, t0, top_p,
+             temperature_mode, seed, k, ignore_eos):
+        model, streams = self.model, self.streams
+        if model is None:
+            raise ModelError("the engine is closed")
+        steered = alignment is not None
+        if steered:
+            prompt_with, prompt_without = self.formatter.pair(query, alignment)
+        else:
+            prompt_with, prompt_without = self.formatter.render(system or QUESTION_SYSTEM, query), None
+        tokens_with = self._tokenize_prompt(prompt_with)
+        tokens_without = self._tokenize_prompt(prompt_without) if steered else None
+
+        backend = self.fusion_backend if steered else None
+        sda_sampler = None
+        if backend == "native":
+            params = native.make_params(strength, k, t0, TEMPERATURE_MODES[temperature_mode])
+            sda_sampler = native.sampler_init(self._native, params, model.n_vocab, None, -1)
+        chain = self._sampler_chain(sda_sampler, None if steered else t0, top_p, seed, ignore_eos)
+        numpy_acc = [0.0, 0.0, 0.0]  # sum JS, sum T, fusion seconds
+        stats = GenerationStats(
+            mode="sda" if steered else "plain", streams=streams.mode, fusion_backend=backend,
+            strength=strength if steered else None, temperature_mode=temperature_mode if steered else None,
+            t0=t0, top_p=top_p, seed=seed, prompt_tokens_with=len(tokens_with),
+            prompt_tokens_without=len(tokens_without) if steered else None, shared_prefix_tokens=0,
+        )
+        tokens: List[int] = []
+        pieces: List[str] = []
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            started = time.perf_counter()
+            streams.prefill(tokens_with, tokens_without)
+            stats.shared_prefix_tokens = streams.shared_prefix
+            prefilled = time.perf_counter()
+            stats.prefill_seconds = prefilled - started
+            for i in range(max_tokens):
+                if backend == "native":
+                    native_lib = self._native
+                    source_ctx, source_idx = streams.without_logits
+                    native_lib.sda_sampler_set_source(sda_sampler, source_ctx, source_idx)
+                    ctx_w, idx_w = streams.with_logits
+                    token = llama_cpp.llama_sampler_sample(chain, ctx_w, idx_w)
+                elif backend == "numpy":
+                    token = self._sample_numpy(chain, strength, k, t0, temperature_mode, numpy_acc)
+                else:
+                    ctx_w, idx_w = streams.with_logits
+                    token = llama_cpp.llama_sampler_sample(chain, ctx_w, idx_w)
+                if model.is_eog(token):
+                    stats.finish_reason = "stop"
+                    break
+                tokens.append(token)
+                text = decoder.decode(model.piece(token))
+                if text:
+                    pieces.append(text)
+                    yield text
+                if i + 1 == max_tokens:
+                    break
+                if streams.room <= 0:
+                    stats.finish_reason = "context"
+                    break
+                streams.step(token)
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                pieces.append(tail)
+                yield tail
+            stats.decode_seconds = time.perf_counter() - prefilled
+            if sda_sampler is not None:
+                s = native.sampler_stats(self._native, sda_sampler)
+                if s.n_steps != len(tokens) + (stats.finish_reason == "stop"):
+                    raise ModelError("the SDA sampler did not receive the without-instruction logits")
+                numpy_acc = [s.sum_js, s.sum_temperature, s.fusion_seconds]
+                n_steps = s.n_steps
+            else:
+                n_steps = len(tokens) + (stats.finish_reason == "stop")
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+        stats.generated_tokens = len(tokens)
+        if stats.decode_seconds > 0:
+            stats.tokens_per_second = len(tokens) / stats.decode_seconds
+        if steered and n_steps:
+            stats.mean_js = numpy_acc[0] / n_steps
+            stats.mean_temperature = numpy_acc[1] / n_steps
+            stats.fusion_us_per_token = numpy_acc[2] / n_steps * 1e6
+        return GenerationResult("".join(pieces), tokens, stats, prompt_with, prompt_without)

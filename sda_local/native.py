@@ -1,0 +1,147 @@
+"""ctypes binding of ``libsda`` (native/): the C++ SDA sampler hook and fusion.
+
+Mirrors llama-cpp-python's split between its ctypes layer and its high-level class: this module only
+declares the C ABI of ``native/include/sda.h`` and converts arguments; the engine decides what to call.
+
+``llama_cpp`` is imported before ``libsda`` is loaded, so that libsda's dependency on ``libllama.so.0``
+binds to the copy Python already holds (one libllama, one set of global state, per process).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple
+
+import llama_cpp  # noqa: F401  (must be loaded first, see above)
+import numpy as np
+
+ABI_VERSION = 1
+_LIBRARY_NAMES = {"linux": "libsda.so", "darwin": "libsda.dylib", "win32": "sda.dll"}
+
+
+class SDAParams(ctypes.Structure):
+    _fields_ = [
+        ("strength", ctypes.c_float),
+        ("k", ctypes.c_float),
+        ("t0", ctypes.c_float),
+        ("temperature_mode", ctypes.c_int32),
+    ]
+
+
+class SDAStats(ctypes.Structure):
+    _fields_ = [
+        ("n_steps", ctypes.c_int64),
+        ("sum_js", ctypes.c_double),
+        ("sum_temperature", ctypes.c_double),
+        ("fusion_seconds", ctypes.c_double),
+        ("last_js", ctypes.c_float),
+        ("last_temperature", ctypes.c_float),
+    ]
+
+
+_float_p = ctypes.POINTER(ctypes.c_float)
+_state = {"lib": None, "error": None, "path": None, "tried": False}
+
+
+def library_path() -> Path:
+    """Where the installed libsda is expected (next to this module; SDA_LOCAL_NATIVE_LIB overrides)."""
+    override = os.environ.get("SDA_LOCAL_NATIVE_LIB")
+    if override:
+        return Path(override)
+    name = _LIBRARY_NAMES.get(sys.platform, "libsda.so")
+    return Path(__file__).resolve().parent / name
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.sda_abi_version.argtypes = []
+    lib.sda_abi_version.restype = ctypes.c_int32
+    lib.sda_fuse.argtypes = [_float_p, _float_p, ctypes.c_int32, ctypes.POINTER(SDAParams), _float_p, _float_p, _float_p]
+    lib.sda_fuse.restype = ctypes.c_int32
+    lib.sda_sampler_init.argtypes = [ctypes.POINTER(SDAParams), ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
+    lib.sda_sampler_init.restype = ctypes.c_void_p
+    lib.sda_sampler_set_source.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
+    lib.sda_sampler_set_source.restype = None
+    lib.sda_sampler_get_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(SDAStats)]
+    lib.sda_sampler_get_stats.restype = None
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded libsda, or None (with a one-line warning, once) when it cannot be loaded."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        path = library_path()
+        _state["path"] = str(path)
+        try:
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+            version = lib.sda_abi_version()
+            if version != ABI_VERSION:
+                raise OSError(f"ABI version {version}, expected {ABI_VERSION}")
+            _state["lib"] = lib
+        except (OSError, AttributeError) as exc:
+            _state["error"] = f"{path}: {exc}"
+            warnings.warn(
+                f"sda-local: native fusion unavailable ({_state['error']}); using the slower numpy fusion",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _state["lib"]
+
+
+def load_error() -> Optional[str]:
+    library()
+    return _state["error"]
+
+
+def loaded_path() -> Optional[str]:
+    return _state["path"] if library() is not None else None
+
+
+def make_params(strength: float, k: float, t0: float, temperature_mode: int) -> SDAParams:
+    return SDAParams(strength, k, t0, temperature_mode)
+
+
+def fuse(
+    lib: ctypes.CDLL,
+    logits_with: np.ndarray,
+    logits_without: np.ndarray,
+    strength: float,
+    k: float,
+    t0: float,
+    temperature_mode: int,
+) -> Tuple[np.ndarray, float, float]:
+    """Call sda_fuse on two contiguous float32 arrays of equal length."""
+    out = np.empty_like(logits_with)
+    temperature = ctypes.c_float()
+    js = ctypes.c_float()
+    params = make_params(strength, k, t0, temperature_mode)
+    rc = lib.sda_fuse(
+        logits_with.ctypes.data_as(_float_p),
+        logits_without.ctypes.data_as(_float_p),
+        logits_with.size,
+        ctypes.byref(params),
+        out.ctypes.data_as(_float_p),
+        ctypes.byref(temperature),
+        ctypes.byref(js),
+    )
+    if rc != 0:
+        raise ValueError(f"sda_fuse rejected its arguments (code {rc})")
+    return out, float(temperature.value), float(js.value)
+
+
+def sampler_init(lib: ctypes.CDLL, params: SDAParams, n_vocab: int, source_ctx, source_idx: int) -> int:
+    """A new SDA llama_sampler (raw pointer); the chain it is added to owns it."""
+    ptr = lib.sda_sampler_init(ctypes.byref(params), n_vocab, source_ctx, source_idx)
+    if not ptr:
+        raise ValueError("sda_sampler_init rejected its parameters")
+    return ptr
+
+
+def sampler_stats(lib: ctypes.CDLL, sampler: int) -> SDAStats:
+    stats = SDAStats()
+    lib.sda_sampler_get_stats(sampler, ctypes.byref(stats))
+    return stats
