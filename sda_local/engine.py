@@ -98,7 +98,8 @@ class SDAEngine:
 
     ``model``: None (the default catalogue model, fetched on first use), a catalogue name, or a GGUF path.
     ``streams``: "batched" (one context, two sequences, one decode per step) or "contexts" (two contexts
-    on the same weights). ``n_ctx`` is the context of each stream. Fusion runs on host logits, so CPU,
+    on the same weights). ``n_ctx`` is the context of each stream. ``fusion_backend``: "auto" (native
+    when libsda loads), "native" or "numpy". Fusion runs on host logits, so CPU,
     CUDA and Metal builds of llama-cpp-python all work; ``n_gpu_layers`` offloads layers as in llama.cpp.
     """
 
@@ -111,11 +112,14 @@ class SDAEngine:
         n_gpu_layers: int = 0,
         streams: str = "batched",
         verbose: bool = False,
+        fusion_backend: str = "auto",
     ):
         if streams not in STREAM_MODES:
             raise InputError(f"unknown streams mode {streams!r} (choose from {', '.join(STREAM_MODES)})")
         if not isinstance(n_ctx, int) or n_ctx < 16:
             raise InputError(f"n_ctx must be an integer >= 16, got {n_ctx!r}")
+        if fusion_backend not in ("auto", "native", "numpy"):
+            raise InputError(f"unknown fusion backend {fusion_backend!r} (choose from auto, native, numpy)")
         self.model_path = models.resolve(model)
         self.model = GGUFModel(self.model_path, n_gpu_layers=n_gpu_layers, verbose=verbose)
         if self.model.n_ctx_train > 0:
@@ -124,7 +128,9 @@ class SDAEngine:
         self.n_threads = n_threads or _default_threads()
         self.streams = make_streams(streams, self.model, n_ctx=n_ctx, n_threads=self.n_threads)
         self.formatter = PromptFormatter(self.model.chat_template, self.model.bos_token, self.model.eos_token)
-        self._native = native.library()
+        self._native = None if fusion_backend == "numpy" else native.library()
+        if fusion_backend == "native" and self._native is None:
+            raise InputError(f"the native fusion library is not loaded: {native.load_error()}")
         self._candidates: Optional[np.ndarray] = None  # numpy-fallback token array, allocated on first use
 
     @property
@@ -161,7 +167,7 @@ class SDAEngine:
         ``strength`` is the amplifier a of SPEC.md (0 = prompting with the instruction).
         """
         check_text("query", query)
-        alignment = resolve_alignment(instruction, system) if instruction is not None else None
+        alignment = resolve_alignment(check_text("instruction", instruction), system) if instruction is not None else None
         if system is not None:
             check_text("system prompt", system)
         check_fusion_params(strength, k, t0, temperature_mode)
@@ -176,6 +182,19 @@ class SDAEngine:
         run = self._run(query, alignment, system, float(strength), max_tokens, float(t0), float(top_p),
                         temperature_mode, seed, float(k), ignore_eos)
         return GenerationStream(run)
+
+    def logits(self, query: str, instruction: Optional[str], *, system: Optional[str] = None):
+        """Raw next-token logits of the first answer token: (with instruction, without instruction), copies."""
+        alignment = resolve_alignment(check_text("instruction", instruction), system)
+        if alignment is None:
+            raise InputError("logits() needs an instruction")
+        prompt_with, prompt_without = self.formatter.pair(check_text("query", query), alignment)
+        self.streams.prefill(self._tokenize_prompt(prompt_with), self._tokenize_prompt(prompt_without))
+        n = self.model.n_vocab
+        rows = []
+        for ctx, idx in (self.streams.with_logits, self.streams.without_logits):
+            rows.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(n,)).copy())
+        return rows[0], rows[1]
 
     def close(self) -> None:
         if getattr(self, "streams", None) is not None:

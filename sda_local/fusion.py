@@ -1,8 +1,8 @@
 """SDA fusion (SPEC.md sections 3-4): steering of log-probabilities and divergence-aware temperature.
 
 ``fuse`` runs the native implementation (``libsda``) when it is loaded and the numpy/scipy one otherwise.
-The numpy implementation is also the test oracle: it is written independently (float64, scipy's
-``rel_entr`` for the divergence) rather than as a transliteration of the C++ code.
+The numpy implementation is also the test oracle: float64 throughout, with the divergence taken from the
+textbook definition (log M = logaddexp(log P, log Q) - ln 2) rather than the C++ code's rearrangement.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 from typing import Tuple
 
 import numpy as np
-from scipy.special import log_softmax, rel_entr
+from scipy.special import log_softmax
 
 from .errors import InputError
 
@@ -68,8 +68,9 @@ def fuse_numpy(
         log_q = log_softmax(z_without) if np.isfinite(z_without).any() else np.full_like(z_without, -np.inf)
         p = np.exp(log_p)
         q = np.exp(log_q)
-        m = 0.5 * (p + q)
-        js = float(0.5 * rel_entr(p, m).sum() + 0.5 * rel_entr(q, m).sum())
+        log_m = np.logaddexp(log_p, log_q) - math.log(2.0)  # log of (P + Q) / 2 without underflow
+        js = float(0.5 * np.where(p > 0, p * (log_p - log_m), 0.0).sum()
+                   + 0.5 * np.where(q > 0, q * (log_q - log_m), 0.0).sum())
         steered = log_p + (k * strength) * (log_p - log_q)
     # Impossible with the instruction: stays impossible. Impossible only without it: no steering
     # (the difference would be +inf). Same rule as native/src/fusion.cpp.

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 from .errors import ModelError
 
 CACHE_ENV = "SDA_LOCAL_CACHE"
+CATALOGUE_ENV = "SDA_LOCAL_CATALOGUE"
 _CATALOGUE_NAME = "catalogue.json"
 
 
@@ -63,7 +64,13 @@ def cache_dir() -> Path:
 
 
 def catalogue_path() -> Path:
-    """The installed catalogue (next to the package) or, in a source checkout, ``models/catalogue.json``."""
+    """$SDA_LOCAL_CATALOGUE, the installed catalogue (next to the package) or, in a source checkout,
+    ``models/catalogue.json``."""
+    override = os.environ.get(CATALOGUE_ENV)
+    if override:
+        if not Path(override).is_file():
+            raise ModelError(f"{CATALOGUE_ENV} points to a missing file: {override}")
+        return Path(override)
     here = Path(__file__).resolve().parent
     for candidate in (here / _CATALOGUE_NAME, here.parent / "models" / _CATALOGUE_NAME):
         if candidate.is_file():
@@ -72,7 +79,11 @@ def catalogue_path() -> Path:
 
 
 def _load_catalogue() -> Tuple[str, Dict[str, CatalogueModel]]:
-    raw = json.loads(catalogue_path().read_text(encoding="utf-8"))
+    path = catalogue_path()
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the model catalogue {path}: {exc}") from None
     entries: Dict[str, CatalogueModel] = {}
     for m in raw["models"]:
         parts = tuple(WheelPart(p["package"], p["version"], p["member"]) for p in m["source"]["parts"])

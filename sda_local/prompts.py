@@ -80,6 +80,9 @@ def resolve_alignment(align: Optional[str], system: Optional[str] = None) -> Opt
     preset = PRESETS.get(text.lower())
     if preset is not None:
         return Alignment(preset.instruction, system or preset.system, preset.name)
+    if len(text.split()) == 1:
+        # A single word is almost always a mistyped preset, not an instruction: say so rather than steer by it.
+        raise InputError(f"unknown preset {text!r} (presets: {', '.join(PRESETS)}; a custom instruction is a sentence)")
     return Alignment(text, system or QUESTION_SYSTEM, None)
 
 

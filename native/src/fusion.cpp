@@ -134,38 +134,59 @@ fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t 
         return {params.t0, 0.0f};
     }
     // A without-stream with no finite logit is treated as "no steering signal": log Q = -inf everywhere.
-    const float shift_with = static_cast<float>(with.log_sum_exp());
-    const float shift_without =
-        without.max > kNegInf ? static_cast<float>(without.log_sum_exp()) : -kNegInf;
+    // The log-probabilities are formed in double: with logits of magnitude 1e4, float rounding of
+    // z - logsumexp(z) alone would cost 1e-3 in the steered difference.
+    const double shift_with = with.log_sum_exp();
+    const double shift_without = without.max > kNegInf ? without.log_sum_exp() : -static_cast<double>(kNegInf);
     const float inv_sum_with = static_cast<float>(1.0 / with.sum);
     const float inv_sum_without = without.max > kNegInf ? static_cast<float>(1.0 / without.sum) : 0.0f;
-    const float gain = params.k * params.strength;
+    const double gain = static_cast<double>(params.k) * params.strength;
 
     for (size_t i = 0; i < n; ++i) {
-        const float lp = z_with[i] - shift_with;        // log P
-        const float lq = z_without[i] - shift_without;  // log Q
+        const double lp = z_with[i] - shift_with;        // log P
+        const double lq = z_without[i] - shift_without;  // log Q
         const float prob_p = p[i] * inv_sum_with;
         const float prob_q = q[i] * inv_sum_without;
 
         // With M = (P + Q) / 2 and d = log Q - log P:
         //   log P - log M = ln2 - max(d, 0) - log1p(exp(-|d|)),  log Q - log M = ln2 - max(-d, 0) - (same).
         // Exact cancellation at P == Q, no log of an underflowed M; zero-probability terms are masked.
-        const float d = lq - lp;
+        const float d = static_cast<float>(lq - lp);
         const float soft = log1p_unit(exp_nonpositive(-std::fabs(d)));
         const float term_p = prob_p > 0.0f ? prob_p * (kLn2 - (d > 0.0f ? d : 0.0f) - soft) : 0.0f;
         const float term_q = prob_q > 0.0f ? prob_q * (kLn2 - (d < 0.0f ? -d : 0.0f) - soft) : 0.0f;
         p[i] = term_p + term_q;
-
-        // A token impossible with the instruction stays impossible; one impossible only without it
-        // would get +inf from the difference, so it keeps its with-instruction log-prob instead.
-        const float steered = lp + gain * (lp - lq);
-        out[i] = lp == kNegInf ? kNegInf : (lq == kNegInf ? lp : steered);
     }
 
     const double js = std::max(0.0, 0.5 * lane_sum(p, n));
     const float temperature = temperature_for(js, params);
-    const float inv_t = 1.0f / temperature;
-    for (size_t i = 0; i < n; ++i) out[i] *= inv_t;
+
+    // A token impossible with the instruction stays impossible; one impossible only without it would get
+    // +inf from the difference, so it keeps its with-instruction log-prob instead.
+    const auto steered = [&](size_t i) {
+        const double lp = z_with[i] - shift_with;
+        const double lq = z_without[i] - shift_without;
+        const double l = lp + gain * (lp - lq);
+        constexpr double neg_inf = -std::numeric_limits<double>::infinity();
+        return lp == neg_inf ? neg_inf : (lq == neg_inf ? lp : l);
+    };
+    // Shifted by their maximum before the float store: steered values reach |l| ~ 1e5 for logits of
+    // magnitude 1e4, where float resolution (0.008) would swamp the result.
+    double lanes[kLanes];
+    std::fill(lanes, lanes + kLanes, -std::numeric_limits<double>::infinity());
+    size_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+        for (size_t j = 0; j < kLanes; ++j) {
+            const double l = steered(i + j);
+            lanes[j] = l > lanes[j] ? l : lanes[j];
+        }
+    }
+    double top = -std::numeric_limits<double>::infinity();
+    for (; i < n; ++i) top = std::max(top, steered(i));
+    for (size_t j = 0; j < kLanes; ++j) top = std::max(top, lanes[j]);
+
+    const double inv_t = 1.0 / temperature;
+    for (size_t k = 0; k < n; ++k) out[k] = static_cast<float>((steered(k) - top) * inv_t);
     return {temperature, static_cast<float>(js)};
 }
 

@@ -24,7 +24,8 @@ struct fusion_workspace {
 
 bool params_valid(const sda_params & params);
 
-// out[i] = l_i / T with l = l_with + k a (l_with - l_without) (unnormalised, what a sampler chain wants).
+// out[i] = (l_i - max l) / T with l = l_with + k a (l_with - l_without): unnormalised fused logits, what a
+// sampler chain wants (softmax(out) is the fused distribution).
 fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,
                           fusion_workspace & ws, float * out);
 
