@@ -166,9 +166,10 @@ fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t 
     const auto steered = [&](size_t i) {
         const double lp = z_with[i] - shift_with;
         const double lq = z_without[i] - shift_without;
-        const double l = lp + gain * (lp - lq);
         constexpr double neg_inf = -std::numeric_limits<double>::infinity();
-        return lp == neg_inf ? neg_inf : (lq == neg_inf ? lp : l);
+        double l = lp + gain * (lp - lq);
+        l = lq == neg_inf ? lp : l;
+        return lp == neg_inf ? neg_inf : l;
     };
     // Shifted by their maximum before the float store: steered values reach |l| ~ 1e5 for logits of
     // magnitude 1e4, where float resolution (0.008) would swamp the result.
