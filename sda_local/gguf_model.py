@@ -152,11 +152,11 @@ class GGUFModel:
         return self._eog_tokens
 
     # -- contexts -------------------------------------------------------------------------------
-    def new_context(self, *, n_ctx: int, n_batch: int, n_threads: int, n_seq_max: int = 1, kv_unified: bool = False):
+    def new_context(self, *, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int, n_seq_max: int = 1, kv_unified: bool = False):
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
-        params.n_ubatch = n_batch
+        params.n_ubatch = n_ubatch
         params.n_seq_max = n_seq_max
         params.n_threads = n_threads
         params.n_threads_batch = n_threads

@@ -22,6 +22,11 @@ from .gguf_model import GGUFModel
 
 STREAM_MODES = ("batched", "contexts")
 N_BATCH = 512
+# llama.cpp's CPU matmul takes another kernel from 64 rows per ubatch on, with visibly different rounding
+# (logits move by ~0.5 on SmolLM2-135M Q4_1). Below that, results are bit-identical to token-by-token
+# decoding, so a stream's KV cache no longer depends on how its prompt was split into batches: batched,
+# contexts and plain generation then see the same logits, and a = 0 is exactly prompting.
+N_UBATCH = 32
 
 SEQ_WITH = 0
 SEQ_WITHOUT = 1
@@ -125,7 +130,7 @@ class BatchedStreams(StreamPair):
         super().__init__(model, n_ctx=n_ctx, n_threads=n_threads)
         # Unified cache sized for both streams at full length; the shared prefix is stored once.
         self.ctx = model.new_context(
-            n_ctx=2 * n_ctx, n_batch=N_BATCH, n_threads=n_threads, n_seq_max=2, kv_unified=True
+            n_ctx=2 * n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads, n_seq_max=2, kv_unified=True
         )
         self.memory = llama_cpp.llama_get_memory(self.ctx)
 
@@ -183,7 +188,7 @@ class ContextStreams(StreamPair):
 
     def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int):
         super().__init__(model, n_ctx=n_ctx, n_threads=n_threads)
-        self.ctx_with = model.new_context(n_ctx=n_ctx, n_batch=N_BATCH, n_threads=n_threads)
+        self.ctx_with = model.new_context(n_ctx=n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads)
         self.ctx_without = None  # created on first steered use: plain generation needs one context
 
     def prefill(self, with_tokens, without_tokens):
@@ -196,7 +201,7 @@ class ContextStreams(StreamPair):
         self.n_past_without = 0
         if self.steered:
             if self.ctx_without is None:
-                self.ctx_without = self.model.new_context(n_ctx=self.n_ctx, n_batch=N_BATCH, n_threads=self.n_threads)
+                self.ctx_without = self.model.new_context(n_ctx=self.n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=self.n_threads)
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx_without), True)
             self._decode_tokens(self.ctx_without, without_tokens, 0, 0, logits_last=True)
             self.n_past_without = len(without_tokens)
