@@ -1,0 +1,41 @@
+"""SDA amplifies instructions: verifiable instructions over 24 TruthfulQA questions, fixed seeds.
+
+Measured on the default model (SmolLM2-135M-Instruct Q4_1, 2 threads): "fewer than 25 words" 15/24 with
+prompting alone vs 24/24 with SDA at a = 0.5; "no commas" 8/24 vs 20/24. The test asks for a margin of 5.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa.jsonl"
+CHECKS = {
+    "Answer in fewer than 25 words.": lambda text: len(text.split()) < 25,
+    "Do not use any commas in your answer.": lambda text: "," not in text,
+}
+MARGIN = 5
+
+
+def questions(n=24):
+    if not DATA.is_file():
+        pytest.skip(f"evaluation data not found at {DATA}")
+    with open(DATA, encoding="utf-8") as f:
+        return [json.loads(line)["Question"] for line in f][:n]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("instruction", list(CHECKS))
+def test_sda_complies_more_often_than_prompting_alone(engine, instruction):
+    check = CHECKS[instruction]
+    prompt_only = sda = 0
+    for i, question in enumerate(questions()):
+        base = engine.generate(question, instruction, strength=0.0, temperature_mode="fixed", seed=100 + i,
+                               max_tokens=80)
+        steered = engine.generate(question, instruction, strength=0.5, seed=100 + i, max_tokens=80)
+        prompt_only += check(base.text)
+        sda += check(steered.text)
+    print(f"{instruction!r}: prompting alone {prompt_only}/24, SDA a=0.5 {sda}/24")
+    assert sda >= prompt_only + MARGIN
