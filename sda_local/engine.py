@@ -243,6 +243,7 @@ class SDAEngine:
         n = self.model.n_vocab
         if self._candidates is None:
             self._candidates = np.zeros(n, dtype=_TOKEN_DATA)
+            self._token_ids = np.arange(n, dtype=np.int32)
         ctx_w, idx_w = self.streams.with_logits
         ctx_wo, idx_wo = self.streams.without_logits
         z_with = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx_w, idx_w), shape=(n,))
@@ -254,7 +255,7 @@ class SDAEngine:
         acc[1] += temperature
         acc[2] += time.perf_counter() - started
         cand = self._candidates
-        cand["id"] = np.arange(n, dtype=np.int32)
+        cand["id"] = self._token_ids  # top-p reorders the array in place
         cand["logit"] = fused
         arr = llama_cpp.llama_token_data_array(
             data=cand.ctypes.data_as(llama_cpp.llama_token_data_p), size=n, selected=-1, sorted=False
@@ -283,7 +284,7 @@ class SDAEngine:
             params = native.make_params(strength, k, t0, TEMPERATURE_MODES[temperature_mode])
             sda_sampler = native.sampler_init(self._native, params, model.n_vocab, None, -1)
         chain = self._sampler_chain(sda_sampler, None if steered else t0, top_p, seed, ignore_eos)
-        numpy_acc = [0.0, 0.0, 0.0]  # sum JS, sum T, fusion seconds
+        fusion_totals = [0.0, 0.0, 0.0]  # sum of JS, sum of T, fusion seconds (numpy path)
         stats = GenerationStats(
             mode="sda" if steered else "plain", streams=streams.mode, fusion_backend=backend,
             strength=strength if steered else None, temperature_mode=temperature_mode if steered else None,
@@ -300,17 +301,12 @@ class SDAEngine:
             prefilled = time.perf_counter()
             stats.prefill_seconds = prefilled - started
             for i in range(max_tokens):
-                if backend == "native":
-                    native_lib = self._native
-                    source_ctx, source_idx = streams.without_logits
-                    native_lib.sda_sampler_set_source(sda_sampler, source_ctx, source_idx)
-                    ctx_w, idx_w = streams.with_logits
-                    token = llama_cpp.llama_sampler_sample(chain, ctx_w, idx_w)
-                elif backend == "numpy":
-                    token = self._sample_numpy(chain, strength, k, t0, temperature_mode, numpy_acc)
+                if backend == "numpy":
+                    token = self._sample_numpy(chain, strength, k, t0, temperature_mode, fusion_totals)
                 else:
-                    ctx_w, idx_w = streams.with_logits
-                    token = llama_cpp.llama_sampler_sample(chain, ctx_w, idx_w)
+                    if sda_sampler is not None:
+                        self._native.sda_sampler_set_source(sda_sampler, *streams.without_logits)
+                    token = llama_cpp.llama_sampler_sample(chain, *streams.with_logits)
                 if model.is_eog(token):
                     stats.finish_reason = "stop"
                     break
@@ -330,21 +326,19 @@ class SDAEngine:
                 pieces.append(tail)
                 yield tail
             stats.decode_seconds = time.perf_counter() - prefilled
-            if sda_sampler is not None:
+            n_steps = len(tokens) + (stats.finish_reason == "stop")
+            if sda_sampler is not None:  # the native sampler keeps its own totals
                 s = native.sampler_stats(self._native, sda_sampler)
-                if s.n_steps != len(tokens) + (stats.finish_reason == "stop"):
+                if s.n_steps != n_steps:
                     raise ModelError("the SDA sampler did not receive the without-instruction logits")
-                numpy_acc = [s.sum_js, s.sum_temperature, s.fusion_seconds]
-                n_steps = s.n_steps
-            else:
-                n_steps = len(tokens) + (stats.finish_reason == "stop")
+                fusion_totals = [s.sum_js, s.sum_temperature, s.fusion_seconds]
         finally:
             llama_cpp.llama_sampler_free(chain)
         stats.generated_tokens = len(tokens)
         if stats.decode_seconds > 0:
             stats.tokens_per_second = len(tokens) / stats.decode_seconds
         if steered and n_steps:
-            stats.mean_js = numpy_acc[0] / n_steps
-            stats.mean_temperature = numpy_acc[1] / n_steps
-            stats.fusion_us_per_token = numpy_acc[2] / n_steps * 1e6
+            stats.mean_js = fusion_totals[0] / n_steps
+            stats.mean_temperature = fusion_totals[1] / n_steps
+            stats.fusion_us_per_token = fusion_totals[2] / n_steps * 1e6
         return GenerationResult("".join(pieces), tokens, stats, prompt_with, prompt_without)
