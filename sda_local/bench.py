@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from .errors import SDAError
@@ -87,13 +88,16 @@ def run_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int, n
               progress: Callable[[str], None]) -> dict:
     from . import models
 
-    models.resolve(model)  # fetch once, with progress, before the workers start
+    model_path = str(models.resolve(model).resolve())  # fetch once, with progress, before the workers start
+    # Workers start in the directory holding this very package, so that `-m` imports it (with its libsda)
+    # and not a source checkout that happens to be the current directory.
+    package_root = str(Path(__file__).resolve().parent.parent)
     samples: Dict[str, List[dict]] = {arm: [] for arm in ARMS}
     for r in range(runs):
         for arm in ARMS:
             progress(f"run {r + 1}/{runs}: {arm}")
-            cmd = [sys.executable, "-m", "sda_local.bench", arm, model or "", str(n_threads), str(tokens), str(n_ctx)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            cmd = [sys.executable, "-m", "sda_local.bench", arm, model_path, str(n_threads), str(tokens), str(n_ctx)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=package_root)
             if proc.returncode != 0:
                 lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
                 raise SDAError(f"benchmark arm {arm} failed: {lines[-1]}")
@@ -118,7 +122,7 @@ def run_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int, n
     best_tps = arms[best]["tokens_per_second"]
     step_us = 1e6 / best_tps
     return {
-        "model": str(models.resolve(model, quiet=True)),
+        "model": model_path,
         "threads": n_threads,
         "tokens": tokens,
         "runs": runs,
@@ -155,5 +159,5 @@ def format_report(report: dict) -> str:
 
 if __name__ == "__main__":
     arm, model_arg, threads, n_tokens, ctx = sys.argv[1:6]
-    out = _worker(arm, model_arg or None, int(threads), int(n_tokens), int(ctx))
+    out = _worker(arm, model_arg, int(threads), int(n_tokens), int(ctx))
     print(json.dumps(out))

@@ -92,17 +92,7 @@ class GGUFModel:
         template = llama_cpp.llama_model_chat_template(model, None)
         self.chat_template: Optional[str] = template.decode("utf-8") if template else None
 
-    # -- metadata -------------------------------------------------------------------------------
-    def metadata(self, key: str) -> Optional[str]:
-        buf = ctypes.create_string_buffer(4096)
-        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, len(buf))
-        if n < 0:
-            return None
-        if n >= len(buf):
-            buf = ctypes.create_string_buffer(n + 1)
-            llama_cpp.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, len(buf))
-        return buf.value.decode("utf-8", errors="replace")
-
+    # -- vocabulary -----------------------------------------------------------------------------
     def token_text(self, token: int) -> str:
         if token < 0:
             return ""

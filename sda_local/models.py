@@ -209,11 +209,3 @@ def resolve(model: Optional[str], *, quiet: bool = False) -> Path:
         return path
     return pull(lookup(spec), quiet=quiet)
 
-
-def remove(entry: CatalogueModel) -> bool:
-    path = entry.cached_path
-    if path.exists():
-        path.unlink()
-        return True
-    return False
-

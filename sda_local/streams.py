@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import llama_cpp
 
-from .errors import ModelError
+from .errors import InputError, ModelError
 from .gguf_model import GGUFModel
 
 STREAM_MODES = ("batched", "contexts")
@@ -232,6 +232,4 @@ def make_streams(mode: str, model: GGUFModel, *, n_ctx: int, n_threads: int) -> 
         return BatchedStreams(model, n_ctx=n_ctx, n_threads=n_threads)
     if mode == "contexts":
         return ContextStreams(model, n_ctx=n_ctx, n_threads=n_threads)
-    from .errors import InputError
-
     raise InputError(f"unknown streams mode {mode!r} (choose from {', '.join(STREAM_MODES)})")
