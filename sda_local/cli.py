@@ -75,6 +75,24 @@ def _engine_options(f):
     return f
 
 
+def _judge_options(f):
+    from .amplifier import AMPLIFIER_MAPS, DEFAULT_MAP
+
+    options = [
+        click.option("--judge", "-j", default=None,
+                     help="Who scores the first answer: local (this model, default), local:PATH|NAME, "
+                          "openai[:MODEL] (default gpt-4.1), none (fixed a = 0.5)."),
+        click.option("--judge-url", default=None,
+                     help="OpenAI-compatible base URL for the judge (llama-server, ollama, vLLM, ...); "
+                          "key from SDA_JUDGE_API_KEY or OPENAI_API_KEY."),
+        click.option("--amplifier-map", type=click.Choice(list(AMPLIFIER_MAPS)), default=DEFAULT_MAP,
+                     show_default=True, help="Score -> amplifier map (sigmoid: the paper's Eq. 3)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def _make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose):
     from .engine import SDAEngine
 
@@ -97,8 +115,11 @@ def _decode_arg(name: str, value: Optional[str]) -> Optional[str]:
 @click.argument("query", required=False)
 @click.option("--align", "-a", default=None, help="Preset (helpfulness, harmlessness, honesty, empathy, "
               "summarization) or any instruction text. Without it: plain generation.")
-@click.option("--strength", "-s", default=0.5, show_default=True, type=float, callback=_finite,
-              help="Amplifier a (0 = prompting with the instruction).")
+@click.option("--strength", "-s", default=None, type=float, callback=_finite,
+              help="Amplifier a, set by hand (0 = prompting with the instruction); skips the judge.")
+@_judge_options
+@click.option("--on-judge-failure", default="fixed:0.5", show_default=True,
+              help="What a failed judgement does: error | fixed:A | prompt-only.")
 @click.option("--max-tokens", "-n", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=None, type=click.IntRange(0, 2**32 - 1), help="Sampling seed (default: random).")
 @click.option("--temperature-mode", type=click.Choice(list(TEMPERATURE_MODES)), default="paper", show_default=True)
@@ -113,34 +134,54 @@ def _decode_arg(name: str, value: Optional[str]) -> Optional[str]:
               help="Batch mode: JSONL results, appended line by line.")
 @click.option("--resume", is_flag=True, help="Batch mode: skip ids already in --output.")
 @_engine_options
-def generate(query, align, strength, max_tokens, seed, temperature_mode, t0, top_p, system, as_json, show_stats,
-             input_path, output_path, resume, model, n_ctx, n_threads, n_gpu_layers, streams, verbose):
-    """Answer QUERY with SDA steering towards --align (streamed to stdout)."""
+def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_failure, max_tokens, seed,
+             temperature_mode, t0, top_p, system, as_json, show_stats, input_path, output_path, resume, model, n_ctx,
+             n_threads, n_gpu_layers, streams, verbose):
+    """Answer QUERY with SDA steering towards --align (streamed to stdout).
+
+    With --align and no --strength, the full pipeline runs: a first answer without the instruction, a judge
+    scores it (--judge, local by default), the score sets the amplifier, then the SDA answer.
+    """
     query = _decode_arg("query", query)
     align = _decode_arg("--align", align)
+    if align is not None and align.strip().lower() == "none":
+        align = None
     system = _decode_arg("--system", system)
-    options = dict(strength=strength, max_tokens=max_tokens, t0=t0, top_p=top_p,
-                   temperature_mode=temperature_mode, seed=seed, system=system)
+    options = dict(max_tokens=max_tokens, t0=t0, top_p=top_p, temperature_mode=temperature_mode, seed=seed,
+                   system=system)
+    pipeline = dict(strength=strength, amplifier_map=amplifier_map, on_judge_failure=on_judge_failure,
+                    on_warning=_warn, on_judged=_report_judgement)
+    judge_spec = (judge, judge_url)
     if input_path is not None or output_path is not None:
         if query is not None:
             raise InputError("give either a QUERY or --input/--output, not both")
         if input_path is None or output_path is None:
             raise InputError("batch mode needs both --input and --output")
-        _generate_batch(input_path, output_path, resume, align, options,
+        _generate_batch(input_path, output_path, resume, align, options, pipeline, judge_spec,
                         (model, n_ctx, n_threads, n_gpu_layers, streams, verbose))
         return
     if query is None:
         raise InputError("missing QUERY (or use --input/--output for batch mode)")
     if not query.strip():
         raise InputError("query is empty")
+    if align is None and (judge is not None or judge_url is not None or strength is not None):
+        raise InputError("--strength, --judge and --judge-url need --align")
     engine = _make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose)
+    judge_obj = None
     try:
-        if as_json:
-            result = engine.generate(query, align, **options)
-            click.echo(json.dumps({"text": result.text, "stats": result.stats.to_dict()}, ensure_ascii=False))
+        if align is not None:
+            judge_obj = _make_judge(judge_spec, engine, needed=strength is None)
+            stream = engine.align_stream(query, align, judge=judge_obj, **pipeline, **options)
         else:
-            stream = engine.stream(query, align, **options)
-            out = click.get_text_stream("stdout")
+            stream = engine.stream(query, None, **options)
+        if as_json:
+            for _ in stream:
+                pass
+            result = stream.result
+            data = result.to_dict() if align is not None else {"text": result.text, "stats": result.stats.to_dict()}
+            click.echo(json.dumps(data, ensure_ascii=False))
+        else:
+            out = sys.stdout
             for piece in stream:
                 out.write(piece)
                 out.flush()
@@ -149,7 +190,31 @@ def generate(query, align, strength, max_tokens, seed, temperature_mode, t0, top
         if show_stats:
             _print_stats(result.stats)
     finally:
+        if judge_obj is not None:
+            judge_obj.close()
         engine.close()
+
+
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def _report_judgement(judgement, a: float) -> None:
+    click.echo(f"judge {judgement.judge}: score {judgement.score}/100 ({judgement.rubric_version}) -> a = {a:.3f}",
+               err=True)
+
+
+def _make_judge(judge_spec, engine, *, needed: bool = True):
+    """The judge of --judge/--judge-url (None when not needed or "none"); a remote one announces itself."""
+    from .judges import RemoteJudge, make_judge
+
+    spec, url = judge_spec
+    if not needed:
+        return None
+    judge = make_judge(spec, engine, url=url)
+    if isinstance(judge, RemoteJudge):
+        click.echo(f"sda-local: answers are sent to {judge.url} for judging", err=True)
+    return judge
 
 
 def _print_stats(stats) -> None:
@@ -161,33 +226,87 @@ def _print_stats(stats) -> None:
     click.echo(line, err=True)
 
 
-def _generate_batch(input_path, output_path, resume, align, options, engine_args):
+def _generate_batch(input_path, output_path, resume, align, options, pipeline, judge_spec, engine_args):
     from .batch import LINE_OPTIONS, run_batch
 
     if not input_path.is_file():
         raise InputError(f"input file not found: {input_path}")
     engine = _make_engine(*engine_args)
+    judges = {}  # created on first need: a batch with explicit strengths never contacts a judge
 
     def generate_one(job: dict) -> dict:
         line_options = dict(options)
+        line_pipeline = dict(pipeline, on_judged=lambda judgement, a: None)
         for key in LINE_OPTIONS[1:]:
             if key in job and job[key] is not None:
-                line_options[key] = job[key]
+                (line_pipeline if key == "strength" else line_options)[key] = job[key]
         instruction = job["instruction"] if "instruction" in job else align
         if instruction is not None and not isinstance(instruction, str):
             raise InputError('"instruction" must be a string or null')
-        result = engine.generate(job["query"], instruction, **line_options)
-        return {"text": result.text, "stats": result.stats.to_dict()}
+        if instruction is None:
+            result = engine.generate(job["query"], None, **line_options)
+            return {"text": result.text, "stats": result.stats.to_dict()}
+        if line_pipeline["strength"] is None and "judge" not in judges:
+            judges["judge"] = _make_judge(judge_spec, engine)
+        result = engine.align(job["query"], instruction, judge=judges.get("judge"), **line_pipeline, **line_options)
+        return result.to_dict()
 
     try:
         report = run_batch(input_path, output_path, generate_one, resume=resume,
                            on_event=lambda msg: click.echo(msg, err=True))
     finally:
+        if judges.get("judge") is not None:
+            judges["judge"].close()
         engine.close()
     click.echo(f"{report.done} generated, {report.skipped} already done, {report.failed} failed "
                f"(of {report.total} lines) -> {output_path}", err=True)
     if report.failed:
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------- judge
+@main.command()
+@click.argument("query")
+@click.argument("answer")
+@click.option("--align", "-a", required=True, help="Preset or instruction text the answer is judged against.")
+@_judge_options
+@click.option("--json", "as_json", is_flag=True, help="Print score, amplifier, rubric_version, judge as JSON.")
+@_engine_options
+def judge(query, answer, align, judge, judge_url, amplifier_map, as_json, model, n_ctx, n_threads, n_gpu_layers,
+          streams, verbose):
+    """Score ANSWER to QUERY for --align (1-100) and show the amplifier it sets."""
+    from .amplifier import amplifier
+    from .prompts import check_text, resolve_alignment
+    from .rubrics import rubric_for
+
+    query = check_text("query", _decode_arg("query", query))
+    answer = check_text("answer", _decode_arg("answer", answer))
+    alignment = resolve_alignment(check_text("--align", _decode_arg("--align", align)))
+    if alignment is None:
+        raise InputError("--align needs a preset or an instruction")
+    spec = judge if judge is not None else ("openai" if judge_url else "local")
+    if spec.strip().lower() == "none":
+        raise InputError("--judge none cannot score an answer")
+    engine = None
+    if spec.strip().lower() == "local":
+        engine = _make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose)
+    judge_obj = None
+    try:
+        judge_obj = _make_judge((spec, judge_url), engine)
+        judgement = judge_obj.score(query, answer, rubric_for(alignment))
+    finally:
+        if judge_obj is not None:
+            judge_obj.close()
+        if engine is not None:
+            engine.close()
+    a = amplifier(judgement.score, amplifier_map)
+    if as_json:
+        click.echo(json.dumps({"score": judgement.score, "amplifier": a, "amplifier_map": amplifier_map,
+                               "rubric_version": judgement.rubric_version, "judge": judgement.judge,
+                               "reply": judgement.raw, "seconds": judgement.seconds}, ensure_ascii=False))
+    else:
+        click.echo(f"score {judgement.score}/100 -> a = {a:.3f} ({amplifier_map}; {judgement.rubric_version}; "
+                   f"{judgement.judge})")
 
 
 # ---------------------------------------------------------------------------------------------- models

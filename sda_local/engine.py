@@ -15,6 +15,7 @@ import os
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Iterator, List, Optional
 
 import llama_cpp
@@ -183,6 +184,39 @@ class SDAEngine:
                         temperature_mode, seed, float(k), ignore_eos)
         return GenerationStream(run)
 
+    def align(self, query: str, align: str, **options):
+        """The full SDA pipeline (initial answer, judge, amplifier, SDA answer); see ``align_stream``."""
+        stream = self.align_stream(query, align, **options)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def align_stream(self, query: str, align: str, *, judge="local", **options):
+        """Like ``align`` but yields the SDA answer's text pieces; ``.result`` is an AlignmentResult.
+
+        ``judge``: "local" (this engine's model), "local:PATH|NAME", "openai[:MODEL]", "none"/None, or a
+        judge object (LocalJudge, RemoteJudge). Options: ``strength`` (skips the judge), ``amplifier_map``,
+        ``on_judge_failure`` ("error", "fixed:A", "prompt-only"), ``on_warning`` (callable) and every
+        option of ``stream``.
+        """
+        from .judges import make_judge
+        from .pipeline import align_stream
+
+        own_judge = isinstance(judge, str)
+        judge_obj = make_judge(judge, self) if own_judge else judge
+        stream = align_stream(self, query, align, judge=judge_obj, **options)
+        if own_judge and judge_obj is not None:
+            run = stream._run
+
+            def closing():
+                try:
+                    return (yield from run)
+                finally:
+                    judge_obj.close()
+
+            stream._run = closing()
+        return stream
+
     def logits(self, query: str, instruction: Optional[str], *, system: Optional[str] = None):
         """Raw next-token logits of the first answer token: (with instruction, without instruction), copies."""
         alignment = resolve_alignment(check_text("instruction", instruction), system)
@@ -265,6 +299,45 @@ class SDAEngine:
         llama_cpp.llama_sampler_accept(chain, token)
         return token
 
+    def _sampled_tokens(self, sample, max_tokens: int, outcome) -> Iterator[int]:
+        """Sample up to ``max_tokens`` tokens, appending each to the streams; sets ``outcome.finish_reason``
+        ("stop": end-of-generation token, "length": max_tokens, "context": the context is full)."""
+        streams, model = self.streams, self.model
+        for i in range(max_tokens):
+            token = sample()
+            if model.is_eog(token):
+                outcome.finish_reason = "stop"
+                return
+            yield token
+            if i + 1 == max_tokens:
+                break
+            if streams.room <= 0:
+                outcome.finish_reason = "context"
+                return
+            streams.step(token)
+        outcome.finish_reason = "length"
+
+    def complete_with_grammar(self, system: Optional[str], user: str, grammar: str, *, max_tokens: int = 32) -> str:
+        """Greedy plain completion of [system, user] constrained by a GBNF grammar (used by the local judge)."""
+        model, streams = self.model, self.streams
+        if model is None:
+            raise ModelError("the engine is closed")
+        tokens = self._tokenize_prompt(self.formatter.render(system, user))
+        sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            raise InputError("invalid grammar")
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        outcome = SimpleNamespace(finish_reason="length")
+        try:
+            streams.prefill(tokens, None)
+            out = list(self._sampled_tokens(lambda: llama_cpp.llama_sampler_sample(chain, *streams.with_logits),
+                                            max_tokens, outcome))
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+        return b"".join(model.piece(t) for t in out).decode("utf-8", errors="replace")
+
     def _run(self, query, alignment: Optional[Alignment], system, strength, max_tokens, t0, top_p,
              temperature_mode, seed, k, ignore_eos):
         model, streams = self.model, self.streams
@@ -300,27 +373,22 @@ class SDAEngine:
             stats.shared_prefix_tokens = streams.shared_prefix
             prefilled = time.perf_counter()
             stats.prefill_seconds = prefilled - started
-            for i in range(max_tokens):
-                if backend == "numpy":
-                    token = self._sample_numpy(chain, strength, k, t0, temperature_mode, fusion_totals)
-                else:
-                    if sda_sampler is not None:
-                        self._native.sda_sampler_set_source(sda_sampler, *streams.without_logits)
-                    token = llama_cpp.llama_sampler_sample(chain, *streams.with_logits)
-                if model.is_eog(token):
-                    stats.finish_reason = "stop"
-                    break
+            if backend == "numpy":
+                def sample():
+                    return self._sample_numpy(chain, strength, k, t0, temperature_mode, fusion_totals)
+            elif sda_sampler is not None:
+                def sample():
+                    self._native.sda_sampler_set_source(sda_sampler, *streams.without_logits)
+                    return llama_cpp.llama_sampler_sample(chain, *streams.with_logits)
+            else:
+                def sample():
+                    return llama_cpp.llama_sampler_sample(chain, *streams.with_logits)
+            for token in self._sampled_tokens(sample, max_tokens, stats):
                 tokens.append(token)
                 text = decoder.decode(model.piece(token))
                 if text:
                     pieces.append(text)
                     yield text
-                if i + 1 == max_tokens:
-                    break
-                if streams.room <= 0:
-                    stats.finish_reason = "context"
-                    break
-                streams.step(token)
             tail = decoder.decode(b"", final=True)
             if tail:
                 pieces.append(tail)

@@ -83,7 +83,7 @@ def library() -> Optional[ctypes.CDLL]:
                 raise OSError(f"ABI version {version}, expected {ABI_VERSION}")
             _state["lib"] = lib
         except (OSError, AttributeError) as exc:
-            _state["error"] = f"{path}: {exc}"
+            _state["error"] = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
             warnings.warn(
                 f"sda-local: native fusion unavailable ({_state['error']}); using the slower numpy fusion",
                 RuntimeWarning,

@@ -1,0 +1,150 @@
+"""The full SDA pipeline for one query (SPEC.md section 1).
+
+1. Initial answer without the instruction (T0 0.6, top-p 0.95).
+2. A judge scores it 1..100 under the dimension's rubric (a custom instruction is scored against itself).
+3. a = F(score) (``amplifier_map``, the paper's sigmoid by default).
+4. SDA generation with that a.
+
+``strength`` given: steps 1-3 are skipped. No judge (``judge=None``): a = DEFAULT_STRENGTH. A judge failure
+is shown to the user and resolved by ``on_judge_failure``: "error" (raise), "fixed:A" (a = A) or
+"prompt-only" (a = 0 at fixed temperature: prompting alone). It can never produce a negative a.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, List, Optional, Tuple
+
+from .amplifier import DEFAULT_MAP, AMPLIFIER_MAPS, amplifier
+from .errors import InputError
+from .judges import Judgement, JudgeError
+from .prompts import check_text, resolve_alignment
+from .rubrics import rubric_for
+
+DEFAULT_STRENGTH = 0.5
+DEFAULT_ON_JUDGE_FAILURE = f"fixed:{DEFAULT_STRENGTH}"
+
+
+def parse_failure_policy(policy: str) -> Tuple[str, Optional[float]]:
+    """"error" | "prompt-only" | "fixed:A" -> (kind, A)."""
+    text = (policy or "").strip().lower()
+    if text in ("error", "prompt-only"):
+        return text, None
+    if text.startswith("fixed:"):
+        try:
+            value = float(text[len("fixed:"):])
+        except ValueError:
+            value = float("nan")
+        if math.isfinite(value) and value >= 0:
+            return "fixed", value
+    raise InputError(f"unknown judge-failure policy {policy!r} (error, prompt-only or fixed:A with A >= 0)")
+
+
+@dataclass
+class AlignmentResult:
+    """The SDA answer (``text``, ``tokens``, ``stats``) and how its amplifier was chosen."""
+
+    text: str
+    tokens: List[int]
+    stats: object  # GenerationStats of the SDA generation
+    instruction: str
+    amplifier: float
+    amplifier_source: str  # "judge", "strength", "default" (no judge) or "judge-failure"
+    amplifier_map: Optional[str] = None
+    initial_text: Optional[str] = None
+    score: Optional[int] = None
+    judge: Optional[str] = None
+    rubric_version: Optional[str] = None
+    judge_reply: Optional[str] = None
+    judge_failure: Optional[str] = None
+    stage_seconds: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stats"] = self.stats.to_dict()
+        d.pop("tokens")
+        return d
+
+
+class AlignmentStream:
+    """Iterate for the SDA answer's text pieces (the initial answer and the judge run first);
+    ``result`` is the AlignmentResult once the iteration is complete."""
+
+    def __init__(self, run):
+        self._run = run
+        self.result: Optional[AlignmentResult] = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.result = yield from self._run
+
+
+def align_stream(
+    engine,
+    query: str,
+    align: str,
+    *,
+    judge=None,
+    strength: Optional[float] = None,
+    amplifier_map: str = DEFAULT_MAP,
+    on_judge_failure: str = DEFAULT_ON_JUDGE_FAILURE,
+    on_warning: Callable[[str], None] = lambda message: None,
+    on_judged: Callable[[Judgement, float], None] = lambda judgement, a: None,
+    temperature_mode: str = "paper",
+    **generate_options,
+) -> AlignmentStream:
+    check_text("query", query)
+    alignment = resolve_alignment(check_text("alignment", align), generate_options.get("system"))
+    if alignment is None:
+        raise InputError("align() needs an alignment preset or instruction")
+    if amplifier_map not in AMPLIFIER_MAPS:
+        raise InputError(f"unknown amplifier map {amplifier_map!r} (choose from {', '.join(AMPLIFIER_MAPS)})")
+    policy = parse_failure_policy(on_judge_failure)
+    instruction = alignment.preset or alignment.instruction
+    # Validate every option before any generation starts.
+    engine.stream(query, instruction, strength=strength or 0.0, temperature_mode=temperature_mode,
+                  **generate_options)
+
+    def run():
+        stages = {}
+        result_fields = dict(instruction=alignment.instruction, amplifier_map=None)
+        mode = temperature_mode
+        if strength is not None:
+            a, source = strength, "strength"
+        elif judge is None:
+            a, source = DEFAULT_STRENGTH, "default"
+        else:
+            started = time.perf_counter()
+            initial = engine.generate(query, None, **{**generate_options, "system": alignment.system})
+            stages["initial"] = time.perf_counter() - started
+            result_fields["initial_text"] = initial.text
+            rubric = rubric_for(alignment)
+            result_fields.update(judge=judge.identity, rubric_version=rubric.version, amplifier_map=amplifier_map)
+            started = time.perf_counter()
+            try:
+                judgement: Judgement = judge.score(query, initial.text, rubric)
+                a, source = amplifier(judgement.score, amplifier_map), "judge"
+                result_fields.update(score=judgement.score, judge_reply=judgement.raw)
+                on_judged(judgement, a)
+            except JudgeError as exc:
+                kind, value = policy
+                if kind == "error":
+                    raise
+                if kind == "fixed":
+                    a, note = value, f"using a = {value:g}"
+                else:
+                    a, mode, note = 0.0, "fixed", "using prompting alone (a = 0, fixed temperature)"
+                source = "judge-failure"
+                result_fields["judge_failure"] = str(exc)
+                on_warning(f"judge failed: {exc}; {note}")
+            stages["judge"] = time.perf_counter() - started
+        started = time.perf_counter()
+        stream = engine.stream(query, instruction, strength=a, temperature_mode=mode, **generate_options)
+        yield from stream
+        stages["sda"] = time.perf_counter() - started
+        final = stream.result
+        return AlignmentResult(final.text, final.tokens, final.stats, amplifier=a, amplifier_source=source,
+                               stage_seconds=stages, **result_fields)
+
+    return AlignmentStream(run())
