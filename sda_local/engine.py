@@ -16,7 +16,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import llama_cpp
 import numpy as np
@@ -54,6 +54,8 @@ class GenerationStats:
     prompt_tokens_with: int
     prompt_tokens_without: Optional[int]
     shared_prefix_tokens: int
+    prefill_tokens_with: int = 0  # prompt tokens actually decoded (the rest was already in the cache)
+    prefill_tokens_without: Optional[int] = None
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -133,6 +135,12 @@ class SDAEngine:
         if fusion_backend == "native" and self._native is None:
             raise InputError(f"the native fusion library is not loaded: {native.load_error()}")
         self._candidates: Optional[np.ndarray] = None  # numpy-fallback token array, allocated on first use
+        self._aux_streams = None  # for the local judge, created on first use
+
+    @property
+    def _add_bos(self) -> bool:
+        # Chat templates write their own special tokens (BOS included), as llama-cpp-python assumes too.
+        return self.model.add_bos and not self.formatter.uses_chat_template
 
     @property
     def fusion_backend(self) -> str:
@@ -160,12 +168,15 @@ class SDAEngine:
         system: Optional[str] = None,
         k: float = DEFAULT_K,
         ignore_eos: bool = False,
+        history: Sequence[Tuple[str, str]] = (),
     ) -> GenerationStream:
         """Generate, yielding text pieces as they are decoded.
 
         ``instruction``: a preset name (helpfulness, harmlessness, honesty, empathy, summarization), any
         instruction text, or None for plain generation (one stream at temperature ``t0`` with top-p).
-        ``strength`` is the amplifier a of SPEC.md (0 = prompting with the instruction).
+        ``strength`` is the amplifier a of SPEC.md (0 = prompting with the instruction). ``history``: earlier
+        (user, assistant) turns of a conversation; the KV caches keep what the previous call left, so only
+        new tokens are prefilled.
         """
         check_text("query", query)
         alignment = resolve_alignment(check_text("instruction", instruction), system) if instruction is not None else None
@@ -180,8 +191,9 @@ class SDAEngine:
             seed = secrets.randbelow(2**31)
         elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
             raise InputError(f"seed must be an integer in [0, 2^32), got {seed!r}")
+        history = [(check_text("history user turn", u), str(a)) for u, a in history]
         run = self._run(query, alignment, system, float(strength), max_tokens, float(t0), float(top_p),
-                        temperature_mode, seed, float(k), ignore_eos)
+                        temperature_mode, seed, float(k), ignore_eos, history)
         return GenerationStream(run)
 
     def align(self, query: str, align: str, **options):
@@ -217,6 +229,17 @@ class SDAEngine:
             stream._run = closing()
         return stream
 
+    def prompt_lengths(self, query: str, instruction: Optional[str], history: Sequence[Tuple[str, str]] = (), *,
+                       system: Optional[str] = None) -> Tuple[int, int]:
+        """Prompt tokens of (with-instruction, without-instruction) streams; equal without an instruction."""
+        alignment = resolve_alignment(instruction, system) if instruction is not None else None
+        if alignment is None:
+            n = len(self.model.tokenize(self.formatter.render(system or QUESTION_SYSTEM, query, history),
+                                        add_bos=self._add_bos))
+            return n, n
+        prompts = self.formatter.pair(query, alignment, history)
+        return tuple(len(self.model.tokenize(p, add_bos=self._add_bos)) for p in prompts)
+
     def logits(self, query: str, instruction: Optional[str], *, system: Optional[str] = None):
         """Raw next-token logits of the first answer token: (with instruction, without instruction), copies."""
         alignment = resolve_alignment(check_text("instruction", instruction), system)
@@ -231,6 +254,9 @@ class SDAEngine:
         return rows[0], rows[1]
 
     def close(self) -> None:
+        if getattr(self, "_aux_streams", None) is not None:
+            self._aux_streams.close()
+            self._aux_streams = None
         if getattr(self, "streams", None) is not None:
             self.streams.close()
             self.streams = None
@@ -246,9 +272,7 @@ class SDAEngine:
 
     # -- internals ----------------------------------------------------------------------------------
     def _tokenize_prompt(self, prompt: str) -> List[int]:
-        # Chat templates write their own special tokens (BOS included), as llama-cpp-python assumes too.
-        add_bos = self.model.add_bos and not self.formatter.uses_chat_template
-        tokens = self.model.tokenize(prompt, add_bos=add_bos, special=True)
+        tokens = self.model.tokenize(prompt, add_bos=self._add_bos, special=True)
         if len(tokens) >= self.n_ctx:
             raise ContextOverflowError(
                 f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx} (raise --n-ctx)"
@@ -299,10 +323,10 @@ class SDAEngine:
         llama_cpp.llama_sampler_accept(chain, token)
         return token
 
-    def _sampled_tokens(self, sample, max_tokens: int, outcome) -> Iterator[int]:
+    def _sampled_tokens(self, sample, max_tokens: int, outcome, streams=None) -> Iterator[int]:
         """Sample up to ``max_tokens`` tokens, appending each to the streams; sets ``outcome.finish_reason``
         ("stop": end-of-generation token, "length": max_tokens, "context": the context is full)."""
-        streams, model = self.streams, self.model
+        streams, model = streams or self.streams, self.model
         for i in range(max_tokens):
             token = sample()
             if model.is_eog(token):
@@ -319,9 +343,12 @@ class SDAEngine:
 
     def complete_with_grammar(self, system: Optional[str], user: str, grammar: str, *, max_tokens: int = 32) -> str:
         """Greedy plain completion of [system, user] constrained by a GBNF grammar (used by the local judge)."""
-        model, streams = self.model, self.streams
+        model = self.model
         if model is None:
             raise ModelError("the engine is closed")
+        if self._aux_streams is None:  # its own small context on the same weights: the streams' caches stay warm
+            self._aux_streams = make_streams("contexts", model, n_ctx=self.n_ctx, n_threads=self.n_threads)
+        streams = self._aux_streams
         tokens = self._tokenize_prompt(self.formatter.render(system, user))
         sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
         if not sampler:
@@ -333,21 +360,21 @@ class SDAEngine:
         try:
             streams.prefill(tokens, None)
             out = list(self._sampled_tokens(lambda: llama_cpp.llama_sampler_sample(chain, *streams.with_logits),
-                                            max_tokens, outcome))
+                                            max_tokens, outcome, streams))
         finally:
             llama_cpp.llama_sampler_free(chain)
         return b"".join(model.piece(t) for t in out).decode("utf-8", errors="replace")
 
     def _run(self, query, alignment: Optional[Alignment], system, strength, max_tokens, t0, top_p,
-             temperature_mode, seed, k, ignore_eos):
+             temperature_mode, seed, k, ignore_eos, history):
         model, streams = self.model, self.streams
         if model is None:
             raise ModelError("the engine is closed")
         steered = alignment is not None
         if steered:
-            prompt_with, prompt_without = self.formatter.pair(query, alignment)
+            prompt_with, prompt_without = self.formatter.pair(query, alignment, history)
         else:
-            prompt_with, prompt_without = self.formatter.render(system or QUESTION_SYSTEM, query), None
+            prompt_with, prompt_without = self.formatter.render(system or QUESTION_SYSTEM, query, history), None
         tokens_with = self._tokenize_prompt(prompt_with)
         tokens_without = self._tokenize_prompt(prompt_without) if steered else None
 
@@ -371,6 +398,10 @@ class SDAEngine:
             started = time.perf_counter()
             streams.prefill(tokens_with, tokens_without)
             stats.shared_prefix_tokens = streams.shared_prefix
+            if steered:
+                stats.prefill_tokens_with, stats.prefill_tokens_without = streams.prefilled
+            else:  # plain generation ran in whichever stream it reused
+                stats.prefill_tokens_with = sum(streams.prefilled)
             prefilled = time.perf_counter()
             stats.prefill_seconds = prefilled - started
             if backend == "numpy":

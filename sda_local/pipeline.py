@@ -54,6 +54,7 @@ class AlignmentResult:
     amplifier_source: str  # "judge", "strength", "default" (no judge) or "judge-failure"
     amplifier_map: Optional[str] = None
     initial_text: Optional[str] = None
+    initial_tokens_per_second: Optional[float] = None  # the one-stream initial answer's decode speed
     score: Optional[int] = None
     judge: Optional[str] = None
     rubric_version: Optional[str] = None
@@ -118,7 +119,7 @@ def align_stream(
             started = time.perf_counter()
             initial = engine.generate(query, None, **{**generate_options, "system": alignment.system})
             stages["initial"] = time.perf_counter() - started
-            result_fields["initial_text"] = initial.text
+            result_fields.update(initial_text=initial.text, initial_tokens_per_second=initial.stats.tokens_per_second)
             rubric = rubric_for(alignment)
             result_fields.update(judge=judge.identity, rubric_version=rubric.version, amplifier_map=amplifier_map)
             started = time.perf_counter()

@@ -8,7 +8,7 @@ two prompts share every token up to the end of the query.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import InputError
 
@@ -114,19 +114,26 @@ class PromptFormatter:
     def uses_chat_template(self) -> bool:
         return self._jinja is not None
 
-    def render(self, system: Optional[str], user: str) -> str:
+    def render(self, system: Optional[str], user: str, history: Sequence[Tuple[str, str]] = ()) -> str:
+        """The prompt of [system, (user, assistant) * history, user] ending where the assistant answers."""
         if self._jinja is None:
             head = f"{system}\n\n" if system else ""
-            return f"{head}Question: {user}\nAnswer:"
+            turns = "".join(f"Question: {u}\nAnswer: {a}\n\n" for u, a in history)
+            return f"{head}{turns}Question: {user}\nAnswer:"
         messages: List[dict] = []
         if system:
             messages.append({"role": "system", "content": system})
+        for past_user, past_reply in history:
+            messages.append({"role": "user", "content": past_user})
+            messages.append({"role": "assistant", "content": past_reply})
         messages.append({"role": "user", "content": user})
         return self._jinja(messages=messages).prompt
 
-    def pair(self, query: str, alignment: Alignment) -> Tuple[str, str]:
-        """(with-instruction prompt, without-instruction prompt)."""
+    def pair(self, query: str, alignment: Alignment, history: Sequence[Tuple[str, str]] = ()) -> Tuple[str, str]:
+        """(with-instruction prompt, without-instruction prompt). In a conversation every user turn of the
+        with-stream carries the instruction, so both prompts only grow from turn to turn (cache reuse)."""
+        with_instruction = [(f"{u}\n{alignment.instruction}", a) for u, a in history]
         return (
-            self.render(alignment.system, f"{query}\n{alignment.instruction}"),
-            self.render(alignment.system, query),
+            self.render(alignment.system, f"{query}\n{alignment.instruction}", with_instruction),
+            self.render(alignment.system, query, history),
         )

@@ -1,4 +1,4 @@
-"""The two decoding streams of SDA on one set of weights.
+"""The two decoding streams of SDA on one set of weights, with their KV caches kept across calls.
 
 Both streams receive every sampled token; they differ only in their prompts. Two layouts, one interface:
 
@@ -7,8 +7,10 @@ Both streams receive every sampled token; they differ only in their prompts. Two
   each step decodes both streams' new token in a single ``llama_decode``.
 * ``contexts`` - a second llama_context on the same llama_model; each step decodes the token in each.
 
-After ``prefill`` and after every ``step``, ``with_logits`` / ``without_logits`` say where the next-token
-logits of each stream are, as (context, output index) for ``llama_get_logits_ith``.
+Each stream remembers the tokens its cache holds, so a new prompt only decodes what differs from them (a
+chat turn prefills only its new tokens). Plain generation (one stream) runs in whichever stream shares the
+longest prefix with its prompt. After ``prefill`` and every ``step``, ``with_logits`` / ``without_logits``
+say where the next-token logits are, as (context, output index) for ``llama_get_logits_ith``.
 """
 
 from __future__ import annotations
@@ -24,12 +26,11 @@ STREAM_MODES = ("batched", "contexts")
 N_BATCH = 512
 # llama.cpp's CPU matmul takes another kernel from 64 rows per ubatch on, with visibly different rounding
 # (logits move by ~0.5 on SmolLM2-135M Q4_1). Below that, results are bit-identical to token-by-token
-# decoding, so a stream's KV cache no longer depends on how its prompt was split into batches: batched,
-# contexts and plain generation then see the same logits, and a = 0 is exactly prompting.
+# decoding, so a stream's KV cache does not depend on how its prompt was split into batches: batched,
+# contexts, plain generation and cache reuse all see the same logits, and a = 0 is exactly prompting.
 N_UBATCH = 32
 
-SEQ_WITH = 0
-SEQ_WITHOUT = 1
+WITH, WITHOUT = 0, 1  # stream indices (= sequence ids in the batched layout)
 
 LogitsLocation = Tuple[object, int]
 
@@ -72,52 +73,149 @@ class _Batch:
             self.batch = None
 
 
-def _decode(ctx, batch: _Batch) -> None:
-    rc = llama_cpp.llama_decode(ctx, batch.batch)
-    if rc != 0:
-        raise ModelError(f"llama_decode failed (code {rc}): out of context or memory")
-
-
 class StreamPair:
-    """Common bookkeeping; subclasses implement the layout."""
+    """Cache bookkeeping and prefill logic; subclasses map streams onto llama.cpp contexts/sequences."""
 
     mode = ""
+    shares_prefix = False  # whether the without-stream can take the with-stream's prefix without decoding
 
     def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int):
         self.model = model
         self.n_ctx = n_ctx  # per stream
         self.n_threads = n_threads
-        self.steered = False  # whether the without-instruction stream is active
-        self.n_past_with = 0
-        self.n_past_without = 0
+        self.cached: List[List[int]] = [[], []]  # tokens in each stream's KV cache, position by position
+        self.active: List[int] = []  # streams that step() appends to
+        self.prefilled = [0, 0]  # tokens decoded by the last prefill, per stream
         self.shared_prefix = 0
         self.with_logits: LogitsLocation = (None, -1)
         self.without_logits: LogitsLocation = (None, -1)
         self._batch = _Batch(N_BATCH)
 
-    def prefill(self, with_tokens: List[int], without_tokens: Optional[List[int]]) -> None:
-        """Start both streams afresh on their prompts (``without_tokens=None``: one plain stream)."""
+    # -- layout primitives (subclasses) ---------------------------------------------------------------
+    def _context(self, stream: int):
         raise NotImplementedError
 
-    def step(self, token: int) -> None:
-        """Append ``token`` to the active streams and compute their next-token logits."""
+    def _seq(self, stream: int) -> int:
         raise NotImplementedError
 
-    @property
-    def room(self) -> int:
-        """Tokens that can still be appended before a stream's context is full."""
-        n = max(self.n_past_with, self.n_past_without if self.steered else 0)
-        return self.n_ctx - n
+    def _forget(self, stream: int, keep: int) -> None:
+        """Drop cache positions >= keep of a stream."""
+        if len(self.cached[stream]) > keep:
+            ctx = self._context(stream)
+            if ctx is not None:
+                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), self._seq(stream), keep, -1)
+            del self.cached[stream][keep:]
 
-    def _decode_tokens(self, ctx, tokens: Sequence[int], start_pos: int, seq: int, logits_last: bool) -> None:
-        b = self._batch
+    def _share(self, upto: int) -> None:
+        raise NotImplementedError
+
+    def _step_pair(self, token_with: int, token_without: int) -> None:
+        raise NotImplementedError
+
+    # -- decoding -------------------------------------------------------------------------------------
+    def _run(self, ctx, batch: _Batch) -> None:
+        rc = llama_cpp.llama_decode(ctx, batch.batch)
+        if rc != 0:
+            self.reset()
+            raise ModelError(f"llama_decode failed (code {rc}): out of context or memory")
+
+    def _decode(self, stream: int, tokens: Sequence[int], logits_last: bool) -> None:
+        """Append tokens to a stream, decoding them in batches; logits for the last one if asked."""
+        ctx, seq, b = self._context(stream), self._seq(stream), self._batch
+        start = len(self.cached[stream])
         b.clear()
         for i, tok in enumerate(tokens):
             last = i == len(tokens) - 1
-            b.add(tok, start_pos + i, seq, logits_last and last)
+            b.add(tok, start + i, seq, logits_last and last)
             if b.full or last:
-                _decode(ctx, b)
+                self._run(ctx, b)
                 b.clear()
+        self.cached[stream].extend(tokens)
+
+    def reset(self) -> None:
+        """Forget every cache (after an error or an interruption that may have left them out of step)."""
+        for stream in (WITH, WITHOUT):
+            ctx = self._context(stream)
+            if ctx is not None:
+                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), self._seq(stream), -1, -1)
+            self.cached[stream] = []
+        self.active = []
+
+    def in_sync(self) -> bool:
+        """Whether each cache holds exactly the tokens we think (an interrupt may fall between the two)."""
+        for stream in (WITH, WITHOUT):
+            ctx = self._context(stream)
+            if ctx is None:
+                continue
+            pos_max = llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), self._seq(stream))
+            if pos_max + 1 != len(self.cached[stream]):
+                return False
+        return True
+
+    # -- public ---------------------------------------------------------------------------------------
+    def prefill(self, with_tokens: List[int], without_tokens: Optional[List[int]]) -> None:
+        """Bring the streams to their prompts, decoding only what their caches do not hold yet.
+
+        ``without_tokens=None``: plain generation, in the stream whose cache shares most with the prompt.
+        """
+        if without_tokens is None:
+            self._prefill_plain(with_tokens)
+        else:
+            self._prefill_pair(with_tokens, without_tokens)
+
+    def _reusable(self, stream: int, tokens: Sequence[int]) -> int:
+        # The prompt's last token is always decoded again: its logits are needed.
+        return min(common_prefix_length(self.cached[stream], tokens), len(tokens) - 1)
+
+    def _prefill_plain(self, tokens: List[int]) -> None:
+        candidates = [WITH] + ([WITHOUT] if self._context(WITHOUT) is not None else [])
+        stream = max(candidates, key=lambda s: common_prefix_length(self.cached[s], tokens))
+        keep = self._reusable(stream, tokens)
+        self._forget(stream, keep)
+        self._decode(stream, tokens[keep:], logits_last=True)
+        self.prefilled = [0, 0]
+        self.prefilled[stream] = len(tokens) - keep
+        self.shared_prefix = 0
+        self.active = [stream]
+        self.with_logits = (self._context(stream), -1)
+
+    def _prefill_pair(self, with_tokens: List[int], without_tokens: List[int]) -> None:
+        keep_with = self._reusable(WITH, with_tokens)
+        keep_without = self._reusable(WITHOUT, without_tokens)
+        self._forget(WITH, keep_with)
+        self._forget(WITHOUT, keep_without)
+        decoded = [0, 0]
+        shared = min(common_prefix_length(with_tokens, without_tokens), len(with_tokens) - 1,
+                     len(without_tokens) - 1)
+        if self.shares_prefix and keep_without < shared:
+            if keep_with < shared:
+                self._decode(WITH, with_tokens[keep_with:shared], logits_last=False)
+                decoded[WITH] += shared - keep_with
+                keep_with = shared
+            self._share(shared)
+            keep_without = shared
+        self._decode(WITH, with_tokens[keep_with:-1], logits_last=False)
+        self._decode(WITHOUT, without_tokens[keep_without:-1], logits_last=False)
+        decoded[WITH] += len(with_tokens) - keep_with
+        decoded[WITHOUT] += len(without_tokens) - keep_without
+        self._step_pair(with_tokens[-1], without_tokens[-1])
+        self.prefilled = decoded
+        self.shared_prefix = shared if self.shares_prefix else 0
+        self.active = [WITH, WITHOUT]
+
+    def step(self, token: int) -> None:
+        """Append ``token`` to the active streams and compute their next-token logits."""
+        if len(self.active) == 2:
+            self._step_pair(token, token)
+            return
+        stream = self.active[0]
+        self._decode(stream, [token], logits_last=True)
+        self.with_logits = (self._context(stream), -1)
+
+    @property
+    def room(self) -> int:
+        """Tokens that can still be appended before an active stream's context is full."""
+        return self.n_ctx - max((len(self.cached[s]) for s in self.active), default=0)
 
     def close(self) -> None:
         self._batch.free()
@@ -125,56 +223,36 @@ class StreamPair:
 
 class BatchedStreams(StreamPair):
     mode = "batched"
+    shares_prefix = True
 
     def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int):
         super().__init__(model, n_ctx=n_ctx, n_threads=n_threads)
         # Unified cache sized for both streams at full length; the shared prefix is stored once.
-        self.ctx = model.new_context(
-            n_ctx=2 * n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads, n_seq_max=2, kv_unified=True
-        )
-        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.ctx = model.new_context(n_ctx=2 * n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads,
+                                     n_seq_max=2, kv_unified=True)
 
-    def prefill(self, with_tokens, without_tokens):
-        llama_cpp.llama_memory_clear(self.memory, True)
-        self.steered = without_tokens is not None
-        if not self.steered:
-            self._decode_tokens(self.ctx, with_tokens, 0, SEQ_WITH, logits_last=True)
-            self.n_past_with, self.n_past_without, self.shared_prefix = len(with_tokens), 0, 0
-            self.with_logits = (self.ctx, -1)
-            return
-        # Each stream keeps at least its last prompt token, decoded together in the final batch below.
-        shared = min(common_prefix_length(with_tokens, without_tokens), len(with_tokens) - 1, len(without_tokens) - 1)
-        self._decode_tokens(self.ctx, with_tokens[:shared], 0, SEQ_WITH, logits_last=False)
-        if shared:
-            llama_cpp.llama_memory_seq_cp(self.memory, SEQ_WITH, SEQ_WITHOUT, -1, -1)
-        self._decode_tokens(self.ctx, with_tokens[shared:-1], shared, SEQ_WITH, logits_last=False)
-        self._decode_tokens(self.ctx, without_tokens[shared:-1], shared, SEQ_WITHOUT, logits_last=False)
-        self.shared_prefix = shared
-        self.n_past_with = len(with_tokens) - 1
-        self.n_past_without = len(without_tokens) - 1
-        self._step_pair(with_tokens[-1], without_tokens[-1])
+    def _context(self, stream):
+        return self.ctx
 
-    def _step_pair(self, token_with: int, token_without: int) -> None:
+    def _seq(self, stream):
+        return stream
+
+    def _share(self, upto):
+        # Metadata-only in a unified cache: seq 1 gets seq 0's cells for positions [len(seq 1), upto).
+        start = len(self.cached[WITHOUT])
+        llama_cpp.llama_memory_seq_cp(llama_cpp.llama_get_memory(self.ctx), WITH, WITHOUT, start, upto)
+        self.cached[WITHOUT].extend(self.cached[WITH][start:upto])
+
+    def _step_pair(self, token_with, token_without):
         b = self._batch
         b.clear()
-        b.add(token_with, self.n_past_with, SEQ_WITH, True)
-        b.add(token_without, self.n_past_without, SEQ_WITHOUT, True)
-        _decode(self.ctx, b)
-        self.n_past_with += 1
-        self.n_past_without += 1
+        b.add(token_with, len(self.cached[WITH]), WITH, True)
+        b.add(token_without, len(self.cached[WITHOUT]), WITHOUT, True)
+        self._run(self.ctx, b)
+        self.cached[WITH].append(token_with)
+        self.cached[WITHOUT].append(token_without)
         self.with_logits = (self.ctx, 0)
         self.without_logits = (self.ctx, 1)
-
-    def step(self, token):
-        if self.steered:
-            self._step_pair(token, token)
-            return
-        b = self._batch
-        b.clear()
-        b.add(token, self.n_past_with, SEQ_WITH, True)
-        _decode(self.ctx, b)
-        self.n_past_with += 1
-        self.with_logits = (self.ctx, 0)
 
     def close(self):
         super().close()
@@ -188,43 +266,33 @@ class ContextStreams(StreamPair):
 
     def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int):
         super().__init__(model, n_ctx=n_ctx, n_threads=n_threads)
-        self.ctx_with = model.new_context(n_ctx=n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads)
-        self.ctx_without = None  # created on first steered use: plain generation needs one context
+        self.contexts = [model.new_context(n_ctx=n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads),
+                         None]  # the without-stream's context is created on first steered use
 
-    def prefill(self, with_tokens, without_tokens):
-        self.steered = without_tokens is not None
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx_with), True)
-        self._decode_tokens(self.ctx_with, with_tokens, 0, 0, logits_last=True)
-        self.n_past_with = len(with_tokens)
-        self.with_logits = (self.ctx_with, -1)
-        self.shared_prefix = 0
-        self.n_past_without = 0
-        if self.steered:
-            if self.ctx_without is None:
-                self.ctx_without = self.model.new_context(n_ctx=self.n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=self.n_threads)
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx_without), True)
-            self._decode_tokens(self.ctx_without, without_tokens, 0, 0, logits_last=True)
-            self.n_past_without = len(without_tokens)
-            self.without_logits = (self.ctx_without, -1)
+    def _context(self, stream):
+        return self.contexts[stream]
 
-    def step(self, token):
-        b = self._batch
-        b.clear()
-        b.add(token, self.n_past_with, 0, True)
-        _decode(self.ctx_with, b)
-        self.n_past_with += 1
-        if self.steered:
-            b.clear()
-            b.add(token, self.n_past_without, 0, True)
-            _decode(self.ctx_without, b)
-            self.n_past_without += 1
+    def _seq(self, stream):
+        return 0
+
+    def _prefill_pair(self, with_tokens, without_tokens):
+        if self.contexts[WITHOUT] is None:
+            self.contexts[WITHOUT] = self.model.new_context(n_ctx=self.n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH,
+                                                            n_threads=self.n_threads)
+        super()._prefill_pair(with_tokens, without_tokens)
+
+    def _step_pair(self, token_with, token_without):
+        self._decode(WITH, [token_with], logits_last=True)
+        self._decode(WITHOUT, [token_without], logits_last=True)
+        self.with_logits = (self.contexts[WITH], -1)
+        self.without_logits = (self.contexts[WITHOUT], -1)
 
     def close(self):
         super().close()
-        for ctx in (self.ctx_with, self.ctx_without):
+        for ctx in self.contexts:
             if ctx:
                 llama_cpp.llama_free(ctx)
-        self.ctx_with = self.ctx_without = None
+        self.contexts = [None, None]
 
 
 def make_streams(mode: str, model: GGUFModel, *, n_ctx: int, n_threads: int) -> StreamPair:
