@@ -169,14 +169,18 @@ class SDAEngine:
         k: float = DEFAULT_K,
         ignore_eos: bool = False,
         history: Sequence[Tuple[str, str]] = (),
+        keep_cache: bool = False,
     ) -> GenerationStream:
         """Generate, yielding text pieces as they are decoded.
 
         ``instruction``: a preset name (helpfulness, harmlessness, honesty, empathy, summarization), any
         instruction text, or None for plain generation (one stream at temperature ``t0`` with top-p).
         ``strength`` is the amplifier a of SPEC.md (0 = prompting with the instruction). ``history``: earlier
-        (user, assistant) turns of a conversation; the KV caches keep what the previous call left, so only
-        new tokens are prefilled.
+        (user, assistant) turns of a conversation. With a history (or ``keep_cache=True``) the KV caches
+        keep what the previous call left and only new tokens are prefilled; otherwise the call starts
+        from empty caches and its result depends on its arguments alone. (llama.cpp's attention over an
+        F16 cache rounds differently when the same cells sit in another order, so reused caches can shift
+        logits slightly.)
         """
         check_text("query", query)
         alignment = resolve_alignment(check_text("instruction", instruction), system) if instruction is not None else None
@@ -193,7 +197,7 @@ class SDAEngine:
             raise InputError(f"seed must be an integer in [0, 2^32), got {seed!r}")
         history = [(check_text("history user turn", u), str(a)) for u, a in history]
         run = self._run(query, alignment, system, float(strength), max_tokens, float(t0), float(top_p),
-                        temperature_mode, seed, float(k), ignore_eos, history)
+                        temperature_mode, seed, float(k), ignore_eos, history, keep_cache or bool(history))
         return GenerationStream(run)
 
     def align(self, query: str, align: str, **options):
@@ -240,18 +244,28 @@ class SDAEngine:
         prompts = self.formatter.pair(query, alignment, history)
         return tuple(len(self.model.tokenize(p, add_bos=self._add_bos)) for p in prompts)
 
-    def logits(self, query: str, instruction: Optional[str], *, system: Optional[str] = None):
+    def logits(self, query: str, instruction: Optional[str], *, system: Optional[str] = None,
+               history: Sequence[Tuple[str, str]] = ()):
         """Raw next-token logits of the first answer token: (with instruction, without instruction), copies."""
         alignment = resolve_alignment(check_text("instruction", instruction), system)
         if alignment is None:
             raise InputError("logits() needs an instruction")
-        prompt_with, prompt_without = self.formatter.pair(check_text("query", query), alignment)
+        prompt_with, prompt_without = self.formatter.pair(check_text("query", query), alignment, history)
+        if not history:
+            self.streams.reset()
         self.streams.prefill(self._tokenize_prompt(prompt_with), self._tokenize_prompt(prompt_without))
         n = self.model.n_vocab
         rows = []
         for ctx, idx in (self.streams.with_logits, self.streams.without_logits):
             rows.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(n,)).copy())
         return rows[0], rows[1]
+
+    def reset_caches(self) -> None:
+        """Empty every KV cache, so that what comes next does not depend on what came before (bit for bit:
+        reused caches can hold the same cells in another order, which changes float rounding)."""
+        for streams in (self.streams, self._aux_streams):
+            if streams is not None:
+                streams.reset()
 
     def close(self) -> None:
         if getattr(self, "_aux_streams", None) is not None:
@@ -349,6 +363,7 @@ class SDAEngine:
         if self._aux_streams is None:  # its own small context on the same weights: the streams' caches stay warm
             self._aux_streams = make_streams("contexts", model, n_ctx=self.n_ctx, n_threads=self.n_threads)
         streams = self._aux_streams
+        streams.reset()  # a judgement depends on its prompt alone
         tokens = self._tokenize_prompt(self.formatter.render(system, user))
         sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
         if not sampler:
@@ -366,10 +381,12 @@ class SDAEngine:
         return b"".join(model.piece(t) for t in out).decode("utf-8", errors="replace")
 
     def _run(self, query, alignment: Optional[Alignment], system, strength, max_tokens, t0, top_p,
-             temperature_mode, seed, k, ignore_eos, history):
+             temperature_mode, seed, k, ignore_eos, history, keep_cache):
         model, streams = self.model, self.streams
         if model is None:
             raise ModelError("the engine is closed")
+        if not keep_cache:
+            streams.reset()
         steered = alignment is not None
         if steered:
             prompt_with, prompt_without = self.formatter.pair(query, alignment, history)

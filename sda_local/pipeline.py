@@ -141,7 +141,9 @@ def align_stream(
                 on_warning(f"judge failed: {exc}; {note}")
             stages["judge"] = time.perf_counter() - started
         started = time.perf_counter()
-        stream = engine.stream(query, instruction, strength=a, temperature_mode=mode, **generate_options)
+        # The SDA pass reuses the without-stream cache the initial answer (same prompt) left behind.
+        stream = engine.stream(query, instruction, strength=a, temperature_mode=mode,
+                               keep_cache="initial" in stages, **generate_options)
         yield from stream
         stages["sda"] = time.perf_counter() - started
         final = stream.result

@@ -133,11 +133,12 @@ class StreamPair:
         self.cached[stream].extend(tokens)
 
     def reset(self) -> None:
-        """Forget every cache (after an error or an interruption that may have left them out of step)."""
+        """Empty the caches, cell layout included (after an error or an interrupted step, or to make the
+        next generation independent of the previous ones)."""
         for stream in (WITH, WITHOUT):
             ctx = self._context(stream)
             if ctx is not None:
-                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), self._seq(stream), -1, -1)
+                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
             self.cached[stream] = []
         self.active = []
 

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import pexpect
 import pytest
 
@@ -42,14 +43,13 @@ def quit_chat(child):
 @pytest.mark.slow
 def test_streaming_interrupt_and_log(model_path, tmp_path):
     child = spawn(model_path, tmp_path, "--align", "helpfulness", "--strength", "0.5", "-n", "300")
-    child.sendline("Write a long story about a dragon who learns to cook.")
+    child.sendline("List fifty animals, one per line, with a long sentence about each of them.")
+    child.expect("each of them.\r\n")  # the terminal's echo of the message
     child.expect(r"\w+ \w+ \w+")  # the reply has started...
-    first_text = time.monotonic()
-    time.sleep(1.0)
+    time.sleep(0.3)
     child.sendintr()  # ...Ctrl-C while it is still being written
     child.expect(r"\[interrupted\]")
     child.expect(PROMPT)
-    assert time.monotonic() - first_text >= 1.0
     reply = command(child, "Now in one sentence, what is the story about?")
     assert len(reply.split()) > 3
     show = command(child, "/show")
@@ -157,8 +157,12 @@ def test_turns_reuse_the_kv_cache(model_path):
             else:  # only the new turn is prefilled
                 assert s.prefill_tokens_with < s.prompt_tokens_with / 2
                 assert s.prefill_tokens_without < s.prompt_tokens_without / 2
-            # Reusing the cache changes nothing: a fresh engine gives the same tokens.
-            fresh.streams.reset()
-            assert fresh.generate(message, "helpfulness", strength=0.5, seed=i, max_tokens=24,
-                                  history=history).tokens == r.tokens
             history.append((message, r.text))
+            # A reused cache holds the same keys and values: the next turn's logits match a fresh cache's,
+            # up to llama.cpp's F16 attention rounding when cells sit in another order (seen: up to 0.6).
+            reused = engine.logits("And then?", "helpfulness", history=history)
+            fresh.reset_caches()
+            anew = fresh.logits("And then?", "helpfulness", history=history)
+            for a, b in zip(reused, anew):
+                assert np.argmax(a) == np.argmax(b)
+                assert np.abs(a - b).max() < 1.5 and np.abs(a - b).mean() < 0.3
