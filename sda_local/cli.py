@@ -424,6 +424,95 @@ def logs(count, as_json):
         click.echo()
 
 
+# ---------------------------------------------------------------------------------------------- eval
+@main.command("eval")
+@click.option("--dataset", "-d", "datasets", multiple=True, type=click.Path(path_type=Path),
+              help="JSONL data set (repeatable): one of the paper's five (detected) or any file with --query-field.")
+@click.option("--query-field", default=None, help="Query field of a user data set.")
+@click.option("--dimension", "dimensions", multiple=True,
+              help="Dimension(s) for a user data set: a preset or an instruction (repeatable).")
+@click.option("--arms", default=",".join(("base", "prompt-only", "steering-only", "sda")), show_default=True,
+              help="Comma-separated arms; SDA is always run and judged against the others.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Items per data set.")
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--sample", default=None, type=click.IntRange(1), help="Draw this many items at random (seeded).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Sampling, generation and order seed.")
+@click.option("--max-tokens", "-n", default=128, show_default=True, type=click.IntRange(1))
+@_judge_options
+@click.option("--verify", default=None, help="Verifiable instructions to run: 'all' or comma-separated ids.")
+@click.option("--verify-limit", default=30, show_default=True, type=click.IntRange(1),
+              help="Queries (from the first data set) per verifiable instruction.")
+@click.option("--verify-strength", default=0.5, show_default=True, type=float, callback=_finite,
+              help="Fixed a of the steered arms in the verifiable metric.")
+@click.option("--run", "run_path", default=None, type=click.Path(path_type=Path),
+              help="Run file to create (default: sda-eval-<time>.jsonl).")
+@click.option("--resume", "resume_path", default=None, type=click.Path(path_type=Path),
+              help="Continue the run in this file (its settings are used).")
+@_engine_options
+def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample, seed, max_tokens, judge, judge_url,
+                 amplifier_map, verify, verify_limit, verify_strength, run_path, resume_path, model, n_ctx, n_threads,
+                 n_gpu_layers, streams, verbose):
+    """Evaluate SDA as the paper does (pairwise judging, gain omega) and with verifiable instructions.
+
+    The paper's data sets are not shipped: see README for their sources and licences.
+    """
+    import time as _time
+
+    from .evaluation import (EvalConfig, Evaluation, RunFile, judged_units, summarize, summary_markdown,
+                             verify_units, write_chart)
+    from .verifiable import VERIFIABLE
+
+    if resume_path is not None:
+        if datasets or run_path:
+            raise InputError("--resume continues a run with its own settings: give no --dataset or --run")
+        run = RunFile(resume_path)
+    else:
+        verify_ids = [] if not verify else (list(VERIFIABLE) if verify.strip() == "all"
+                                            else [v.strip() for v in verify.split(",") if v.strip()])
+        config = EvalConfig(
+            datasets=[{"path": str(p), "query_field": query_field, "dimensions": list(dimensions)} for p in datasets],
+            arms=[a.strip() for a in arms.split(",") if a.strip()], offset=offset, limit=limit, sample=sample,
+            seed=seed, max_tokens=max_tokens, judge=judge or ("openai" if judge_url else "local"), judge_url=judge_url,
+            amplifier_map=amplifier_map, verify=verify_ids, verify_limit=verify_limit,
+            verify_strength=verify_strength, model=model)
+        config.check()
+        if "sda" not in config.arms:
+            config.arms.append("sda")
+        run_path = run_path or Path(_time.strftime("sda-eval-%Y%m%d-%H%M%S.jsonl"))
+        judged_units(config)  # bad data fails here, before the model loads or the run file is created
+        verify_units(config)
+        run = RunFile(run_path, config)
+    config = run.config
+    engine = _make_engine(config.model, n_ctx, n_threads, n_gpu_layers, streams, verbose)
+    judge_obj = None
+    try:
+        judge_obj = _make_judge((config.judge, config.judge_url), engine)
+        if judge_obj is None:
+            raise InputError("the evaluation needs a judge (--judge none is not possible here)")
+        evaluation = Evaluation(engine, judge_obj, run, on_event=lambda m: click.echo(m, err=True))
+        started = _time.monotonic()
+        evaluation.execute()
+        elapsed = _time.monotonic() - started
+    finally:
+        if judge_obj is not None:
+            judge_obj.close()
+        run.close()
+        engine.close()
+    summary = summarize(run.records)
+    summary["run"] = str(run.path)
+    summary["elapsed_seconds_this_session"] = elapsed
+    base = run.path.with_suffix("")
+    Path(f"{base}.summary.json").write_text(json.dumps(summary, indent=2))
+    markdown = summary_markdown(summary)
+    Path(f"{base}.summary.md").write_text(markdown + "\n")
+    chart = Path(f"{base}.png")
+    drew = write_chart(summary, chart)
+    click.echo(markdown)
+    click.echo(f"\nrun: {run.path}; summary: {base}.summary.md, {base}.summary.json"
+               + (f", chart: {chart}" if drew else " (pip install 'sda-local[plot]' for the chart)")
+               + f"; {elapsed:.0f} s")
+
+
 # ---------------------------------------------------------------------------------------------- models
 @main.group(cls=_Group)
 def models():

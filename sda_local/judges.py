@@ -22,31 +22,39 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from .errors import InputError, SDAError
-from .rubrics import Rubric, judge_messages
+from .rubrics import Rubric, judge_messages, pairwise_messages
 
 OPENAI_URL = "https://api.openai.com/v1"
 DEFAULT_REMOTE_MODEL = "gpt-4.1"
 API_KEY_ENVS = ("SDA_JUDGE_API_KEY", "OPENAI_API_KEY")
 SCORE_GRAMMAR = r'''root ::= "{\"score\": " score "}"
 score ::= "100" | [1-9] [0-9]? '''
-SCORE_SCHEMA = {
-    "type": "object",
-    "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 100}},
-    "required": ["score"],
-    "additionalProperties": False,
-}
+PAIR_GRAMMAR = r'''root ::= "{\"score_a\": " score ", \"score_b\": " score "}"
+score ::= "100" | [1-9] [0-9]? '''
+def _schema(*keys: str) -> dict:
+    return {
+        "type": "object",
+        "properties": {k: {"type": "integer", "minimum": 1, "maximum": 100} for k in keys},
+        "required": list(keys),
+        "additionalProperties": False,
+    }
+
+
+SCORE_SCHEMA = _schema("score")
+PAIR_SCHEMA = _schema("score_a", "score_b")
 # Structured-output dialects. json_object with a schema is understood by llama-server and llama-cpp-python's
 # server (which answers HTTP 500 to a json_schema request) and taken as plain JSON mode by lenient servers;
 # OpenAI rejects the extra key with HTTP 400 and gets json_schema next. A server that rejects a dialect
 # (400/422) is asked again with the next; the last resort is the prompt's own format request alone.
-RESPONSE_FORMATS = (
-    {"type": "json_object", "schema": SCORE_SCHEMA},
-    {"type": "json_schema", "json_schema": {"name": "score", "strict": True, "schema": SCORE_SCHEMA}},
-    None,
-)
+def _response_formats(schema: dict) -> tuple:
+    return (
+        {"type": "json_object", "schema": schema},
+        {"type": "json_schema", "json_schema": {"name": "score", "strict": True, "schema": schema}},
+        None,
+    )
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 
@@ -66,8 +74,9 @@ class Judgement:
         return asdict(self)
 
 
-def parse_judge_reply(text: str) -> int:
-    """The score of a reply that must be exactly ``{"score": N}`` (optionally in a ```json fence)."""
+def parse_scores(text: str, keys: Tuple[str, ...]) -> Tuple[int, ...]:
+    """The scores of a reply that must be exactly a JSON object of integer scores 1..100 under ``keys``
+    (optionally in a ```json fence)."""
     if not isinstance(text, str) or not text.strip():
         raise JudgeError("the judge's reply is empty")
     body = text.strip()
@@ -78,14 +87,33 @@ def parse_judge_reply(text: str) -> int:
         obj = json.loads(body)
     except ValueError:
         raise JudgeError(f"the judge's reply is not the JSON score object: {_clip(text)}") from None
-    if not isinstance(obj, dict) or "score" not in obj:
-        raise JudgeError(f'the judge\'s reply has no "score": {_clip(text)}')
-    score = obj["score"]
-    if isinstance(score, bool) or not isinstance(score, (int, float)) or score != int(score):
-        raise JudgeError(f"the judge's score is not an integer: {score!r}")
-    if not 1 <= score <= 100:
-        raise JudgeError(f"the judge's score is out of range 1..100: {int(score)}")
-    return int(score)
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise JudgeError(f'the judge\'s reply has no "{missing[0]}": {_clip(text)}')
+    scores = []
+    for key in keys:
+        score = obj[key]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or score != int(score):
+            raise JudgeError(f"the judge's score is not an integer: {score!r}")
+        if not 1 <= score <= 100:
+            raise JudgeError(f"the judge's score is out of range 1..100: {int(score)}")
+        scores.append(int(score))
+    return tuple(scores)
+
+
+def parse_judge_reply(text: str) -> int:
+    """The score of a reply that must be exactly ``{"score": N}``."""
+    return parse_scores(text, ("score",))[0]
+
+
+@dataclass
+class PairJudgement:
+    score_a: int
+    score_b: int
+    judge: str
+    rubric_version: str
+    raw: str
+    seconds: float
 
 
 def _clip(text: str, n: int = 80) -> str:
@@ -101,15 +129,24 @@ class LocalJudge:
         self.owns_engine = owns_engine
         self.identity = f"local:{name or engine.model_path.name}"
 
-    def score(self, query: str, answer: str, rubric: Rubric) -> Judgement:
-        started = time.perf_counter()
-        system, user = (m["content"] for m in judge_messages(rubric, query, answer))
+    def _complete(self, messages, grammar: str, max_tokens: int) -> str:
+        system, user = (m["content"] for m in messages)
         try:
-            reply = self.engine.complete_with_grammar(system, user, SCORE_GRAMMAR, max_tokens=16)
+            return self.engine.complete_with_grammar(system, user, grammar, max_tokens=max_tokens)
         except InputError as exc:  # e.g. the answer does not fit in the judge's context
             raise JudgeError(f"local judge: {exc}") from None
+
+    def score(self, query: str, answer: str, rubric: Rubric) -> Judgement:
+        started = time.perf_counter()
+        reply = self._complete(judge_messages(rubric, query, answer), SCORE_GRAMMAR, 16)
         return Judgement(parse_judge_reply(reply), self.identity, rubric.version, reply,
                          time.perf_counter() - started)
+
+    def score_pair(self, query: str, answer_a: str, answer_b: str, rubric: Rubric) -> PairJudgement:
+        started = time.perf_counter()
+        reply = self._complete(pairwise_messages(rubric, query, answer_a, answer_b), PAIR_GRAMMAR, 32)
+        a, b = parse_scores(reply, ("score_a", "score_b"))
+        return PairJudgement(a, b, self.identity, rubric.version, reply, time.perf_counter() - started)
 
     def close(self) -> None:
         if self.owns_engine:
@@ -163,22 +200,25 @@ class RemoteJudge:
     def __repr__(self) -> str:  # never shows the key
         return f"RemoteJudge({self.identity!r})"
 
-    def score(self, query: str, answer: str, rubric: Rubric) -> Judgement:
-        started = time.perf_counter()
-        payload = {
-            "model": self.model,
-            "messages": judge_messages(rubric, query, answer),
-            "temperature": 0,
-            "seed": 0,
-            "max_tokens": 32,
-        }
-        body = self._post(payload)
+    def _ask(self, messages, schema: dict) -> str:
+        payload = {"model": self.model, "messages": messages, "temperature": 0, "seed": 0, "max_tokens": 48}
+        body = self._post(payload, _response_formats(schema))
         try:
-            reply = body["choices"][0]["message"]["content"]
+            return body["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise JudgeError(f"{self.identity}: the reply has no choices[0].message.content") from None
+
+    def score(self, query: str, answer: str, rubric: Rubric) -> Judgement:
+        started = time.perf_counter()
+        reply = self._ask(judge_messages(rubric, query, answer), SCORE_SCHEMA)
         return Judgement(parse_judge_reply(reply), self.identity, rubric.version, reply,
                          time.perf_counter() - started)
+
+    def score_pair(self, query: str, answer_a: str, answer_b: str, rubric: Rubric) -> PairJudgement:
+        started = time.perf_counter()
+        reply = self._ask(pairwise_messages(rubric, query, answer_a, answer_b), PAIR_SCHEMA)
+        a, b = parse_scores(reply, ("score_a", "score_b"))
+        return PairJudgement(a, b, self.identity, rubric.version, reply, time.perf_counter() - started)
 
     def _wait_before_retry(self, attempt: int, retry_after: Optional[str]) -> None:
         wait = self.backoff * 2 ** (attempt - 1)
@@ -186,7 +226,7 @@ class RemoteJudge:
             wait = _retry_after_seconds(retry_after, default=wait)
         self._sleep(min(max(wait, 0.0), self.max_wait))
 
-    def _post(self, payload: dict) -> dict:
+    def _post(self, payload: dict, formats: tuple) -> dict:
         requests = self._requests
         headers = {"Content-Type": "application/json"}
         if self._api_key:
@@ -196,7 +236,7 @@ class RemoteJudge:
         while attempt < self.max_attempts:
             attempt += 1
             retry_after = None
-            response_format = RESPONSE_FORMATS[self._format_index]
+            response_format = formats[self._format_index]
             if response_format is None:
                 payload.pop("response_format", None)
             else:
@@ -217,7 +257,7 @@ class RemoteJudge:
                         return response.json()
                     except ValueError:
                         raise JudgeError(f"{self.identity}: the reply is not JSON") from None
-                if status in (400, 422) and self._format_index + 1 < len(RESPONSE_FORMATS):
+                if status in (400, 422) and self._format_index + 1 < len(formats):
                     self._format_index += 1  # this server speaks another structured-output dialect
                     attempt -= 1
                     continue

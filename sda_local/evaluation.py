@@ -1,0 +1,380 @@
+"""``sda-local eval``: the SDA paper's evaluation protocol (SPEC.md section 7) and a judge-free metric.
+
+Per item and alignment dimension the arms are:
+  base           the answer without the instruction (it is also the initial answer the judge scores),
+  prompt-only    the instruction in the prompt, a = 0, fixed temperature,
+  steering-only  judge-derived a, fixed temperature T0,
+  sda            judge-derived a, the paper's divergence-aware temperature.
+SDA is judged pairwise against every other arm: both answers scored 1-100 in one judge call, their order
+shuffled with a recorded seed; win/loss/tie, gain omega = (wins - losses) / (wins + losses + ties), judge
+failures left out of the denominator and counted.
+
+Verifiable instructions (``verifiable.py``) apply a checkable instruction to any queries and report the
+compliance rate per arm, with no judge at all: there the amplifier is fixed (``verify_strength``).
+
+Every answer and judgement is appended to the run file (JSONL) and flushed as soon as it exists; a run
+resumes from its file without redoing work (a partial last line, from a crash mid-write, is cut off).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from .amplifier import amplifier
+from .datasets import PAPER_OMEGA, load_dataset
+from .errors import InputError
+from .judges import JudgeError
+from .prompts import resolve_alignment
+from .rubrics import rubric_for
+from .verifiable import VERIFIABLE
+
+ARMS = ("base", "prompt-only", "steering-only", "sda")
+RUN_VERSION = 1
+
+
+@dataclass
+class EvalConfig:
+    datasets: List[dict]  # {"path", "query_field", "dimensions"}
+    arms: List[str] = field(default_factory=lambda: list(ARMS))
+    offset: int = 0
+    limit: Optional[int] = None
+    sample: Optional[int] = None
+    seed: int = 0
+    max_tokens: int = 128
+    judge: str = "local"
+    judge_url: Optional[str] = None
+    amplifier_map: str = "sigmoid"
+    failure_strength: float = 0.5  # a when the judge fails on an initial answer
+    verify: List[str] = field(default_factory=list)  # verifiable instruction ids
+    verify_limit: int = 30
+    verify_strength: float = 0.5
+    model: Optional[str] = None
+
+    def check(self) -> None:
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown or not self.arms:
+            raise InputError(f"unknown arm(s) {', '.join(unknown) or '(none)'} (choose from {', '.join(ARMS)})")
+        bad = [v for v in self.verify if v not in VERIFIABLE]
+        if bad:
+            raise InputError(f"unknown verifiable instruction(s) {', '.join(bad)} (choose from {', '.join(VERIFIABLE)})")
+        if not self.datasets:
+            raise InputError("no dataset given (--dataset PATH)")
+
+
+class RunFile:
+    """Append-only JSONL record of a run: a header line, then answers, scores, judgements, checks."""
+
+    def __init__(self, path: Path, config: Optional[EvalConfig] = None):
+        self.path = path
+        self.records: List[dict] = []
+        if config is None:  # resume
+            self.config = self._load()
+        else:
+            if path.exists() and path.stat().st_size > 0:
+                raise InputError(f"{path} already holds a run: use --resume {path}, or choose another file")
+            self.config = config
+        try:
+            self._out = open(path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"cannot write {path}: {exc.strerror}") from None
+        if config is not None:
+            self.append({"type": "run", "version": RUN_VERSION, "config": config.__dict__})
+
+    def _load(self) -> EvalConfig:
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read run file {self.path}: {exc.strerror}") from None
+        if data and not data.endswith(b"\n"):  # crash mid-write: drop the partial record, it will be redone
+            cut = data.rfind(b"\n") + 1
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+            data = data[:cut]
+        lines = data.splitlines()
+        try:
+            header = json.loads(lines[0])
+            if header.get("type") != "run" or header.get("version") != RUN_VERSION:
+                raise ValueError("no run header")
+            config = EvalConfig(**header["config"])
+            self.records = [json.loads(line) for line in lines[1:] if line.strip()]
+        except (IndexError, ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{self.path} is not a sda-local eval run file ({exc})") from None
+        return config
+
+    def append(self, record: dict) -> None:
+        self._out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        if record.get("type") != "run":
+            self.records.append(record)
+
+    def close(self) -> None:
+        self._out.close()
+
+
+class Progress:
+    """One status line on a terminal (\\r-updated), with an ETA from the units done in this session."""
+
+    def __init__(self, total: int, done: int, stream=sys.stderr):
+        self.total, self.done, self.stream = total, done, stream
+        self.start, self.session_done = time.monotonic(), 0
+        self.tty = stream.isatty()
+
+    def advance(self, label: str) -> None:
+        self.done += 1
+        self.session_done += 1
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.session_done * (self.total - self.done)
+        width = 24
+        filled = int(width * self.done / max(self.total, 1))
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"ETA {int(eta // 60)}m{int(eta % 60):02d}s  {label}")
+        if self.tty:
+            self.stream.write("\r" + line[:120].ljust(120))
+            self.stream.flush()
+        elif self.done == self.total or self.session_done % 10 == 1:
+            self.stream.write(line + "\n")
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def _outcome(score_sda: int, score_other: int) -> str:
+    return "win" if score_sda > score_other else "loss" if score_sda < score_other else "tie"
+
+
+def judged_units(c: EvalConfig) -> List[Tuple[str, str, str, int, str]]:
+    """(key, dataset, dimension, seed, query) for each item and dimension of the judged protocol."""
+    units = []
+    for spec in c.datasets:
+        ds = load_dataset(spec["path"], query_field=spec.get("query_field"), dimensions=spec.get("dimensions") or (),
+                          offset=c.offset, limit=c.limit, sample=c.sample, seed=c.seed)
+        for dimension in ds.dimensions:
+            for index, query in ds.items:
+                units.append((f"{ds.name}:{dimension}:{index}", ds.name, dimension, c.seed + index, query))
+    return units
+
+
+def verify_units(c: EvalConfig) -> List[Tuple[str, str, int, str]]:
+    """(key, instruction id, seed, query): each verifiable instruction over the first data set's queries."""
+    if not c.verify:
+        return []
+    spec = c.datasets[0]
+    ds = load_dataset(spec["path"], query_field=spec.get("query_field"), dimensions=spec.get("dimensions") or (),
+                      offset=c.offset, limit=c.verify_limit, seed=c.seed)
+    return [(f"verify:{vid}:{ds.name}:{index}", vid, c.seed + index, query)
+            for vid in c.verify for index, query in ds.items]
+
+
+class Evaluation:
+    def __init__(self, engine, judge, run: RunFile, *, on_event: Callable[[str], None] = lambda m: None):
+        self.engine, self.judge, self.run, self.config = engine, judge, run, run.config
+        self.on_event = on_event
+        self.answers: Dict[Tuple[str, str], dict] = {}
+        self.scores: Dict[str, dict] = {}
+        self.pairs: Dict[Tuple[str, str], dict] = {}
+        self.checks: Dict[Tuple[str, str], dict] = {}
+        for r in run.records:
+            self._index(r)
+
+    def _index(self, r: dict) -> None:
+        kind = r.get("type")
+        if kind == "answer":
+            self.answers[(r["key"], r["arm"])] = r
+        elif kind == "score":
+            self.scores[r["key"]] = r
+        elif kind == "pair":
+            self.pairs[(r["key"], r["arm"])] = r
+        elif kind == "check":
+            self.checks[(r["key"], r["arm"])] = r
+
+    def _record(self, r: dict) -> dict:
+        self.run.append(r)
+        self._index(r)
+        return r
+
+    # -- work -----------------------------------------------------------------------------------------
+    def _answer(self, key: str, arm: str, query: str, instruction: Optional[str], seed: int, **options) -> dict:
+        done = self.answers.get((key, arm))
+        if done is not None:
+            return done
+        r = self.engine.generate(query, instruction, seed=seed, max_tokens=self.config.max_tokens, **options)
+        return self._record({"type": "answer", "key": key, "arm": arm, "text": r.text,
+                             "stats": r.stats.to_dict()})
+
+    def _initial_score(self, key: str, query: str, alignment, base_text: str) -> dict:
+        done = self.scores.get(key)
+        if done is not None:
+            return done
+        rubric = rubric_for(alignment)
+        try:
+            j = self.judge.score(query, base_text, rubric)
+            a = amplifier(j.score, self.config.amplifier_map)
+            record = {"score": j.score, "amplifier": a, "judge": j.judge, "rubric_version": j.rubric_version}
+        except JudgeError as exc:
+            record = {"score": None, "amplifier": self.config.failure_strength, "judge_failure": str(exc),
+                      "rubric_version": rubric.version}
+            self.on_event(f"{key}: judge failed on the initial answer ({exc}); a = {self.config.failure_strength}")
+        return self._record({"type": "score", "key": key, **record})
+
+    def _pair(self, key: str, arm: str, query: str, alignment, sda_text: str, other_text: str) -> dict:
+        done = self.pairs.get((key, arm))
+        if done is not None:
+            return done
+        order_seed = f"{self.config.seed}:{key}:{arm}"
+        sda_first = random.Random(order_seed).random() < 0.5
+        a, b = (sda_text, other_text) if sda_first else (other_text, sda_text)
+        record = {"type": "pair", "key": key, "arm": arm, "order_seed": order_seed, "sda_first": sda_first}
+        try:
+            j = self.judge.score_pair(query, a, b, rubric_for(alignment))
+            score_sda, score_other = (j.score_a, j.score_b) if sda_first else (j.score_b, j.score_a)
+            record.update(score_sda=score_sda, score_other=score_other, outcome=_outcome(score_sda, score_other),
+                          judge=j.judge, rubric_version=j.rubric_version)
+        except JudgeError as exc:
+            record.update(outcome="failure", failure=str(exc))
+        return self._record(record)
+
+    def run_judged(self, key: str, dimension: str, seed: int, query: str) -> None:
+        alignment = resolve_alignment(dimension)
+        arms = self.config.arms
+        base = self._answer(key, "base", query, None, seed, system=alignment.system)
+        score = self._initial_score(key, query, alignment, base["text"])
+        a = score["amplifier"]
+        texts = {"base": base["text"]}
+        if "prompt-only" in arms:
+            texts["prompt-only"] = self._answer(key, "prompt-only", query, dimension, seed, strength=0.0,
+                                                temperature_mode="fixed")["text"]
+        if "steering-only" in arms:
+            texts["steering-only"] = self._answer(key, "steering-only", query, dimension, seed, strength=a,
+                                                  temperature_mode="fixed")["text"]
+        texts["sda"] = self._answer(key, "sda", query, dimension, seed, strength=a, temperature_mode="paper")["text"]
+        for arm in arms:
+            if arm != "sda":
+                self._pair(key, arm, query, alignment, texts["sda"], texts[arm])
+
+    def run_verify(self, key: str, vid: str, seed: int, query: str) -> None:
+        v = VERIFIABLE[vid]
+        s = self.config.verify_strength
+        plans = {"base": (None, {}), "prompt-only": (v.instruction, dict(strength=0.0, temperature_mode="fixed")),
+                 "steering-only": (v.instruction, dict(strength=s, temperature_mode="fixed")),
+                 "sda": (v.instruction, dict(strength=s, temperature_mode="paper"))}
+        for arm in self.config.arms:
+            instruction, options = plans[arm]
+            text = self._answer(key, arm, query, instruction, seed, **options)["text"]
+            if (key, arm) not in self.checks:
+                self._record({"type": "check", "key": key, "arm": arm, "instruction": vid, "complied": v.check(text)})
+
+    def execute(self) -> None:
+        all_judged, all_verify = judged_units(self.config), verify_units(self.config)
+        judged = [u for u in all_judged if not self._judged_complete(u[0])]
+        verify = [u for u in all_verify if not self._verify_complete(u[0])]
+        total = len(all_judged) + len(all_verify)
+        progress = Progress(total, total - len(judged) - len(verify))
+        for key, dataset, dimension, seed, query in judged:
+            self.run_judged(key, dimension, seed, query)
+            progress.advance(key)
+        for key, vid, seed, query in verify:
+            self.run_verify(key, vid, seed, query)
+            progress.advance(key)
+        progress.finish()
+
+    def _judged_complete(self, key: str) -> bool:
+        return all((key, arm) in self.pairs for arm in self.config.arms if arm != "sda")
+
+    def _verify_complete(self, key: str) -> bool:
+        return all((key, arm) in self.checks for arm in self.config.arms)
+
+
+# -- summary -----------------------------------------------------------------------------------------------
+def summarize(records: Iterable[dict]) -> dict:
+    """Per dataset / dimension / arm: wins, losses, ties, failures, omega; per arm: compliance."""
+    judged: Dict[str, Dict[str, Dict[str, dict]]] = {}
+    compliance: Dict[str, Dict[str, List[bool]]] = {}
+    for r in records:
+        if r.get("type") == "pair":
+            dataset, dimension, _ = r["key"].split(":", 2)
+            cell = judged.setdefault(dataset, {}).setdefault(dimension, {}).setdefault(
+                r["arm"], {"wins": 0, "losses": 0, "ties": 0, "failures": 0})
+            cell[{"win": "wins", "loss": "losses", "tie": "ties", "failure": "failures"}[r["outcome"]]] += 1
+        elif r.get("type") == "check":
+            compliance.setdefault(r["instruction"], {}).setdefault(r["arm"], []).append(bool(r["complied"]))
+    for dataset in judged.values():
+        for dimension in dataset.values():
+            for cell in dimension.values():
+                n = cell["wins"] + cell["losses"] + cell["ties"]
+                cell["omega"] = (cell["wins"] - cell["losses"]) / n if n else None
+    per_arm: Dict[str, List[bool]] = {}
+    verifiable = {}
+    for vid, arms in compliance.items():
+        verifiable[vid] = {arm: {"compliance": sum(v) / len(v), "n": len(v)} for arm, v in arms.items()}
+        for arm, v in arms.items():
+            per_arm.setdefault(arm, []).extend(v)
+    overall = {arm: {"compliance": sum(v) / len(v), "n": len(v)} for arm, v in per_arm.items()}
+    return {"judged": judged, "verifiable": verifiable, "verifiable_overall": overall}
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = ["| dataset | dimension | SDA vs | omega | wins | losses | ties | failures | paper (vs base) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for dataset, dims in summary["judged"].items():
+        for dimension, arms in dims.items():
+            for arm, c in arms.items():
+                paper = PAPER_OMEGA.get((dataset, dimension)) if arm == "base" else None
+                lines.append(f"| {dataset} | {dimension} | {arm} | {_pct(c['omega'])} | {c['wins']} | {c['losses']} "
+                             f"| {c['ties']} | {c['failures']} | {'-' if paper is None else f'{paper:+.1f}%'} |")
+    if summary["verifiable"]:
+        arms = list(next(iter(summary["verifiable"].values())).keys())
+        lines += ["", "| verifiable instruction | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        for vid, cells in summary["verifiable"].items():
+            lines.append(f"| {vid} | " + " | ".join(f"{100 * cells[a]['compliance']:.0f}% (n={cells[a]['n']})"
+                                                     for a in arms) + " |")
+        overall = summary["verifiable_overall"]
+        lines.append("| **all** | " + " | ".join(f"**{100 * overall[a]['compliance']:.0f}%**" for a in arms) + " |")
+    return "\n".join(lines)
+
+
+def write_chart(summary: dict, path: Path) -> bool:
+    """PNG of omega (SDA vs base) per dataset/dimension beside the paper's Table 1; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels, ours, paper = [], [], []
+    for dataset, dims in summary["judged"].items():
+        for dimension, arms in dims.items():
+            if "base" in arms and arms["base"]["omega"] is not None:
+                labels.append(f"{dataset}\n{dimension}")
+                ours.append(100 * arms["base"]["omega"])
+                paper.append(PAPER_OMEGA.get((dataset, dimension), math.nan))
+    if not labels:
+        return False
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], ours, width=0.4, label="sda-local (this run)")
+    ax.bar([i + 0.2 for i in x], paper, width=0.4, label="paper, Table 1 (average of 8 models)", alpha=0.6)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("gain omega of SDA vs base (%)")
+    ax.set_title("SDA vs base: (wins - losses) / (wins + losses + ties)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
