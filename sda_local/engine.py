@@ -360,7 +360,7 @@ class SDAEngine:
         model = self.model
         if model is None:
             raise ModelError("the engine is closed")
-        if self._aux_streams is None:  # its own small context on the same weights: the streams' caches stay warm
+        if self._aux_streams is None:  # its own context on the same weights, so the streams' caches stay warm
             self._aux_streams = make_streams("contexts", model, n_ctx=self.n_ctx, n_threads=self.n_threads)
         streams = self._aux_streams
         streams.reset()  # a judgement depends on its prompt alone
