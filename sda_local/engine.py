@@ -218,20 +218,16 @@ class SDAEngine:
         from .judges import make_judge
         from .pipeline import align_stream
 
-        own_judge = isinstance(judge, str)
-        judge_obj = make_judge(judge, self) if own_judge else judge
-        stream = align_stream(self, query, align, judge=judge_obj, **options)
-        if own_judge and judge_obj is not None:
-            run = stream._run
-
-            def closing():
-                try:
-                    return (yield from run)
-                finally:
-                    judge_obj.close()
-
-            stream._run = closing()
-        return stream
+        if not isinstance(judge, str):
+            return align_stream(self, query, align, judge=judge, **options)
+        judge_obj = make_judge(judge, self)  # made here, so closed here: when the stream ends
+        on_close = judge_obj.close if judge_obj is not None else None
+        try:
+            return align_stream(self, query, align, judge=judge_obj, on_close=on_close, **options)
+        except BaseException:
+            if on_close is not None:
+                on_close()
+            raise
 
     def prompt_lengths(self, query: str, instruction: Optional[str], history: Sequence[Tuple[str, str]] = (), *,
                        system: Optional[str] = None) -> Tuple[int, int]:

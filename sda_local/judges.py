@@ -305,7 +305,8 @@ def make_judge(spec: Optional[str], engine, *, url: Optional[str] = None, **remo
             return LocalJudge(engine)
         from .engine import SDAEngine
 
-        judge_engine = SDAEngine(arg, n_ctx=4096, streams="contexts", n_threads=engine.n_threads)
+        threads = engine.n_threads if engine is not None else None
+        judge_engine = SDAEngine(arg, n_ctx=4096, streams="contexts", n_threads=threads)
         return LocalJudge(judge_engine, owns_engine=True)
     if kind == "openai":
         return RemoteJudge(arg or DEFAULT_REMOTE_MODEL, base_url=url or OPENAI_URL, **remote_options)

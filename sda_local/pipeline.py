@@ -73,12 +73,17 @@ class AlignmentStream:
     """Iterate for the SDA answer's text pieces (the initial answer and the judge run first);
     ``result`` is the AlignmentResult once the iteration is complete."""
 
-    def __init__(self, run):
+    def __init__(self, run, on_close: Optional[Callable[[], None]] = None):
         self._run = run
+        self._on_close = on_close
         self.result: Optional[AlignmentResult] = None
 
     def __iter__(self) -> Iterator[str]:
-        self.result = yield from self._run
+        try:
+            self.result = yield from self._run
+        finally:
+            if self._on_close is not None:
+                self._on_close()
 
 
 def align_stream(
@@ -93,6 +98,7 @@ def align_stream(
     on_warning: Callable[[str], None] = lambda message: None,
     on_judged: Callable[[Judgement, float], None] = lambda judgement, a: None,
     temperature_mode: str = "paper",
+    on_close: Optional[Callable[[], None]] = None,
     **generate_options,
 ) -> AlignmentStream:
     check_text("query", query)
@@ -150,4 +156,4 @@ def align_stream(
         return AlignmentResult(final.text, final.tokens, final.stats, amplifier=a, amplifier_source=source,
                                stage_seconds=stages, **result_fields)
 
-    return AlignmentStream(run())
+    return AlignmentStream(run(), on_close)

@@ -288,3 +288,11 @@ def test_cli_generate_pipeline_json(model_path):
     data = json.loads(proc.stdout)
     assert data["amplifier_map"] == "linear" and data["amplifier"] == pytest.approx(1 - data["score"] / 100)
     assert data["initial_text"] and data["text"] and data["stage_seconds"]["judge"] > 0
+
+
+def test_cli_judge_with_another_local_model(model_path):
+    proc = run_cli("judge", QUERY, "Boil it for 8 minutes.", "--align", "helpfulness", "--json",
+                   "--judge", f"local:{model_path}")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["judge"] == f"local:{model_path.name}" and 1 <= data["score"] <= 100
