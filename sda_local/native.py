@@ -19,7 +19,10 @@ from typing import Optional, Tuple
 import llama_cpp  # noqa: F401  (must be loaded first, see above)
 import numpy as np
 
-ABI_VERSION = 1
+ABI_VERSION = 2
+# enum sda_status of sda.h: the non-finite codes, as (value, row).
+NONFINITE_CODES = {-2: ("NaN", "with"), -3: ("+inf", "with"), -4: ("NaN", "without"), -5: ("+inf", "without")}
+ROWS = {"with": 0, "without": 1}  # enum sda_row
 _LIBRARY_NAMES = {"linux": "libsda.so", "darwin": "libsda.dylib", "win32": "sda.dll"}
 
 
@@ -67,6 +70,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sda_sampler_set_source.restype = None
     lib.sda_sampler_get_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(SDAStats)]
     lib.sda_sampler_get_stats.restype = None
+    lib.sda_guard_sampler_init.argtypes = []
+    lib.sda_guard_sampler_init.restype = ctypes.c_void_p
+    lib.sda_sampler_get_fault.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32)]
+    lib.sda_sampler_get_fault.restype = ctypes.c_int32
+    lib.sda_sampler_inject_fault.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
+    lib.sda_sampler_inject_fault.restype = ctypes.c_int32
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -128,6 +137,10 @@ def fuse(
         ctypes.byref(temperature),
         ctypes.byref(js),
     )
+    if rc in NONFINITE_CODES:
+        from .fusion import NonFiniteLogitsError
+
+        raise NonFiniteLogitsError(*NONFINITE_CODES[rc])
     if rc != 0:
         raise ValueError(f"sda_fuse rejected its arguments (code {rc})")
     return out, float(temperature.value), float(js.value)
@@ -145,3 +158,26 @@ def sampler_stats(lib: ctypes.CDLL, sampler: int) -> SDAStats:
     stats = SDAStats()
     lib.sda_sampler_get_stats(sampler, ctypes.byref(stats))
     return stats
+
+
+def guard_sampler_init(lib: ctypes.CDLL) -> int:
+    """A new guard llama_sampler (raw pointer) for plain generation; the chain it is added to owns it."""
+    ptr = lib.sda_guard_sampler_init()
+    if not ptr:
+        raise MemoryError("sda_guard_sampler_init")
+    return ptr
+
+
+def sampler_fault(lib: ctypes.CDLL, sampler: int) -> Optional[Tuple[str, str, int]]:
+    """(value, row, step) of the first non-finite row an SDA or guard sampler met, or None."""
+    step = ctypes.c_int32()
+    code = lib.sda_sampler_get_fault(sampler, ctypes.byref(step))
+    if code in NONFINITE_CODES:
+        return (*NONFINITE_CODES[code], step.value)
+    return None
+
+
+def inject_fault(lib: ctypes.CDLL, sampler: int, value: int, step: int, row: str) -> None:
+    """TEST ONLY: see sda_sampler_inject_fault in sda.h."""
+    if lib.sda_sampler_inject_fault(sampler, value, step, ROWS[row]) != 0:
+        raise ValueError("sda_sampler_inject_fault rejected its arguments")

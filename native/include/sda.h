@@ -7,6 +7,13 @@
  *                           Put it first in the chain (it needs the full, unprocessed vocabulary), then
  *                           top-p and dist. It reads the *with-instruction* logits from cur_p and the
  *                           *without-instruction* logits itself, from (source context, output index).
+ *   - sda_guard_sampler_init(): the same non-finite check for plain (one-stream) generation.
+ *
+ * Non-finite logits: a NaN or +inf entry in either row (fp16 overflow on GPU builds can produce them) is
+ * never fused nor sampled. -inf is legal (a masked token). sda_fuse returns one of the SDA_ERR_NAN_* /
+ * SDA_ERR_INF_* codes; a sampler records the fault (sda_sampler_get_fault) and hands the rest of the chain
+ * a single candidate whose id is LLAMA_TOKEN_NULL (-1), so that llama_sampler_sample returns -1: a caller
+ * tells a fault from a token with one integer comparison.
  */
 #ifndef SDA_H
 #define SDA_H
@@ -23,7 +30,7 @@ extern "C" {
 #    define SDA_API __attribute__((visibility("default")))
 #endif
 
-#define SDA_ABI_VERSION 1
+#define SDA_ABI_VERSION 2
 
 struct llama_sampler;
 struct llama_context;
@@ -32,6 +39,28 @@ enum sda_temperature_mode {
     SDA_TEMPERATURE_PAPER     = 0, /* T = max(T_min, T0 * 0.5^(JS / 0.01)), T_min = min(0.2, T0) */
     SDA_TEMPERATURE_REFERENCE = 1, /* T = T0 * 0.5^(JS / (2 ln 2)), no floor                     */
     SDA_TEMPERATURE_FIXED     = 2, /* T = T0                                                     */
+};
+
+/* Return codes of sda_fuse and sda_sampler_get_fault. */
+enum sda_status {
+    SDA_OK              =  0,
+    SDA_ERR_INVALID     = -1, /* invalid arguments                                */
+    SDA_ERR_NAN_WITH    = -2, /* a NaN in the with-instruction row                */
+    SDA_ERR_INF_WITH    = -3, /* a +inf (and no NaN) in the with-instruction row  */
+    SDA_ERR_NAN_WITHOUT = -4, /* the same two in the without-instruction row      */
+    SDA_ERR_INF_WITHOUT = -5,
+};
+
+/* TEST ONLY (sda_sampler_inject_fault): what to write into one logit. */
+enum sda_fault_value {
+    SDA_INJECT_NAN     = 1,
+    SDA_INJECT_POS_INF = 2,
+    SDA_INJECT_NEG_INF = 3,
+};
+
+enum sda_row {
+    SDA_ROW_WITH    = 0,
+    SDA_ROW_WITHOUT = 1,
 };
 
 struct sda_params {
@@ -52,8 +81,10 @@ struct sda_stats {
 
 SDA_API int32_t sda_abi_version(void);
 
-/* 0 on success, negative on invalid arguments. out_log_probs receives the normalised fused
- * log-probabilities after temperature: log_softmax(l / T). Buffers must hold n floats. */
+/* SDA_OK on success, SDA_ERR_INVALID on invalid arguments, SDA_ERR_NAN_* / SDA_ERR_INF_* when a row holds a
+ * NaN or +inf (out_log_probs is then unspecified; the with-row, and NaN, are reported first). -inf entries
+ * are masked tokens, not faults. out_log_probs receives the normalised fused log-probabilities after
+ * temperature: log_softmax(l / T). Buffers must hold n floats. */
 SDA_API int32_t sda_fuse(const float * logits_with, const float * logits_without, int32_t n,
                          const struct sda_params * params,
                          float * out_log_probs, float * out_temperature, float * out_js);
@@ -66,6 +97,21 @@ SDA_API struct llama_sampler * sda_sampler_init(const struct sda_params * params
 SDA_API void sda_sampler_set_source(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx);
 
 SDA_API void sda_sampler_get_stats(const struct llama_sampler * smpl, struct sda_stats * out);
+
+/* A sampler for plain generation, first in the chain: it passes a finite row through untouched and
+ * handles a non-finite one as the SDA sampler does (see the top of this file). NULL when out of memory. */
+SDA_API struct llama_sampler * sda_guard_sampler_init(void);
+
+/* The first fault a sampler made by sda_sampler_init or sda_guard_sampler_init recorded: SDA_OK (none) or an
+ * SDA_ERR_NAN_* / SDA_ERR_INF_* code, with *out_step (may be NULL) the 1-based sampling step it happened
+ * at (the number of apply calls since init or reset). SDA_ERR_INVALID for any other sampler. */
+SDA_API int32_t sda_sampler_get_fault(const struct llama_sampler * smpl, int32_t * out_step);
+
+/* TEST ONLY: at sampling step `step` (1-based), overwrite one logit of `row` (enum sda_row), that of the first
+ * candidate (token 0, for a sampler first in its chain), with `value` (enum sda_fault_value) before the
+ * checks, so that tests reach the fault path with a real model. The guard sampler has only the with-row.
+ * SDA_OK, or SDA_ERR_INVALID for bad arguments. Never called, it costs one integer comparison per step. */
+SDA_API int32_t sda_sampler_inject_fault(struct llama_sampler * smpl, int32_t value, int32_t step, int32_t row);
 
 #ifdef __cplusplus
 }

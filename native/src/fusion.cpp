@@ -69,6 +69,7 @@ double lane_sum(const float * x, size_t n) {
     return total;
 }
 
+// Ignores NaN entries (a NaN compares false); exp_shifted finds them.
 float max_of(const float * x, size_t n) {
     float lanes[kLanes];
     std::fill(lanes, lanes + kLanes, kNegInf);
@@ -83,20 +84,35 @@ float max_of(const float * x, size_t n) {
 }
 
 struct shifted_exp_sum {
-    float max;   // -inf when every entry is -inf
-    double sum;  // sum of exp(x - max)
+    float max;      // -inf when every entry is -inf
+    double sum;     // sum of exp(x - max)
+    int32_t fault;  // SDA_OK, SDA_ERR_NAN_WITH or SDA_ERR_INF_WITH: then max and sum mean nothing
     double log_sum_exp() const { return static_cast<double>(max) + std::log(sum); }
 };
 
-// Writes exp(x - max) into e (zeros when every entry is -inf).
+int32_t classify(const float * x, size_t n) {
+    return classify_row(n, [x](size_t i) { return x[i]; });
+}
+
+// Writes exp(x - max) into e (zeros when every entry is -inf). The non-finite check rides on the two passes
+// a softmax makes anyway: +inf is the max, and a NaN goes through the exp pass unchanged (exp_nonpositive
+// would flush it to 0), so that the sum is NaN.
 shifted_exp_sum exp_shifted(const float * x, size_t n, float * e) {
+    constexpr float kPosInf = std::numeric_limits<float>::infinity();
     const float m = max_of(x, n);
-    if (!(m > kNegInf)) {
+    if (!(m < kPosInf)) return {m, 0.0, classify(x, n)};
+    if (!(m > kNegInf)) {  // no exp pass to see a NaN: rare enough for a scan
+        if (classify(x, n) != SDA_OK) return {m, 0.0, SDA_ERR_NAN_WITH};
         std::fill(e, e + n, 0.0f);
-        return {m, 0.0};
+        return {m, 0.0, SDA_OK};
     }
-    for (size_t i = 0; i < n; ++i) e[i] = exp_nonpositive(x[i] - m);
-    return {m, lane_sum(e, n)};
+    for (size_t i = 0; i < n; ++i) {
+        const float d = x[i] - m;
+        const float v = exp_nonpositive(d);
+        e[i] = d == d ? v : d;
+    }
+    const double sum = lane_sum(e, n);
+    return {m, sum, sum == sum ? SDA_OK : SDA_ERR_NAN_WITH};
 }
 
 float temperature_for(double js, const sda_params & params) {
@@ -128,10 +144,12 @@ fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t 
     float * p = ws.p.data();
     float * q = ws.q.data();
     const shifted_exp_sum with = exp_shifted(z_with, n, p);
+    if (with.fault != SDA_OK) return {params.t0, 0.0f, with.fault};
     const shifted_exp_sum without = exp_shifted(z_without, n, q);
+    if (without.fault != SDA_OK) return {params.t0, 0.0f, without.fault - 2};
     if (!(with.max > kNegInf)) {  // nothing can be sampled: leave it to the rest of the chain
         std::fill(out, out + n, kNegInf);
-        return {params.t0, 0.0f};
+        return {params.t0, 0.0f, SDA_OK};
     }
     // A without-stream with no finite logit is treated as "no steering signal": log Q = -inf everywhere.
     // The log-probabilities are formed in double: with logits of magnitude 1e4, float rounding of
@@ -188,13 +206,13 @@ fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t 
 
     const double inv_t = 1.0 / temperature;
     for (size_t k = 0; k < n; ++k) out[k] = static_cast<float>((steered(k) - top) * inv_t);
-    return {temperature, static_cast<float>(js)};
+    return {temperature, static_cast<float>(js), SDA_OK};
 }
 
 void log_softmax_inplace(float * x, size_t n, fusion_workspace & ws) {
     ws.reserve(n);
     const shifted_exp_sum s = exp_shifted(x, n, ws.p.data());
-    if (!(s.max > kNegInf)) return;
+    if (s.fault != SDA_OK || !(s.max > kNegInf)) return;
     const float lse = static_cast<float>(s.log_sum_exp());
     for (size_t i = 0; i < n; ++i) x[i] -= lse;
 }

@@ -1,14 +1,50 @@
-// The SDA llama_sampler (a vtable implementation in the style of llama.cpp's src/llama-sampler.cpp)
-// and the C entry points of sda.h.
+// The SDA llama_sampler and the guard sampler (vtable implementations in the style of llama.cpp's
+// src/llama-sampler.cpp) and the C entry points of sda.h.
 #include "fusion.hpp"
 #include "sda.h"
 
 #include "llama.h"
 
 #include <chrono>
+#include <limits>
 #include <new>
 
 namespace {
+
+// What both samplers keep about non-finite logits. A sampler cannot report an error through the chain,
+// so it records the first fault here and leaves the chain a single candidate with id LLAMA_TOKEN_NULL:
+// the caller sees -1 from llama_sampler_sample and asks sda_sampler_get_fault for the details.
+struct fault_guard {
+    int32_t step = 0;        // apply calls since init or reset (1-based once applied)
+    int32_t fault = SDA_OK;  // first fault seen
+    int32_t fault_step = 0;
+    // Test-only injection (sda_sampler_inject_fault): step 0 = never, so unused it is one comparison.
+    int32_t inject_step = 0;
+    int32_t inject_row = SDA_ROW_WITH;
+    float inject_value = 0.0f;
+};
+
+void refuse(llama_token_data_array * cur_p, fault_guard & g, int32_t fault) {
+    if (g.fault == SDA_OK) {
+        g.fault = fault;
+        g.fault_step = g.step;
+    }
+    // Whatever follows in the chain (logit bias, temp, top-p, dist) handles one finite candidate.
+    cur_p->data[0] = llama_token_data{LLAMA_TOKEN_NULL, 0.0f, 1.0f};
+    cur_p->size = 1;
+    cur_p->sorted = true;
+    cur_p->selected = -1;
+}
+
+// The with-row check of the guard sampler (and of the SDA sampler when it has no without-row): one
+// vectorised pass over cur_p's logits, about 6 us for 49,152 candidates.
+void guard_row(llama_token_data_array * cur_p, fault_guard & g) {
+    if (cur_p->size == 0) return;
+    if (g.inject_step == g.step && g.inject_row == SDA_ROW_WITH) cur_p->data[0].logit = g.inject_value;
+    const llama_token_data * data = cur_p->data;
+    const auto logit = [data](size_t i) { return data[i].logit; };
+    if (sda::has_nan_or_pos_inf(cur_p->size, logit)) refuse(cur_p, g, sda::classify_row(cur_p->size, logit));
+}
 
 struct sda_sampler_state {
     sda_params params;
@@ -19,6 +55,7 @@ struct sda_sampler_state {
     std::vector<float> fused;
     sda::fusion_workspace workspace;
     sda_stats stats;
+    fault_guard guard;
 };
 
 sda_sampler_state * state_of(const llama_sampler * smpl) {
@@ -32,10 +69,12 @@ const char * sda_sampler_name(const llama_sampler * /*smpl*/) {
 void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
     sda_sampler_state & st = *state_of(smpl);
     const auto start = std::chrono::steady_clock::now();
+    st.guard.step += 1;
     const float * without_row = st.source_ctx ? llama_get_logits_ith(st.source_ctx, st.source_idx) : nullptr;
     if (without_row == nullptr) {
-        // No steering signal: the chain samples the with-instruction distribution, and the caller
-        // sees the failure in the stats (n_steps does not advance).
+        // No steering signal: the chain samples the with-instruction distribution (still never a
+        // non-finite one), and the caller sees the failure in the stats (n_steps does not advance).
+        guard_row(cur_p, st.guard);
         return;
     }
     const size_t n = cur_p->size;
@@ -49,8 +88,15 @@ void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
         st.with_logits[j] = cur_p->data[j].logit;
         st.without_logits[j] = without_row[cur_p->data[j].id];
     }
+    if (st.guard.inject_step == st.guard.step && n > 0) {
+        (st.guard.inject_row == SDA_ROW_WITH ? st.with_logits : st.without_logits)[0] = st.guard.inject_value;
+    }
     const sda::fusion_result r = sda::fuse_scaled(st.with_logits.data(), st.without_logits.data(), n, st.params,
                                                   st.workspace, st.fused.data());
+    if (r.status != SDA_OK) {
+        refuse(cur_p, st.guard, r.status);
+        return;
+    }
     for (size_t j = 0; j < n; ++j) cur_p->data[j].logit = st.fused[j];
 
     const std::chrono::duration<double> spent = std::chrono::steady_clock::now() - start;
@@ -63,7 +109,11 @@ void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
 }
 
 void sda_sampler_reset(llama_sampler * smpl) {
-    state_of(smpl)->stats = sda_stats{};
+    sda_sampler_state & st = *state_of(smpl);
+    st.stats = sda_stats{};
+    st.guard.step = 0;
+    st.guard.fault = SDA_OK;
+    st.guard.fault_step = 0;
 }
 
 llama_sampler * sda_sampler_clone(const llama_sampler * smpl) {
@@ -90,6 +140,60 @@ llama_sampler_i * sda_sampler_iface() {
     return &iface;
 }
 
+// The guard sampler: its whole state is a fault_guard.
+fault_guard * guard_of(const llama_sampler * smpl) {
+    return static_cast<fault_guard *>(smpl->ctx);
+}
+
+const char * guard_sampler_name(const llama_sampler * /*smpl*/) {
+    return "sda-guard";
+}
+
+void guard_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
+    fault_guard & g = *guard_of(smpl);
+    g.step += 1;
+    guard_row(cur_p, g);
+}
+
+void guard_sampler_reset(llama_sampler * smpl) {
+    fault_guard & g = *guard_of(smpl);
+    g.step = 0;
+    g.fault = SDA_OK;
+    g.fault_step = 0;
+}
+
+llama_sampler * guard_sampler_clone(const llama_sampler * smpl);
+
+void guard_sampler_free(llama_sampler * smpl) {
+    delete guard_of(smpl);
+}
+
+llama_sampler_i * guard_sampler_iface() {
+    static llama_sampler_i iface = [] {
+        llama_sampler_i i{};
+        i.name = guard_sampler_name;
+        i.apply = guard_sampler_apply;
+        i.reset = guard_sampler_reset;
+        i.clone = guard_sampler_clone;
+        i.free = guard_sampler_free;
+        return i;
+    }();
+    return &iface;
+}
+
+llama_sampler * guard_sampler_clone(const llama_sampler * smpl) {
+    auto * g = new (std::nothrow) fault_guard(*guard_of(smpl));
+    return g ? llama_sampler_init(guard_sampler_iface(), g) : nullptr;
+}
+
+// The fault_guard of either kind of sampler this library makes; nullptr for any other sampler.
+fault_guard * any_guard(const llama_sampler * smpl) {
+    if (smpl == nullptr) return nullptr;
+    if (smpl->iface == sda_sampler_iface()) return &state_of(smpl)->guard;
+    if (smpl->iface == guard_sampler_iface()) return guard_of(smpl);
+    return nullptr;
+}
+
 }  // namespace
 
 extern "C" {
@@ -101,12 +205,13 @@ int32_t sda_abi_version(void) {
 int32_t sda_fuse(const float * logits_with, const float * logits_without, int32_t n, const sda_params * params,
                  float * out_log_probs, float * out_temperature, float * out_js) {
     if (!logits_with || !logits_without || !params || !out_log_probs || n <= 0 || !sda::params_valid(*params)) {
-        return -1;
+        return SDA_ERR_INVALID;
     }
     thread_local sda::fusion_workspace workspace;
     const size_t count = static_cast<size_t>(n);
     const sda::fusion_result r =
         sda::fuse_scaled(logits_with, logits_without, count, *params, workspace, out_log_probs);
+    if (r.status != SDA_OK) return r.status;
     sda::log_softmax_inplace(out_log_probs, count, workspace);
     if (out_temperature) *out_temperature = r.temperature;
     if (out_js) *out_js = r.js;
@@ -136,6 +241,37 @@ void sda_sampler_set_source(llama_sampler * smpl, llama_context * ctx, int32_t i
 
 void sda_sampler_get_stats(const llama_sampler * smpl, sda_stats * out) {
     if (smpl && out) *out = state_of(smpl)->stats;
+}
+
+llama_sampler * sda_guard_sampler_init(void) {
+    auto * g = new (std::nothrow) fault_guard{};
+    return g ? llama_sampler_init(guard_sampler_iface(), g) : nullptr;
+}
+
+int32_t sda_sampler_get_fault(const llama_sampler * smpl, int32_t * out_step) {
+    const fault_guard * g = any_guard(smpl);
+    if (g == nullptr) return SDA_ERR_INVALID;
+    if (out_step) *out_step = g->fault == SDA_OK ? 0 : g->fault_step;
+    return g->fault;
+}
+
+int32_t sda_sampler_inject_fault(llama_sampler * smpl, int32_t value, int32_t step, int32_t row) {
+    fault_guard * g = any_guard(smpl);
+    const bool guard_only = smpl != nullptr && smpl->iface == guard_sampler_iface();
+    if (g == nullptr || step < 1 || (row != SDA_ROW_WITH && row != SDA_ROW_WITHOUT) ||
+        (guard_only && row != SDA_ROW_WITH)) {
+        return SDA_ERR_INVALID;
+    }
+    constexpr float inf = std::numeric_limits<float>::infinity();
+    switch (value) {
+        case SDA_INJECT_NAN: g->inject_value = std::numeric_limits<float>::quiet_NaN(); break;
+        case SDA_INJECT_POS_INF: g->inject_value = inf; break;
+        case SDA_INJECT_NEG_INF: g->inject_value = -inf; break;
+        default: return SDA_ERR_INVALID;
+    }
+    g->inject_step = step;
+    g->inject_row = row;
+    return SDA_OK;
 }
 
 }  // extern "C"
