@@ -11,25 +11,42 @@
   with timeouts and bounded retries.
 
 Both read the score from the judge's own reply, parsed strictly as JSON: never from the judged text, and
-never by "the first number in the text". Anything else is a ``JudgeError``.
+never by "the first number in the text". Anything else is a ``JudgeError``: NaN, infinities, fractions,
+booleans, strings, nesting, repeated keys, and replies over ``MAX_REPLY_BYTES`` (never read whole).
+
+The key (or ``user:pass@`` in the URL) goes to the judge URL only, never over plain http:// to a host that
+is not this machine unless allowed, and never into an identity, message or record: those show the URL
+without its credentials.
 """
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import ipaddress
 import json
+import math
 import os
-import re
 import time
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from typing import Callable, Optional, Tuple
+from urllib.parse import unquote, urlsplit
 
 from .errors import InputError, SDAError
+from .fusion import NonFiniteLogitsError
 from .rubrics import Rubric, judge_messages, pairwise_messages
 
 OPENAI_URL = "https://api.openai.com/v1"
 DEFAULT_REMOTE_MODEL = "gpt-4.1"
 API_KEY_ENVS = ("SDA_JUDGE_API_KEY", "OPENAI_API_KEY")
+# A score reply is a few dozen bytes (max_tokens 48); anything near this is a broken or hostile server,
+# and is refused before it is read into memory.
+MAX_REPLY_BYTES = 1 << 20
+DEFAULT_MAX_WAIT = 60.0
+# make_judge's options for a remote judge (the first four are the CLI's --judge-timeout, --judge-retries,
+# --judge-max-wait, --allow-insecure-judge); a local judge ignores them.
+REMOTE_OPTIONS = ("read_timeout", "max_attempts", "max_wait", "allow_insecure", "connect_timeout", "api_key")
 SCORE_GRAMMAR = r'''root ::= "{\"score\": " score "}"
 score ::= "100" | [1-9] [0-9]? '''
 PAIR_GRAMMAR = r'''root ::= "{\"score_a\": " score ", \"score_b\": " score "}"
@@ -55,7 +72,6 @@ def _response_formats(schema: dict) -> tuple:
         {"type": "json_schema", "json_schema": {"name": "score", "strict": True, "schema": schema}},
         None,
     )
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 
 class JudgeError(SDAError):
@@ -74,18 +90,52 @@ class Judgement:
         return asdict(self)
 
 
+class _NotStrict(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    raise _NotStrict(f"{name} is not a number a judge may give")
+
+
+def _no_repeats(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _NotStrict(f'"{_clip(key, 40)}" is given twice')
+        obj[key] = value
+    return obj
+
+
+def strict_json(data):
+    """json.loads without NaN/Infinity, with exact decimals (1e999 stays finite, 99.99999999999999999 stays
+    a fraction) and without repeated keys. Raises ValueError (also for nesting too deep to parse)."""
+    try:
+        return json.loads(data, parse_constant=_no_constant, parse_float=Decimal, object_pairs_hook=_no_repeats)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _unfence(body: str) -> str:
+    # String slicing, not a regex: "```(.*?)\\s*```" backtracks for hours on ``` and 100 000 spaces.
+    if len(body) >= 6 and body.startswith("```") and body.endswith("```"):
+        inner = body[3:-3]
+        return (inner[4:] if inner.startswith("json") else inner).strip()
+    return body
+
+
 def parse_scores(text: str, keys: Tuple[str, ...]) -> Tuple[int, ...]:
     """The scores of a reply that must be exactly a JSON object of integer scores 1..100 under ``keys``
     (optionally in a ```json fence)."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise JudgeError(f"the judge's reply is not text but {type(text).__name__}")
+    if not text.strip():
         raise JudgeError("the judge's reply is empty")
-    body = text.strip()
-    fenced = _FENCE.match(body)
-    if fenced:
-        body = fenced.group(1)
     try:
-        obj = json.loads(body)
-    except ValueError:
+        obj = strict_json(_unfence(text.strip()))
+    except _NotStrict as exc:
+        raise JudgeError(f"the judge's reply is not a valid score object ({exc}): {_clip(text)}") from None
+    except ValueError:  # includes integers too long to convert
         raise JudgeError(f"the judge's reply is not the JSON score object: {_clip(text)}") from None
     missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
     if missing:
@@ -93,10 +143,13 @@ def parse_scores(text: str, keys: Tuple[str, ...]) -> Tuple[int, ...]:
     scores = []
     for key in keys:
         score = obj[key]
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or score != int(score):
-            raise JudgeError(f"the judge's score is not an integer: {score!r}")
+        if isinstance(score, bool) or not isinstance(score, (int, Decimal)):
+            raise JudgeError(f"the judge's score is not a number: {_clip(json.dumps(score, default=str))}")
+        # Range first: int() of a huge exponent (1e999999999) would build an enormous integer.
         if not 1 <= score <= 100:
-            raise JudgeError(f"the judge's score is out of range 1..100: {int(score)}")
+            raise JudgeError(f"the judge's score is out of range 1..100: {_clip(str(score))}")
+        if isinstance(score, Decimal) and score != score.to_integral_value():
+            raise JudgeError(f"the judge's score is not an integer: {score}")
         scores.append(int(score))
     return tuple(scores)
 
@@ -133,6 +186,8 @@ class LocalJudge:
         system, user = (m["content"] for m in messages)
         try:
             return self.engine.complete_with_grammar(system, user, grammar, max_tokens=max_tokens)
+        except NonFiniteLogitsError as exc:  # the judge model broke down (e.g. fp16 overflow on a GPU)
+            raise JudgeError(f"local judge: {exc}") from None
         except InputError as exc:  # e.g. the answer does not fit in the judge's context
             raise JudgeError(f"local judge: {exc}") from None
 
@@ -161,8 +216,68 @@ def api_key_from_env() -> Optional[str]:
     return None
 
 
+def redact_url(url: str) -> str:
+    """``url`` without ``user:pass@``: the only form of a judge URL that is shown, logged or recorded."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))  # netloc, as urlsplit
+    return f"{scheme}://{rest[:end].rpartition('@')[2]}{rest[end:]}"
+
+
+def _shown(url: str) -> str:
+    """A judge URL for an error message: redacted, or not at all when an "@" is left that may be part of a
+    password urlsplit did not see as one (an unencoded "/" or "#" in it)."""
+    redacted = redact_url(url)
+    return repr(redacted) if "@" not in redacted else "(not shown: it has an unusual user:pass@ part)"
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves this machine."""
+    host = host.lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _positive_finite(name: str, value, *, zero_ok: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < 0 or (number == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise InputError(f"the judge's {name} must be a finite number of seconds {bound}, got {value!r}")
+    return number
+
+
+class _Auth:
+    """Sets Authorization on each request. Passed as requests' ``auth`` so that neither credentials in the
+    URL nor ~/.netrc replace it."""
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def __call__(self, request):
+        request.headers["Authorization"] = self._value
+        return request
+
+
 class RemoteJudge:
-    """OpenAI-compatible Chat Completions judge. The API key goes to ``base_url`` only, and nowhere else."""
+    """OpenAI-compatible Chat Completions judge. The API key goes to ``base_url`` only, and nowhere else.
+
+    ``base_url`` may carry ``user:pass@`` (HTTP Basic, e.g. a proxy in front of llama-server); they are then
+    sent instead of an API key from the environment, and never shown. A key or credentials are refused over
+    plain http:// to a host other than this machine unless ``allow_insecure``. ``read_timeout``: seconds
+    without a byte from the server; ``max_attempts``: tries per judgement (429, 5xx, timeouts and dropped
+    connections are retried); ``max_wait``: the longest pause between tries a server may ask for with
+    Retry-After (a longer one fails at once).
+    """
 
     def __init__(
         self,
@@ -174,28 +289,64 @@ class RemoteJudge:
         read_timeout: float = 120.0,
         max_attempts: int = 4,
         backoff: float = 1.0,
-        max_wait: float = 30.0,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        allow_insecure: bool = False,
         sleep: Callable[[float], None] = time.sleep,
     ):
         import requests
 
+        from .privacy import require_network
+
+        require_network("a remote judge")
         self._requests = requests
-        url = base_url.rstrip("/")
-        if not re.match(r"^https?://", url):
-            raise InputError(f"the judge URL must start with http:// or https://, got {base_url!r}")
-        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
+        base_url = base_url.strip()
+        try:
+            parts = urlsplit(base_url)
+        except ValueError:  # e.g. an unclosed [IPv6 bracket
+            raise InputError(f"the judge URL is malformed: {_shown(base_url)}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(f"the judge URL must be http:// or https:// and name a host, got {_shown(base_url)}")
+        try:
+            parts.port
+        except ValueError:
+            raise InputError(f"the judge URL has an invalid port: {_shown(base_url)}") from None
+        if parts.query or parts.fragment:  # not shown: a query may carry a key
+            raise InputError("the judge URL must be a base URL without ?query or #fragment")
+        shown = redact_url(base_url).rstrip("/")  # with no query or fragment, exactly the URL requests get
+        self.url = shown if shown.endswith("/chat/completions") else shown + "/chat/completions"
         self.model = model
-        self._api_key = api_key if api_key is not None else api_key_from_env()
-        if self._api_key is None and url == OPENAI_URL:
-            raise InputError("the OpenAI judge needs an API key: set SDA_JUDGE_API_KEY or OPENAI_API_KEY")
-        self.timeout = (connect_timeout, read_timeout)
-        self.max_attempts = max(1, int(max_attempts))
+        credentials = parts.username is not None or parts.password is not None
+        if credentials and api_key is not None:
+            raise InputError("give the judge either an API key or user:pass@ in its URL, not both")
+        if credentials:
+            pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode("utf-8")
+            self._auth = _Auth("Basic " + base64.b64encode(pair).decode("ascii"))
+            secret = "the credentials in the judge URL"
+        else:
+            key = api_key if api_key is not None else api_key_from_env()
+            key = key.strip() if key else None  # a pasted key often ends in a newline
+            if key is None and shown == OPENAI_URL:
+                raise InputError("the OpenAI judge needs an API key: set SDA_JUDGE_API_KEY or OPENAI_API_KEY")
+            if key and not (key.isascii() and key.isprintable()):
+                raise InputError("the judge API key has characters an HTTP header cannot carry")
+            self._auth = _Auth(f"Bearer {key}") if key else None
+            secret = "the API key"
+        if self._auth is not None and parts.scheme == "http" and not is_loopback_host(parts.hostname) \
+                and not allow_insecure:
+            raise InputError(f"refusing to send {secret} over plain http:// to {parts.hostname}, which is not "
+                             "this machine: use https://, or --allow-insecure-judge (API: allow_insecure=True) "
+                             "if the network is trusted")
+        self.timeout = (_positive_finite("connect timeout", connect_timeout),
+                        _positive_finite("timeout", read_timeout))
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise InputError(f"the judge's attempts must be a whole number >= 1, got {max_attempts!r}")
+        self.max_attempts = max_attempts
         self.backoff = backoff
-        self.max_wait = max_wait
+        self.max_wait = _positive_finite("max wait", max_wait, zero_ok=True)
         self._sleep = sleep
         self._session = requests.Session()
         self._format_index = 0
-        self.identity = f"openai:{model}@{url}"
+        self.identity = f"openai:{model}@{shown}"
 
     def __repr__(self) -> str:  # never shows the key
         return f"RemoteJudge({self.identity!r})"
@@ -204,9 +355,13 @@ class RemoteJudge:
         payload = {"model": self.model, "messages": messages, "temperature": 0, "seed": 0, "max_tokens": 48}
         body = self._post(payload, _response_formats(schema))
         try:
-            return body["choices"][0]["message"]["content"]
+            content = body["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise JudgeError(f"{self.identity}: the reply has no choices[0].message.content") from None
+        if not isinstance(content, str):
+            raise JudgeError(f"{self.identity}: the reply's content is not text but "
+                             f"{'null' if content is None else type(content).__name__}")
+        return content
 
     def score(self, query: str, answer: str, rubric: Rubric) -> Judgement:
         started = time.perf_counter()
@@ -220,41 +375,59 @@ class RemoteJudge:
         a, b = parse_scores(reply, ("score_a", "score_b"))
         return PairJudgement(a, b, self.identity, rubric.version, reply, time.perf_counter() - started)
 
-    def _wait_before_retry(self, attempt: int, retry_after: Optional[str]) -> None:
+    def _read_body(self, response) -> bytes:
+        """The response body, refused unread when it declares more than MAX_REPLY_BYTES, and cut off as soon
+        as it goes over (a body without Content-Length)."""
+        limit = f"more than the {MAX_REPLY_BYTES // 1024} KiB a score reply may take"
+        declared = response.headers.get("Content-Length", "").strip()
+        if declared.isdigit() and int(declared) > MAX_REPLY_BYTES:
+            raise JudgeError(f"{self.identity}: the reply is {int(declared)} bytes, {limit}")
+        chunks, size = [], 0
+        for chunk in response.iter_content(chunk_size=64 * 1024):
+            size += len(chunk)
+            if size > MAX_REPLY_BYTES:
+                raise JudgeError(f"{self.identity}: the reply is {limit}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _wait(self, attempt: int, status: Optional[int] = None, retry_after: Optional[str] = None) -> float:
+        """Seconds before the next try: the server's Retry-After, else exponential backoff, at most max_wait."""
         wait = self.backoff * 2 ** (attempt - 1)
         if retry_after:
-            wait = _retry_after_seconds(retry_after, default=wait)
-        self._sleep(min(max(wait, 0.0), self.max_wait))
+            asked = _retry_after_seconds(retry_after, default=wait)
+            if asked > self.max_wait:  # retrying sooner than asked would only be refused again
+                raise JudgeError(f"{self.identity}: HTTP {status}: the server asks to wait {asked:.0f} s, more "
+                                 f"than --judge-max-wait ({self.max_wait:g} s)")
+            wait = asked
+        return min(max(wait, 0.0), self.max_wait)
 
     def _post(self, payload: dict, formats: tuple) -> dict:
         requests = self._requests
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
         last_problem = ""
         attempt = 0
         while attempt < self.max_attempts:
             attempt += 1
-            retry_after = None
             response_format = formats[self._format_index]
             if response_format is None:
                 payload.pop("response_format", None)
             else:
                 payload["response_format"] = response_format
             try:
-                response = self._session.post(self.url, json=payload, headers=headers, timeout=self.timeout,
-                                              allow_redirects=False)
+                with self._session.post(self.url, json=payload, auth=self._auth, timeout=self.timeout,
+                                        allow_redirects=False, stream=True) as response:
+                    status = response.status_code
+                    body = self._read_body(response) if status == 200 else None
+                    retry_after = response.headers.get("Retry-After")
             except requests.exceptions.Timeout:
-                last_problem = "timed out"
-            except requests.exceptions.ConnectionError:
-                last_problem = "connection failed"
+                last_problem, wait = "timed out", self._wait(attempt)
+            except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError):
+                last_problem, wait = "connection failed", self._wait(attempt)
             except requests.exceptions.RequestException as exc:
                 raise JudgeError(f"{self.identity}: request failed ({type(exc).__name__})") from None
             else:
-                status = response.status_code
                 if status == 200:
                     try:
-                        return response.json()
+                        return strict_json(body)
                     except ValueError:
                         raise JudgeError(f"{self.identity}: the reply is not JSON") from None
                 if status in (400, 422) and self._format_index + 1 < len(formats):
@@ -262,14 +435,14 @@ class RemoteJudge:
                     attempt -= 1
                     continue
                 if status == 429 or status >= 500:
-                    last_problem = f"HTTP {status}"
-                    retry_after = response.headers.get("Retry-After")
+                    last_problem, wait = f"HTTP {status}", self._wait(attempt, status, retry_after)
                 else:
                     hint = " (check the API key)" if status in (401, 403) else ""
                     raise JudgeError(f"{self.identity}: HTTP {status}{hint}")
             if attempt < self.max_attempts:
-                self._wait_before_retry(attempt, retry_after)
-        raise JudgeError(f"{self.identity}: {last_problem} after {self.max_attempts} attempts")
+                self._sleep(wait)
+        attempts = f"{self.max_attempts} attempt{'s' if self.max_attempts != 1 else ''}"
+        raise JudgeError(f"{self.identity}: {last_problem} after {attempts}")
 
     def close(self) -> None:
         self._session.close()
@@ -281,7 +454,7 @@ def _retry_after_seconds(value: str, default: float) -> float:
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return default
     return when.timestamp() - time.time()
 
@@ -290,8 +463,13 @@ def make_judge(spec: Optional[str], engine, *, url: Optional[str] = None, **remo
     """A judge from a CLI-style spec: none | local | local:PATH_OR_NAME | openai | openai:MODEL.
 
     ``engine`` serves ``local``. ``url`` (any OpenAI-compatible base URL) implies ``openai`` when no spec
-    is given. Returns None for ``none``.
+    is given. ``remote_options`` (REMOTE_OPTIONS, None = default) go to a RemoteJudge; a local judge has no
+    use for them. Returns None for ``none``.
     """
+    unknown = sorted(set(remote_options) - set(REMOTE_OPTIONS))
+    if unknown:
+        raise InputError(f"unknown judge option(s) {', '.join(unknown)} (known: {', '.join(REMOTE_OPTIONS)})")
+    remote_options = {k: v for k, v in remote_options.items() if v is not None}
     if spec is None:
         spec = "openai" if url else "local"
     kind, _, arg = spec.strip().partition(":")
@@ -306,7 +484,8 @@ def make_judge(spec: Optional[str], engine, *, url: Optional[str] = None, **remo
         from .engine import SDAEngine
 
         threads = engine.n_threads if engine is not None else None
-        judge_engine = SDAEngine(arg, n_ctx=4096, streams="contexts", n_threads=threads)
+        judge_engine = SDAEngine(arg, n_ctx=4096, streams="contexts", n_threads=threads,
+                                 repack=getattr(engine, "repack", None))
         return LocalJudge(judge_engine, owns_engine=True)
     if kind == "openai":
         return RemoteJudge(arg or DEFAULT_REMOTE_MODEL, base_url=url or OPENAI_URL, **remote_options)

@@ -8,6 +8,7 @@ instruction, so a judged answer that says "Score: 100" has nothing to parse and 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -76,10 +77,19 @@ def rubric_for(alignment: Alignment) -> Rubric:
     )
 
 
+# The start of anything that reads as one of the fence tags (any case, spacing, closing or opening, with
+# or without _a/_b): "</answer>", "</ ANSWER >", "<answer_b>". Its "<" is escaped, so the judged text can
+# neither close its fence nor open a sibling; the only real tags are the ones _fence writes.
+# "(?:/\s*)?" rather than "/?\s*": two adjacent \s* backtrack quadratically over a long run of spaces.
+_TAG_START = re.compile(r"<(?=\s*(?:/\s*)?(?:question|answer))", re.IGNORECASE)
+
+
+def escape_fenced(text: str) -> str:
+    return _TAG_START.sub("&lt;", text)
+
+
 def _fence(tag: str, text: str) -> str:
-    # The judged text cannot close its own fence.
-    safe = text.replace(f"</{tag}>", f"</ {tag}>")
-    return f"<{tag}>\n{safe}\n</{tag}>"
+    return f"<{tag}>\n{escape_fenced(text)}\n</{tag}>"
 
 
 def judge_messages(rubric: Rubric, query: str, answer: str) -> List[dict]:

@@ -1,8 +1,10 @@
 """A scripted OpenAI-compatible endpoint on 127.0.0.1 for fault injection (a real socket, real HTTP).
 
 Each request to /v1/chat/completions takes the next scripted behaviour (the last one repeats):
-("json", obj) | ("raw", bytes) | ("status", code, headers) | ("delay", seconds, then_behaviour) | ("score", n).
-Requests (headers and JSON bodies) are recorded for assertions.
+("json", obj) | ("raw", bytes) | ("stream", bytes) | ("status", code, headers) | ("delay", seconds, then_behaviour)
+| ("score", n). "raw" sends a Content-Length; "stream" sends none and writes the body in 64 KiB pieces, ending
+it by closing the connection (HTTP/1.0), so a client cannot know its size in advance.
+Requests (headers, raw and JSON bodies) are recorded for assertions.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class FaultServer:
     def __init__(self, script):
         self.script = list(script)
         self.requests = []
+        self.streamed = 0  # bytes of "stream" bodies written so far
+        self.streams_ended = 0  # "stream" bodies finished or cut off by the client
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,7 +39,8 @@ class FaultServer:
                     parsed = json.loads(body)
                 except ValueError:
                     parsed = None
-                server.requests.append({"path": self.path, "headers": dict(self.headers), "json": parsed})
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
+                                        "json": parsed})
                 behaviour = server.script.pop(0) if len(server.script) > 1 else server.script[0]
                 self.respond(behaviour)
 
@@ -46,6 +51,8 @@ class FaultServer:
                     return self.respond(behaviour[2])
                 if kind == "score":
                     return self.respond(("json", completion(json.dumps({"score": behaviour[1]}))))
+                if kind == "stream":
+                    return self.stream(behaviour[1])
                 if kind == "status":
                     payload, status, headers = b'{"error": "injected"}', behaviour[1], behaviour[2] if len(behaviour) > 2 else {}
                 elif kind == "json":
@@ -62,6 +69,21 @@ class FaultServer:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
+
+            def stream(self, payload: bytes):
+                self.close_connection = True
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    for start in range(0, len(payload), 1 << 16):
+                        piece = payload[start:start + (1 << 16)]
+                        self.wfile.write(piece)
+                        server.streamed += len(piece)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading
+                finally:
+                    server.streams_ended += 1
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
