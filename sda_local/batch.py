@@ -2,8 +2,10 @@
 
 Input lines are JSON objects with ``query`` and optional ``id``, ``instruction`` (preset or text; absent or
 null = plain generation), ``strength``, ``seed``, ``max_tokens``, ``temperature_mode``. A line without ``id``
-is identified by its line number. ``resume`` skips ids already in the output, after cutting off a partial
-last line left by a crash mid-write.
+is identified by its line number. An explicit ``"id": null`` fails its line, and a line whose id an earlier
+line already has fails with "duplicate id X (also on line N)": results are matched to inputs by id, so a
+repeated id would otherwise be taken as already done. ``resume`` skips ids already in the output, after
+cutting off a partial last line left by a crash mid-write.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def read_jobs(path: Path) -> Iterator[Tuple[int, Optional[dict], Optional[str]]]
             if not isinstance(query, str) or not query.strip():
                 yield number, None, 'missing or empty "query"'
                 continue
+            if "id" in job and job["id"] is None:
+                yield number, None, '"id" is null (give a value, or leave "id" out to use the line number)'
+                continue
             job.setdefault("id", number)
             yield number, job, None
 
@@ -98,6 +103,7 @@ def run_batch(
         out = open(output_path, "a", encoding="utf-8")
     except OSError as exc:
         raise InputError(f"cannot write {output_path}: {exc.strerror}") from None
+    first_line = {}  # id key -> the line that has it first
     with out:
         for number, job, error in read_jobs(input_path):
             report.total += 1
@@ -105,7 +111,13 @@ def run_batch(
                 report.failed += 1
                 on_event(f"line {number}: {error}")
                 continue
-            if _id_key(job["id"]) in done:
+            key = _id_key(job["id"])
+            if key in first_line:
+                report.failed += 1
+                on_event(f"line {number}: duplicate id {job['id']} (also on line {first_line[key]})")
+                continue
+            first_line[key] = number
+            if key in done:
                 report.skipped += 1
                 continue
             try:
@@ -117,7 +129,7 @@ def run_batch(
             out.write(json.dumps({"id": job["id"], **fields}, ensure_ascii=False) + "\n")
             out.flush()
             os.fsync(out.fileno())
-            done.add(_id_key(job["id"]))
+            done.add(key)
             report.done += 1
             on_event(f"line {number} (id {job['id']}): done")
     return report

@@ -14,10 +14,15 @@ compliance rate per arm, with no judge at all: there the amplifier is fixed (``v
 
 Every answer and judgement is appended to the run file (JSONL) and flushed as soon as it exists; a run
 resumes from its file without redoing work (a partial last line, from a crash mid-write, is cut off).
+Resuming retries the judgements that failed (initial scores and pairs) and appends the new attempts: the
+file keeps every attempt, the latest one counts. Unit keys carry a hash of the data file's resolved path,
+so two files with the same name never share answers; dataset and dimension are record fields, never
+parsed back out of a key (a dimension may contain ":"). Item i uses the seed ``derive_seed(seed, i)``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,18 +31,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from .amplifier import amplifier
 from .datasets import PAPER_OMEGA, load_dataset
-from .errors import InputError
+from .errors import InputError, ModelError
 from .judges import JudgeError
 from .prompts import resolve_alignment
 from .rubrics import rubric_for
+from .seeds import check_seed, derive_seed
 from .verifiable import VERIFIABLE
 
 ARMS = ("base", "prompt-only", "steering-only", "sda")
-RUN_VERSION = 1
+RUN_VERSION = 2  # 2: unit keys carry the data file's path hash; version 1 files resume with their own keys
 
 
 @dataclass
@@ -50,7 +56,8 @@ class EvalConfig:
     seed: int = 0
     max_tokens: int = 128
     judge: str = "local"
-    judge_url: Optional[str] = None
+    judge_url: Optional[str] = None  # without user:pass@ (the CLI strips them: this config is recorded)
+    judge_options: dict = field(default_factory=dict)  # make_judge's remote options (read_timeout, ...)
     amplifier_map: str = "sigmoid"
     failure_strength: float = 0.5  # a when the judge fails on an initial answer
     verify: List[str] = field(default_factory=list)  # verifiable instruction ids
@@ -67,6 +74,10 @@ class EvalConfig:
             raise InputError(f"unknown verifiable instruction(s) {', '.join(bad)} (choose from {', '.join(VERIFIABLE)})")
         if not self.datasets:
             raise InputError("no dataset given (--dataset PATH)")
+        if all(a == "sda" for a in self.arms):  # both metrics compare SDA with the other arms
+            raise InputError("--arms sda alone leaves nothing to compare SDA with: "
+                             "add base, prompt-only and/or steering-only")
+        check_seed(self.seed, "--seed")
 
 
 class RunFile:
@@ -75,6 +86,7 @@ class RunFile:
     def __init__(self, path: Path, config: Optional[EvalConfig] = None):
         self.path = path
         self.records: List[dict] = []
+        self.version = RUN_VERSION
         if config is None:  # resume
             self.config = self._load()
         else:
@@ -101,8 +113,12 @@ class RunFile:
         lines = data.splitlines()
         try:
             header = json.loads(lines[0])
-            if header.get("type") != "run" or header.get("version") != RUN_VERSION:
+            if header.get("type") != "run":
                 raise ValueError("no run header")
+            if header.get("version") not in (1, RUN_VERSION):
+                raise InputError(f"{self.path} is a run file of another sda-local version "
+                                 f"(format {header.get('version')!r}; this one reads 1 and {RUN_VERSION})")
+            self.version = header["version"]
             config = EvalConfig(**header["config"])
             self.records = [json.loads(line) for line in lines[1:] if line.strip()]
         except (IndexError, ValueError, TypeError, UnicodeDecodeError) as exc:
@@ -152,26 +168,55 @@ def _outcome(score_sda: int, score_other: int) -> str:
     return "win" if score_sda > score_other else "loss" if score_sda < score_other else "tie"
 
 
-def judged_units(c: EvalConfig) -> List[Tuple[str, str, str, int, str]]:
-    """(key, dataset, dimension, seed, query) for each item and dimension of the judged protocol."""
-    units = []
+class JudgedUnit(NamedTuple):
+    key: str
+    dataset: str  # its name in the summary
+    dimension: str
+    index: int  # item index in the data file
+    seed: int
+    query: str
+
+
+def _file_id(path) -> str:
+    """A short hash of the resolved path: two files with the same name get different unit keys."""
+    return hashlib.sha256(os.fsencode(str(Path(path).resolve()))).hexdigest()[:8]
+
+
+def _key_prefix(name: str, path, key_version: int) -> str:
+    return name if key_version == 1 else f"{name}#{_file_id(path)}"
+
+
+def judged_units(c: EvalConfig, key_version: int = RUN_VERSION) -> List[JudgedUnit]:
+    """Each item and dimension of the judged protocol (``key_version`` 1: the keys of version 1 run files)."""
+    loaded, seen = [], set()
     for spec in c.datasets:
-        ds = load_dataset(spec["path"], query_field=spec.get("query_field"), dimensions=spec.get("dimensions") or (),
-                          offset=c.offset, limit=c.limit, sample=c.sample, seed=c.seed)
+        if _file_id(spec["path"]) in seen:  # the same file given twice: its units once
+            continue
+        seen.add(_file_id(spec["path"]))
+        loaded.append(load_dataset(spec["path"], query_field=spec.get("query_field"),
+                                   dimensions=spec.get("dimensions") or (), offset=c.offset, limit=c.limit,
+                                   sample=c.sample, seed=c.seed))
+    names = [ds.name for ds in loaded]
+    units = []
+    for ds in loaded:
+        label = ds.name if names.count(ds.name) == 1 or key_version == 1 else str(ds.path)
+        prefix = _key_prefix(ds.name, ds.path, key_version)
         for dimension in ds.dimensions:
             for index, query in ds.items:
-                units.append((f"{ds.name}:{dimension}:{index}", ds.name, dimension, c.seed + index, query))
+                units.append(JudgedUnit(f"{prefix}:{dimension}:{index}", label, dimension, index,
+                                        derive_seed(c.seed, index), query))
     return units
 
 
-def verify_units(c: EvalConfig) -> List[Tuple[str, str, int, str]]:
+def verify_units(c: EvalConfig, key_version: int = RUN_VERSION) -> List[Tuple[str, str, int, str]]:
     """(key, instruction id, seed, query): each verifiable instruction over the first data set's queries."""
     if not c.verify:
         return []
     spec = c.datasets[0]
     ds = load_dataset(spec["path"], query_field=spec.get("query_field"), dimensions=spec.get("dimensions") or (),
                       offset=c.offset, limit=c.verify_limit, seed=c.seed)
-    return [(f"verify:{vid}:{ds.name}:{index}", vid, c.seed + index, query)
+    prefix = _key_prefix(ds.name, ds.path, key_version)
+    return [(f"verify:{vid}:{prefix}:{index}", vid, derive_seed(c.seed, index), query)
             for vid in c.verify for index, query in ds.items]
 
 
@@ -179,15 +224,21 @@ class Evaluation:
     def __init__(self, engine, judge, run: RunFile, *, on_event: Callable[[str], None] = lambda m: None):
         self.engine, self.judge, self.run, self.config = engine, judge, run, run.config
         self.on_event = on_event
+        self.failed_units = 0  # units whose generation failed in this session (left for --resume)
         self.answers: Dict[Tuple[str, str], dict] = {}
         self.scores: Dict[str, dict] = {}
         self.pairs: Dict[Tuple[str, str], dict] = {}
         self.checks: Dict[Tuple[str, str], dict] = {}
+        self._position: Dict[Tuple[str, str, str], int] = {}  # (type, key, arm) -> place of the latest record
+        self._count = 0
         for r in run.records:
             self._index(r)
 
     def _index(self, r: dict) -> None:
+        # Later records replace earlier ones: a retried judgement or a regenerated answer is the one that counts.
         kind = r.get("type")
+        self._position[(kind, r.get("key"), r.get("arm"))] = self._count
+        self._count += 1
         if kind == "answer":
             self.answers[(r["key"], r["arm"])] = r
         elif kind == "score":
@@ -205,7 +256,8 @@ class Evaluation:
     # -- work -----------------------------------------------------------------------------------------
     def _answer(self, key: str, arm: str, query: str, instruction: Optional[str], seed: int, **options) -> dict:
         done = self.answers.get((key, arm))
-        if done is not None:
+        # An answer made with another amplifier (the judge failed, then a retry scored it) is stale.
+        if done is not None and ("strength" not in options or done["stats"].get("strength") == options["strength"]):
             return done
         r = self.engine.generate(query, instruction, seed=seed, max_tokens=self.config.max_tokens, **options)
         return self._record({"type": "answer", "key": key, "arm": arm, "text": r.text,
@@ -213,7 +265,7 @@ class Evaluation:
 
     def _initial_score(self, key: str, query: str, alignment, base_text: str) -> dict:
         done = self.scores.get(key)
-        if done is not None:
+        if done is not None and done["score"] is not None:  # a failed judgement is retried
             return done
         rubric = rubric_for(alignment)
         try:
@@ -223,17 +275,28 @@ class Evaluation:
         except JudgeError as exc:
             record = {"score": None, "amplifier": self.config.failure_strength, "judge_failure": str(exc),
                       "rubric_version": rubric.version}
-            self.on_event(f"{key}: judge failed on the initial answer ({exc}); a = {self.config.failure_strength}")
+            self.on_event(f"{key}: judge failed on the initial answer ({exc}); a = {self.config.failure_strength} "
+                          "(--resume retries it)")
         return self._record({"type": "score", "key": key, **record})
 
-    def _pair(self, key: str, arm: str, query: str, alignment, sda_text: str, other_text: str) -> dict:
+    def _pair_current(self, key: str, arm: str) -> bool:
+        """A successful judgement of the answers as they are now (none of them regenerated since)."""
         done = self.pairs.get((key, arm))
-        if done is not None:
-            return done
-        order_seed = f"{self.config.seed}:{key}:{arm}"
+        if done is None or done["outcome"] == "failure":
+            return False
+        at = self._position[("pair", key, arm)]
+        return all(self._position.get(("answer", key, a), at) < at for a in ("sda", arm))
+
+    def _pair(self, unit: JudgedUnit, arm: str, alignment, sda_text: str, other_text: str) -> dict:
+        key, query = unit.key, unit.query
+        if self._pair_current(key, arm):
+            return self.pairs[(key, arm)]
+        # Independent of where the file lies, so the order of a unit does not move with its data.
+        order_seed = f"{self.config.seed}:{unit.dataset}:{unit.dimension}:{unit.index}:{arm}"
         sda_first = random.Random(order_seed).random() < 0.5
         a, b = (sda_text, other_text) if sda_first else (other_text, sda_text)
-        record = {"type": "pair", "key": key, "arm": arm, "order_seed": order_seed, "sda_first": sda_first}
+        record = {"type": "pair", "key": key, "arm": arm, "dataset": unit.dataset, "dimension": unit.dimension,
+                  "order_seed": order_seed, "sda_first": sda_first}
         try:
             j = self.judge.score_pair(query, a, b, rubric_for(alignment))
             score_sda, score_other = (j.score_a, j.score_b) if sda_first else (j.score_b, j.score_a)
@@ -241,9 +304,11 @@ class Evaluation:
                           judge=j.judge, rubric_version=j.rubric_version)
         except JudgeError as exc:
             record.update(outcome="failure", failure=str(exc))
+            self.on_event(f"{key}: judge failed on SDA vs {arm} ({exc}); --resume retries it")
         return self._record(record)
 
-    def run_judged(self, key: str, dimension: str, seed: int, query: str) -> None:
+    def run_judged(self, unit: JudgedUnit) -> None:
+        key, dimension, seed, query = unit.key, unit.dimension, unit.seed, unit.query
         alignment = resolve_alignment(dimension)
         arms = self.config.arms
         base = self._answer(key, "base", query, None, seed, system=alignment.system)
@@ -259,7 +324,7 @@ class Evaluation:
         texts["sda"] = self._answer(key, "sda", query, dimension, seed, strength=a, temperature_mode="paper")["text"]
         for arm in arms:
             if arm != "sda":
-                self._pair(key, arm, query, alignment, texts["sda"], texts[arm])
+                self._pair(unit, arm, alignment, texts["sda"], texts[arm])
 
     def run_verify(self, key: str, vid: str, seed: int, query: str) -> None:
         v = VERIFIABLE[vid]
@@ -274,21 +339,39 @@ class Evaluation:
                 self._record({"type": "check", "key": key, "arm": arm, "instruction": vid, "complied": v.check(text)})
 
     def execute(self) -> None:
-        all_judged, all_verify = judged_units(self.config), verify_units(self.config)
-        judged = [u for u in all_judged if not self._judged_complete(u[0])]
+        all_judged = judged_units(self.config, self.run.version)
+        all_verify = verify_units(self.config, self.run.version)
+        judged = [u for u in all_judged if not self._judged_complete(u.key)]
         verify = [u for u in all_verify if not self._verify_complete(u[0])]
         total = len(all_judged) + len(all_verify)
         progress = Progress(total, total - len(judged) - len(verify))
-        for key, dataset, dimension, seed, query in judged:
-            self.run_judged(key, dimension, seed, query)
-            progress.advance(key)
+        for unit in judged:
+            self._guarded(unit.key, self.run_judged, unit)
+            progress.advance(unit.key)
         for key, vid, seed, query in verify:
-            self.run_verify(key, vid, seed, query)
+            self._guarded(key, self.run_verify, key, vid, seed, query)
             progress.advance(key)
         progress.finish()
 
+    def _guarded(self, key: str, run, *args) -> None:
+        """Run one unit; a generation that fails (e.g. non-finite logits) fails this unit only. It is
+        recorded and reported, and stays incomplete, so that --resume retries it."""
+        try:
+            run(*args)
+        except ModelError as exc:
+            self._record({"type": "unit_failure", "key": key, "error": str(exc)})
+            self.on_event(f"{key}: generation failed ({exc}); unit left out")
+            self.failed_units += 1
+
     def _judged_complete(self, key: str) -> bool:
-        return all((key, arm) in self.pairs for arm in self.config.arms if arm != "sda")
+        score = self.scores.get(key)
+        if score is None or score["score"] is None:
+            return False
+        steered = [self.answers.get((key, arm)) for arm in ("steering-only", "sda")
+                   if arm == "sda" or arm in self.config.arms]
+        if any(r is None or r["stats"].get("strength") != score["amplifier"] for r in steered):
+            return False
+        return all(self._pair_current(key, arm) for arm in self.config.arms if arm != "sda")
 
     def _verify_complete(self, key: str) -> bool:
         return all((key, arm) in self.checks for arm in self.config.arms)
@@ -296,12 +379,22 @@ class Evaluation:
 
 # -- summary -----------------------------------------------------------------------------------------------
 def summarize(records: Iterable[dict]) -> dict:
-    """Per dataset / dimension / arm: wins, losses, ties, failures, omega; per arm: compliance."""
+    """Per dataset / dimension / arm: wins, losses, ties, failures, omega; per arm: compliance.
+
+    Each unit counts once: where the file holds several attempts (a retried judgement), the latest."""
     judged: Dict[str, Dict[str, Dict[str, dict]]] = {}
     compliance: Dict[str, Dict[str, List[bool]]] = {}
+    latest: Dict[Tuple[str, str, str], dict] = {}
     for r in records:
+        if r.get("type") in ("pair", "check"):
+            latest[(r["type"], r["key"], r["arm"])] = r
+    for r in latest.values():
         if r.get("type") == "pair":
-            dataset, dimension, _ = r["key"].split(":", 2)
+            if "dimension" in r:
+                dataset, dimension = r["dataset"], r["dimension"]
+            else:  # version 1 records: key "dataset:dimension:index"
+                dataset, rest = r["key"].split(":", 1)
+                dimension = rest.rsplit(":", 1)[0]
             cell = judged.setdefault(dataset, {}).setdefault(dimension, {}).setdefault(
                 r["arm"], {"wins": 0, "losses": 0, "ties": 0, "failures": 0})
             cell[{"win": "wins", "loss": "losses", "tie": "ties", "failure": "failures"}[r["outcome"]]] += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
+from fault_server import FaultServer, completion
 from sda_local.datasets import load_dataset
 from sda_local.errors import InputError
-from sda_local.evaluation import summarize, summary_markdown
+from sda_local.evaluation import (EvalConfig, Evaluation, RunFile, judged_units, summarize, summary_markdown,
+                                  verify_units)
+from sda_local.seeds import MAX_SEED
 from sda_local.verifiable import VERIFIABLE
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -134,7 +138,9 @@ def test_eval_run_kill_and_resume(tmp_path, model_path):
     assert len(answers) == len(set(answers)) == 2 * 4 + 2 * 2 * 4
     pairs = [r for r in after if r["type"] == "pair"]
     assert len(pairs) == 2 * 3 and all(r["order_seed"] for r in pairs)
-    assert {r["sda_first"] for r in pairs} <= {True, False}
+    # The order is the seeded draw, and (with seed 0 on these six pairs) both orders occur.
+    assert all(r["sda_first"] == (random.Random(r["order_seed"]).random() < 0.5) for r in pairs)
+    assert sorted(r["sda_first"] for r in pairs) == [False, False, True, True, True, True]
     checks = [r for r in after if r["type"] == "check"]
     assert len(checks) == 2 * 2 * 4
 
@@ -178,3 +184,167 @@ def test_eval_unreadable_run_file(tmp_path):
     assert proc.returncode == 1 and "cannot read run file" in proc.stderr.decode()
     proc = run_cli("eval", "-d", str(data("truthfulqa.jsonl")), "--arms", "base,magic")
     assert proc.returncode == 1 and "unknown arm" in proc.stderr.decode()
+
+
+# -- bookkeeping: retries, keys, seeds -------------------------------------------------------------------------
+# One reply that parses both as a score ({"score"}) and as a pairwise judgement ({"score_a", "score_b"}).
+BOTH = completion(json.dumps({"score": 80, "score_a": 70, "score_b": 40}))
+
+
+def user_file(path, *queries):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"q": q}) + "\n" for q in queries))
+    return path
+
+
+def test_summary_counts_each_unit_once_and_reads_dimensions_from_fields():
+    dim = "Be brief: one line."
+    records = [
+        {"type": "pair", "key": "mine#1a2b3c4d:Be brief: one line.:0", "arm": "base", "dataset": "mine",
+         "dimension": dim, "outcome": "failure"},
+        {"type": "pair", "key": "mine#1a2b3c4d:Be brief: one line.:1", "arm": "base", "dataset": "mine",
+         "dimension": dim, "outcome": "loss"},
+        {"type": "pair", "key": "mine#1a2b3c4d:Be brief: one line.:0", "arm": "base", "dataset": "mine",
+         "dimension": dim, "outcome": "win"},  # the retry of the failure above: it replaces it
+        {"type": "pair", "key": "old:Be brief: one line.:2", "arm": "base", "outcome": "tie"},  # a version 1 record
+        {"type": "check", "key": "verify:no_commas:x:0", "arm": "sda", "instruction": "no_commas", "complied": False},
+        {"type": "check", "key": "verify:no_commas:x:0", "arm": "sda", "instruction": "no_commas", "complied": True},
+    ]
+    s = summarize(records)
+    cell = s["judged"]["mine"][dim]["base"]
+    assert (cell["wins"], cell["losses"], cell["ties"], cell["failures"]) == (1, 1, 0, 0)
+    assert s["judged"]["old"][dim]["base"]["ties"] == 1
+    assert s["verifiable"]["no_commas"]["sda"] == {"compliance": 1.0, "n": 1}
+
+
+def test_eval_seeds_wrap_past_the_random_seed(tmp_path):
+    data = user_file(tmp_path / "d.jsonl", "one", "two", "three")
+    config = EvalConfig(datasets=[{"path": str(data), "query_field": "q", "dimensions": ["honesty"]}],
+                        arms=["base", "sda"], seed=MAX_SEED - 1, verify=["no_commas"])
+    config.check()
+    assert [u.seed for u in judged_units(config)] == [MAX_SEED - 1, MAX_SEED, 0]  # never 4294967295
+    assert [u[2] for u in verify_units(config)] == [MAX_SEED - 1, MAX_SEED, 0]
+    config.seed = MAX_SEED + 1
+    with pytest.raises(InputError, match="0..4294967294"):
+        config.check()
+
+
+def test_same_stem_files_get_their_own_units(tmp_path):
+    a = user_file(tmp_path / "a" / "data.jsonl", "Name a fruit.")
+    b = user_file(tmp_path / "b" / "data.jsonl", "Name a colour.")
+    config = EvalConfig(datasets=[{"path": str(p), "query_field": "q", "dimensions": ["honesty"]} for p in (a, b, a)])
+    units = judged_units(config)  # the same file twice counts once
+    assert [u.query for u in units] == ["Name a fruit.", "Name a colour."]
+    assert len({u.key for u in units}) == 2 and [u.dataset for u in units] == [str(a), str(b)]
+
+
+def test_version_1_run_files_resume_with_their_own_keys(tmp_path):
+    data = user_file(tmp_path / "d.jsonl", "Name a fruit.")
+    config = EvalConfig(datasets=[{"path": str(data), "query_field": "q", "dimensions": ["honesty"]}],
+                        arms=["base", "sda"])
+    records = [
+        {"type": "run", "version": 1, "config": config.__dict__},
+        {"type": "answer", "key": "d:honesty:0", "arm": "base", "text": "Apple.", "stats": {"strength": None}},
+        {"type": "score", "key": "d:honesty:0", "score": 40, "amplifier": 0.3},
+        {"type": "answer", "key": "d:honesty:0", "arm": "sda", "text": "An apple.", "stats": {"strength": 0.3}},
+        {"type": "pair", "key": "d:honesty:0", "arm": "base", "order_seed": "0:d:honesty:0:base", "sda_first": True,
+         "outcome": "win"},
+    ]
+    path = tmp_path / "v1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = RunFile(path)
+    try:
+        Evaluation(None, None, run).execute()  # complete: neither the engine nor the judge is needed
+    finally:
+        run.close()
+    assert records_of(path) == records
+    assert summarize(run.records)["judged"]["d"]["honesty"]["base"]["wins"] == 1
+    path.write_text(json.dumps({"type": "run", "version": 99, "config": {}}) + "\n")
+    with pytest.raises(InputError, match="another sda-local version"):
+        RunFile(path)
+
+
+def test_eval_arms_sda_alone_is_refused_before_the_model_loads(tmp_path):
+    data = user_file(tmp_path / "d.jsonl", "Name a fruit.")
+    for extra in ([], ["--verify", "no_commas"]):
+        proc = run_cli("eval", "-d", str(data), "--query-field", "q", "--dimension", "honesty", "--arms", "sda",
+                       *extra, "--run", str(tmp_path / "r.jsonl"), "--model", str(tmp_path / "missing.gguf"))
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and err.strip().splitlines() == [
+            "error: --arms sda alone leaves nothing to compare SDA with: add base, prompt-only and/or steering-only"]
+        assert not (tmp_path / "r.jsonl").exists()
+
+
+def fault_eval(server, model_path, *args):
+    return run_cli("eval", *args, "--judge", "openai:fault", "--judge-url", server.url, "--model", str(model_path))
+
+
+def test_eval_unit_seeds_reproduce_at_the_wrap(tmp_path, model_path):
+    data = user_file(tmp_path / "d.jsonl", "Write one sentence about the sea.", "Write one sentence about a forest.")
+    answers = []
+    with FaultServer([("json", BOTH)]) as server:
+        for name in ("r1", "r2"):
+            run = tmp_path / f"{name}.jsonl"
+            proc = fault_eval(server, model_path, "-d", str(data), "--query-field", "q", "--dimension", "honesty",
+                              "--arms", "base", "--seed", str(MAX_SEED), "-n", "16", "--run", str(run))
+            assert proc.returncode == 0, proc.stderr
+            answers.append({(r["key"], r["arm"]): r for r in records_of(run) if r["type"] == "answer"})
+    assert len(answers[0]) == 4 and answers[0].keys() == answers[1].keys()
+    assert sorted({r["stats"]["seed"] for r in answers[0].values()}) == [0, MAX_SEED]  # item 1 wrapped to 0
+    for unit, r in answers[0].items():
+        assert r["text"] == answers[1][unit]["text"], unit
+
+
+def test_eval_resume_retries_failed_judgements_and_keeps_files_apart(tmp_path, model_path):
+    dimension = "Answer in one line: no lists."  # a custom dimension with a ":"
+    files = [user_file(tmp_path / "a" / "data.jsonl", "Name a fruit."),
+             user_file(tmp_path / "b" / "data.jsonl", "Name a colour.")]  # the same file name twice
+    run = tmp_path / "run.jsonl"
+    with FaultServer([("score", 0)]) as server:  # out of range: every judgement fails
+        proc = fault_eval(server, model_path, "-d", str(files[0]), "-d", str(files[1]), "--query-field", "q",
+                          "--dimension", dimension, "--arms", "base", "-n", "12", "--run", str(run))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.decode().count("--resume retries it") == 4  # two scores, two pairs
+        first = records_of(run)
+        scores = [r for r in first if r["type"] == "score"]
+        assert len(scores) == 2 and all(r["score"] is None for r in scores)
+        keys = [r["key"] for r in scores]
+        assert len(set(keys)) == 2  # two files, two units: they share no answers
+        asked = json.dumps([r["json"] for r in server.requests])
+        assert "Name a fruit." in asked and "Name a colour." in asked
+
+        server.script = [("json", BOTH)]  # the judge recovers
+        sent_before = len(server.requests)
+        proc = run_cli("eval", "--resume", str(run), "--model", str(model_path))
+        assert proc.returncode == 0, proc.stderr
+        after = records_of(run)
+        assert after[: len(first)] == first  # the failed attempts stay in the file
+        new = after[len(first):]
+        assert sorted(r["type"] for r in new) == ["answer", "answer", "pair", "pair", "score", "score"]
+        pair_requests = [r["json"]["messages"][1]["content"] for r in server.requests[sent_before:]
+                         if "<answer_b>" in r["json"]["messages"][1]["content"]]
+        for key, request in zip(keys, pair_requests):
+            score = next(r for r in new if r["type"] == "score" and r["key"] == key)
+            sda = next(r for r in new if r["type"] == "answer" and r["key"] == key)
+            pair = next(r for r in new if r["type"] == "pair" and r["key"] == key)
+            base = next(r for r in first if r["type"] == "answer" and r["key"] == key and r["arm"] == "base")
+            assert score["score"] == 80 and score["amplifier"] != 0.5
+            # The SDA answer made with the failure's a = 0.5 is regenerated with the judged a.
+            assert sda["arm"] == "sda" and sda["stats"]["strength"] == score["amplifier"]
+            assert pair["dimension"] == dimension and pair["arm"] == "base"
+            assert pair["sda_first"] == (random.Random(pair["order_seed"]).random() < 0.5)
+            assert pair["outcome"] == ("win" if pair["sda_first"] else "loss")  # the judge said A 70, B 40
+            if sda["text"] != base["text"]:
+                assert (sda["text"] in request.split("<answer_b>")[0]) == pair["sda_first"]
+
+        summary = json.loads((tmp_path / "run.summary.json").read_text())
+        assert sorted(summary["judged"]) == sorted(str(f.resolve()) for f in files)  # same name: told apart by path
+        for dims in summary["judged"].values():
+            assert list(dims) == [dimension]
+            cell = dims[dimension]["base"]
+            assert cell["failures"] == 0 and cell["wins"] + cell["losses"] == 1  # each unit once
+
+        # All judged: resuming again asks the judge nothing and adds nothing.
+        sent = len(server.requests)
+        again = run_cli("eval", "--resume", str(run), "--model", str(model_path))
+        assert again.returncode == 0 and len(server.requests) == sent and records_of(run) == after
