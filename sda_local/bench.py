@@ -31,10 +31,11 @@ ARMS = {
 
 
 def _timed(pieces) -> float:
+    """Tokens per second after the first token; ``pieces`` yields one item per token, or its time stamp."""
     first = last = None
     count = 0
-    for _ in pieces:
-        now = time.perf_counter()
+    for piece in pieces:
+        now = piece if isinstance(piece, float) else time.perf_counter()
         first = now if first is None else first
         last = now
         count += 1
@@ -53,15 +54,31 @@ def _worker(arm: str, model: str, n_threads: int, tokens: int, n_ctx: int) -> di
 
         from .prompts import QUESTION_SYSTEM, PromptFormatter
 
-        llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+        from .hardware import llama_cpp_repack
+
+        with llama_cpp_repack():  # the same weight layout as the engine's arms (no AMX repacking on AMX CPUs)
+            llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
         template = llm.metadata.get("tokenizer.chat_template")
         prompt = PromptFormatter(template, "", "").render(QUESTION_SYSTEM, QUERY)  # the engine's plain prompt
-        eos_bias = {llm.token_eos(): -math.inf}
+        eos = llm.token_eos()
 
         def run(n):
+            # Stream chunks are not tokens (a multi-byte character spans several tokens and yields one chunk):
+            # count tokens where llama-cpp-python samples them, in a logits processor that also forbids EOS.
+            # (Not with logit_bias too: llama-cpp-python 0.3.36 then drops both processors, list.extend -> None.)
+            ticks: List[float] = []
+
+            def tick(_input_ids, scores):
+                ticks.append(time.perf_counter())
+                scores[eos] = -math.inf
+                return scores
+
             stream = llm.create_completion(prompt, max_tokens=n, temperature=0.6, top_p=0.95, top_k=0, min_p=0.0,
-                                           repeat_penalty=1.0, logit_bias=eos_bias, seed=1, stream=True)
-            return (c for c in stream if c["choices"][0]["text"])
+                                           repeat_penalty=1.0, seed=1, stream=True,
+                                           logits_processor=llama_cpp.LogitsProcessorList([tick]))
+            for _ in stream:
+                pass
+            return ticks
     else:
         from .engine import SDAEngine
 

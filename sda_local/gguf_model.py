@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import llama_cpp
 
+from . import hardware
 from .errors import ContextOverflowError, ModelError
 
 GGUF_MAGIC = b"GGUF"
@@ -70,18 +72,22 @@ def check_gguf_file(path: Path) -> None:
 class GGUFModel:
     """A loaded model: weights, vocabulary and metadata. Close it (or use ``with``) to free the weights."""
 
-    def __init__(self, path, *, n_gpu_layers: int = 0, verbose: bool = False):
+    def __init__(self, path, *, n_gpu_layers: int = 0, verbose: bool = False, repack: Optional[str] = None):
         self.path = Path(path)
         check_gguf_file(self.path)
         self._log = llama_log(verbose)
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = int(n_gpu_layers)
+        params = hardware.model_params(n_gpu_layers, repack)
+        self.repack = bool(params.use_extra_bufts)
         self._log.recent_errors = []
         model = llama_cpp.llama_model_load_from_file(str(self.path).encode("utf-8"), params)
         if not model:
             detail = self._log.last_error() or "truncated or corrupt file?"
             raise ModelError(f"cannot load model {self.path}: {detail}")
         self.model = model
+        # Freed by close(), or else at interpreter exit while llama_cpp is still importable (a __del__ run
+        # during module teardown finds llama_cpp's functions already gone). Finalizers run newest first, so
+        # contexts made on this model (see new_context) are freed before it.
+        self._finalizer = weakref.finalize(self, llama_cpp.llama_model_free, model)
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
@@ -160,9 +166,7 @@ class GGUFModel:
         return ctx
 
     def close(self) -> None:
-        if getattr(self, "model", None):
-            llama_cpp.llama_model_free(self.model)
-            self.model = None
-
-    def __del__(self):
-        self.close()
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()  # runs llama_model_free once; later calls do nothing
+        self.model = None

@@ -15,6 +15,7 @@ say where the next-token logits are, as (context, output index) for ``llama_get_
 
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import llama_cpp
@@ -89,7 +90,16 @@ class StreamPair:
         self.shared_prefix = 0
         self.with_logits: LogitsLocation = (None, -1)
         self.without_logits: LogitsLocation = (None, -1)
+        # llama.cpp contexts this pair owns: freed by close(), or when the pair is collected or the interpreter
+        # exits without close() (finalizers run newest first: before the model they were made on).
+        self._contexts: List[object] = []
+        self._finalizer = weakref.finalize(self, _free_contexts, self._contexts)
         self._batch = _Batch(N_BATCH)
+
+    def _new_context(self, **params):
+        ctx = self.model.new_context(**params)
+        self._contexts.append(ctx)
+        return ctx
 
     # -- layout primitives (subclasses) ---------------------------------------------------------------
     def _context(self, stream: int):
@@ -220,6 +230,7 @@ class StreamPair:
 
     def close(self) -> None:
         self._batch.free()
+        self._finalizer()
 
 
 class BatchedStreams(StreamPair):
@@ -229,7 +240,7 @@ class BatchedStreams(StreamPair):
     def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int):
         super().__init__(model, n_ctx=n_ctx, n_threads=n_threads)
         # Unified cache sized for both streams at full length; the shared prefix is stored once.
-        self.ctx = model.new_context(n_ctx=2 * n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads,
+        self.ctx = self._new_context(n_ctx=2 * n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads,
                                      n_seq_max=2, kv_unified=True)
 
     def _context(self, stream):
@@ -257,9 +268,7 @@ class BatchedStreams(StreamPair):
 
     def close(self):
         super().close()
-        if self.ctx:
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
+        self.ctx = None
 
 
 class ContextStreams(StreamPair):
@@ -267,7 +276,7 @@ class ContextStreams(StreamPair):
 
     def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int):
         super().__init__(model, n_ctx=n_ctx, n_threads=n_threads)
-        self.contexts = [model.new_context(n_ctx=n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads),
+        self.contexts = [self._new_context(n_ctx=n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads),
                          None]  # the without-stream's context is created on first steered use
 
     def _context(self, stream):
@@ -278,7 +287,7 @@ class ContextStreams(StreamPair):
 
     def _prefill_pair(self, with_tokens, without_tokens):
         if self.contexts[WITHOUT] is None:
-            self.contexts[WITHOUT] = self.model.new_context(n_ctx=self.n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH,
+            self.contexts[WITHOUT] = self._new_context(n_ctx=self.n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH,
                                                             n_threads=self.n_threads)
         super()._prefill_pair(with_tokens, without_tokens)
 
@@ -290,10 +299,12 @@ class ContextStreams(StreamPair):
 
     def close(self):
         super().close()
-        for ctx in self.contexts:
-            if ctx:
-                llama_cpp.llama_free(ctx)
         self.contexts = [None, None]
+
+
+def _free_contexts(contexts: List[object]) -> None:
+    while contexts:
+        llama_cpp.llama_free(contexts.pop())
 
 
 def make_streams(mode: str, model: GGUFModel, *, n_ctx: int, n_threads: int) -> StreamPair:
