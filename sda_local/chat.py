@@ -16,9 +16,12 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 from .amplifier import AMPLIFIER_MAPS
 from .errors import InputError, SDAError
-from .judges import RemoteJudge, make_judge
+from .judges import RemoteJudge, make_judge, redact_url
+from .logs import LogWriteError
 from .pipeline import DEFAULT_STRENGTH, parse_failure_policy
+from .privacy import write_private_text
 from .prompts import check_text, resolve_alignment
+from .seeds import derive_seed
 
 TRANSCRIPT_VERSION = 1
 HELP = """Commands:
@@ -60,6 +63,18 @@ class ChatSettings:
     temperature_mode: str = "paper"
     amplifier_map: str = "sigmoid"
     on_judge_failure: str = f"fixed:{DEFAULT_STRENGTH}"
+    judge_options: Optional[dict] = None  # make_judge's remote options (read_timeout, max_attempts, ...)
+    # The judge URL as given, user:pass@ included. A plain attribute, not a dataclass field, so that asdict()
+    # (the conversation log, /save) never records it; judge_url holds the same URL without them.
+    judge_url_with_credentials = None
+
+    def __post_init__(self):  # a /load'ed transcript comes through here too
+        if self.judge_options is not None and not isinstance(self.judge_options, dict):
+            raise ValueError(f"judge_options must be a JSON object, got {self.judge_options!r}")
+        if self.judge_url is not None and not isinstance(self.judge_url, str):
+            raise ValueError(f"judge_url must be text, got {self.judge_url!r}")
+        if self.judge_url is not None and redact_url(self.judge_url) != self.judge_url:
+            self.judge_url_with_credentials, self.judge_url = self.judge_url, redact_url(self.judge_url)
 
 
 @dataclass
@@ -81,6 +96,8 @@ class ChatSession:
         self.turns: List[Turn] = []
         self.info = LastTurnInfo()
         self.conversation_id = uuid.uuid4().hex
+        self.turns_started = 0  # never decreases (turns dropped from the context still count): seeds never repeat
+        self._unlogged: List[dict] = []  # turns the log refused (locked, disk full): retried at the next turn
         self._judge = None
         self._judge_spec: Optional[Tuple[str, Optional[str]]] = None
         self._model_sha256 = log.model_sha256(engine.model_path) if log is not None else None
@@ -95,7 +112,10 @@ class ChatSession:
         spec = (self.settings.judge, self.settings.judge_url)
         if self._judge_spec != spec:
             self.close_judge()
-            self._judge = make_judge(spec[0], self.engine, url=spec[1])
+            url, given = spec[1], self.settings.judge_url_with_credentials
+            if url is not None and given is not None and redact_url(given) == url:
+                url = given
+            self._judge = make_judge(spec[0], self.engine, url=url, **(self.settings.judge_options or {}))
             self._judge_spec = spec
             if isinstance(self._judge, RemoteJudge):
                 self.say(f"note: answers are sent to {self._judge.url} for judging")
@@ -133,7 +153,8 @@ class ChatSession:
         check_text("message", message)
         self._fit_context(message)
         s = self.settings
-        seed = None if s.seed is None else (s.seed + len(self.turns)) % 2**32
+        seed = None if s.seed is None else derive_seed(s.seed, self.turns_started)
+        self.turns_started += 1
         options = dict(max_tokens=s.max_tokens, seed=seed, system=s.system, history=self._history())
         if s.align is None:
             stream = self.engine.stream(message, None, **options)
@@ -172,11 +193,26 @@ class ChatSession:
 
     def _record(self, turn: Turn) -> None:
         self.turns.append(turn)
-        if self.log is not None:
-            self.log.record(conversation=self.conversation_id, turn=len(self.turns), model_path=str(self.engine.model_path),
-                            model_sha256=self._model_sha256, settings=asdict(self.settings), query=turn.user,
-                            reply=turn.reply, interrupted=turn.interrupted, score=turn.score,
-                            amplifier=turn.amplifier, stats=turn.stats)
+        if self.log is None:
+            return
+        self._unlogged.append(dict(conversation=self.conversation_id, turn=self.turns_started,
+                                   model_path=str(self.engine.model_path), model_sha256=self._model_sha256,
+                                   settings=asdict(self.settings), query=turn.user, reply=turn.reply,
+                                   interrupted=turn.interrupted, score=turn.score, amplifier=turn.amplifier,
+                                   stats=turn.stats))
+        self.flush_log()
+
+    def flush_log(self) -> bool:
+        """Write the turns not logged yet, oldest first; on failure warn, keep them, and retry next turn."""
+        while self._unlogged:
+            try:
+                self.log.record(**self._unlogged[0])
+            except LogWriteError as exc:
+                n = len(self._unlogged)
+                self.say(f"warning: {exc}; {n} turn(s) kept, to be written at the next turn")
+                return False
+            self._unlogged.pop(0)
+        return True
 
     # -- commands -------------------------------------------------------------------------------------
     def command(self, line: str) -> str:
@@ -274,8 +310,8 @@ class ChatSession:
             return "usage: /save FILE"
         data = {"version": TRANSCRIPT_VERSION, "model": str(self.engine.model_path),
                 "settings": asdict(self.settings), "turns": [asdict(t) for t in self.turns]}
-        try:
-            Path(arg).expanduser().write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+        try:  # a conversation: owner-only, like the log
+            write_private_text(Path(arg).expanduser(), json.dumps(data, indent=2, ensure_ascii=False))
         except OSError as exc:
             return f"error: cannot write {arg}: {exc.strerror}"
         return f"saved {len(self.turns)} turn(s) to {arg}"
@@ -305,4 +341,6 @@ class ChatSession:
 
     def close(self) -> None:
         self.close_judge()
+        if self.log is not None and self._unlogged and not self.flush_log():
+            self.say(f"warning: {len(self._unlogged)} turn(s) of this conversation could not be logged")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .errors import ModelError
+from .privacy import OfflineError, require_network
 
 CACHE_ENV = "SDA_LOCAL_CACHE"
 CATALOGUE_ENV = "SDA_LOCAL_CATALOGUE"
@@ -163,6 +164,10 @@ def pull(entry: CatalogueModel, *, quiet: bool = False, force: bool = False) -> 
     target = entry.cached_path
     if entry.is_cached() and not force:
         return target
+    try:
+        require_network(f"{entry.name} is not cached ({target}) and fetching it")
+    except OfflineError as exc:
+        raise ModelError(str(exc)) from None
     target.parent.mkdir(parents=True, exist_ok=True)
     mb = entry.size / 1e6
     _say(f"fetching {entry.name} ({mb:.0f} MB, {entry.licence}) into {target.parent}", quiet)

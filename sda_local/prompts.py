@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import InputError
+from .errors import InputError, ModelError
 
 QUESTION_SYSTEM = "You are an assistant. The user is asking you a question; respond to it."
 
@@ -105,10 +105,23 @@ class PromptFormatter:
     def __init__(self, chat_template: Optional[str], bos_token: str, eos_token: str):
         self.chat_template = chat_template
         self._jinja = None
+        self.folds_system = False  # the template has no system role: the system prompt opens the first user turn
         if chat_template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
             self._jinja = Jinja2ChatFormatter(chat_template, eos_token=eos_token, bos_token=bos_token)
+            try:
+                self._jinja(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+            except Exception:  # Gemma 2, Mistral-instruct, ...: raise_exception() on a system message
+                self.folds_system = True
+                self._apply([{"role": "user", "content": "u"}])  # a template that fails on this too is broken
+
+    def _apply(self, messages: List[dict]) -> str:
+        try:
+            return self._jinja(messages=messages).prompt
+        except Exception as exc:  # jinja2 errors, raise_exception() in the template
+            detail = " ".join(str(exc).split())[:120]
+            raise ModelError(f"the model's chat template cannot render this conversation: {detail}") from None
 
     @property
     def uses_chat_template(self) -> bool:
@@ -120,14 +133,17 @@ class PromptFormatter:
             head = f"{system}\n\n" if system else ""
             turns = "".join(f"Question: {u}\nAnswer: {a}\n\n" for u, a in history)
             return f"{head}{turns}Question: {user}\nAnswer:"
+        turns = [[u, a] for u, a in history] + [[user, None]]
         messages: List[dict] = []
-        if system:
+        if system and self.folds_system:  # as llama.cpp's chat code does for templates without a system role
+            turns[0][0] = f"{system}\n\n{turns[0][0]}"
+        elif system:
             messages.append({"role": "system", "content": system})
-        for past_user, past_reply in history:
-            messages.append({"role": "user", "content": past_user})
-            messages.append({"role": "assistant", "content": past_reply})
-        messages.append({"role": "user", "content": user})
-        return self._jinja(messages=messages).prompt
+        for turn_user, turn_reply in turns:
+            messages.append({"role": "user", "content": turn_user})
+            if turn_reply is not None:
+                messages.append({"role": "assistant", "content": turn_reply})
+        return self._apply(messages)
 
     def pair(self, query: str, alignment: Alignment, history: Sequence[Tuple[str, str]] = ()) -> Tuple[str, str]:
         """(with-instruction prompt, without-instruction prompt). In a conversation every user turn of the

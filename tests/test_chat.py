@@ -159,10 +159,12 @@ def test_turns_reuse_the_kv_cache(model_path):
                 assert s.prefill_tokens_without < s.prompt_tokens_without / 2
             history.append((message, r.text))
             # A reused cache holds the same keys and values: the next turn's logits match a fresh cache's,
-            # up to llama.cpp's F16 attention rounding when cells sit in another order (seen: up to 0.6).
+            # bit for bit unless cells sit in another order, where llama.cpp's F16 attention rounds differently.
+            # Measured over 3 conversations x 3 turns x 2 streams (AVX-512, SmolLM2 Q4_1): 17 of 18 rows
+            # identical, the other max 0.56 / mean 0.12. The bounds leave ~40% headroom for other CPUs' kernels.
             reused = engine.logits("And then?", "helpfulness", history=history)
             fresh.reset_caches()
             anew = fresh.logits("And then?", "helpfulness", history=history)
             for a, b in zip(reused, anew):
                 assert np.argmax(a) == np.argmax(b)
-                assert np.abs(a - b).max() < 1.5 and np.abs(a - b).mean() < 0.3
+                assert np.abs(a - b).max() < 0.8 and np.abs(a - b).mean() < 0.17

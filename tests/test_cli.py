@@ -24,11 +24,19 @@ def assert_one_line_error(proc, *fragments):
 
 
 def test_generate_streams_the_answer(model_path):
-    proc = run_cli("generate", QUERY, "--align", "helpfulness", "--strength", "0.5", "--seed", "1",
-                   "--max-tokens", "24", "--model", str(model_path), "--stats")
+    args = ("generate", QUERY, "--align", "helpfulness", "--strength", "0.5", "--seed", "1", "--max-tokens", "24",
+            "--model", str(model_path))
+    proc = run_cli(*args, "--stats")
     assert proc.returncode == 0, proc.stderr
-    assert len(proc.stdout.decode().strip()) > 20
-    assert "sda: 24 tokens" in proc.stderr.decode() or "finish=stop" in proc.stderr.decode()
+    # The streamed text is the answer the same call gives as JSON, and the stats line describes that answer.
+    data = json.loads(run_cli(*args, "--json").stdout)
+    assert proc.stdout.decode() == data["text"] + "\n" and len(data["text"].strip()) > 20
+    stats = data["stats"]
+    assert stats["finish_reason"] in ("length", "stop")
+    assert (stats["generated_tokens"] == 24) == (stats["finish_reason"] == "length")
+    line = [ln for ln in proc.stderr.decode().splitlines() if ln.startswith("sda: ")]
+    assert len(line) == 1 and line[0].startswith(f"sda: {stats['generated_tokens']} tokens, ")
+    assert f"finish={stats['finish_reason']}" in line[0] and "a=0.5," in line[0]
 
 
 def test_generate_json(model_path):
