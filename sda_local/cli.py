@@ -13,12 +13,25 @@ import click
 
 from . import __version__
 from .errors import InputError, SDAError
-from .fusion import TEMPERATURE_MODES
+from .fusion import MAX_STRENGTH, MAX_T0, MIN_T0, MIN_TOP_P, TEMPERATURE_MODES
 from .streams import STREAM_MODES
 
 
 class _Group(click.Group):
     """Every failure ends as one ``error: ...`` line and a non-zero exit, never a traceback."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            rv = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as exc:  # bad option values, unknown options: one line, click's exit code 2
+            where = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            _fail(f"{exc.format_message()}{where}", code=exc.exit_code)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), code=exc.exit_code)
+        except click.exceptions.Abort:
+            _fail("aborted", code=1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
         try:
@@ -34,10 +47,31 @@ class _Group(click.Group):
             sys.exit(1)
         except MemoryError:
             _fail("out of memory")
-        except Exception as exc:  # an sda-local bug: still one line, with a way to get the traceback
+        except Exception as exc:  # an sda-local bug: still one line, the traceback goes to a crash report
             if os.environ.get("SDA_LOCAL_DEBUG"):
                 raise
-            _fail(f"internal error: {type(exc).__name__}: {exc} (set SDA_LOCAL_DEBUG=1 for a traceback)")
+            report = _write_crash_report(exc)
+            where = f"crash report: {report}" if report else "set SDA_LOCAL_DEBUG=1 for a traceback"
+            _fail(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]} ({where})")
+
+
+def _write_crash_report(exc: BaseException) -> Optional[str]:
+    """The traceback, versions and command line in an owner-only file under the state directory (it may
+    quote the user's text); its path, or None when it cannot be written."""
+    import time
+    import traceback
+
+    from .privacy import private_dir, state_dir, write_private_text
+
+    try:
+        folder = private_dir(state_dir() / "crash-reports")
+        path = folder / time.strftime(f"crash-%Y%m%d-%H%M%S-{os.getpid()}.txt")
+        body = (f"sda-local {__version__}, Python {sys.version.split()[0]}, {sys.platform}\n"
+                f"argv: {sys.argv!r}\n\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        write_private_text(path, body)
+        return str(path)
+    except Exception:
+        return None
 
 
 def _fail(message: str, code: int = 1):
@@ -46,10 +80,34 @@ def _fail(message: str, code: int = 1):
     sys.exit(code)
 
 
+def _seed(ctx, param, value):
+    # An InputError, not click's usage error: one line, and raised while parsing, before any model loads.
+    from .seeds import check_seed
+
+    return None if value is None else check_seed(value, "--seed")
+
+
 def _finite(ctx, param, value):
     if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"must be a finite number, got {value}")
     return value
+
+
+def _in_range(low: float, high: float, why: str = ""):
+    """A callback that checks a float option before any model is loaded (finite, low <= value <= high)."""
+
+    def check(ctx, param, value):
+        value = _finite(ctx, param, value)
+        if value is not None and not low <= value <= high:
+            raise click.BadParameter(f"must be in [{low:g}, {high:g}]{why}, got {value:g}")
+        return value
+
+    return check
+
+
+_strength_range = _in_range(0.0, MAX_STRENGTH, " (the paper's amplifier is in [0, 1])")
+_t0_range = _in_range(MIN_T0, MAX_T0)
+_top_p_range = _in_range(MIN_TOP_P, 1.0)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,10 +127,41 @@ def _engine_options(f):
         click.option("--streams", type=click.Choice(STREAM_MODES), default="batched", show_default=True,
                      help="batched: one context, two sequences; contexts: two contexts on the same weights."),
         click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
+        _repack_option,
+        _offline_option,
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _set_repack(ctx, param, value):
+    """--repack applies to every model this process (and its bench workers) loads: it sets SDA_LOCAL_REPACK."""
+    from .hardware import REPACK_ENV
+
+    if value is not None:
+        os.environ[REPACK_ENV] = value
+    return value
+
+
+def _set_offline(ctx, param, value):
+    """--offline applies to the whole process: it sets SDA_LOCAL_OFFLINE, which every network path checks."""
+    from .privacy import OFFLINE_ENV
+
+    if value:
+        os.environ[OFFLINE_ENV] = "1"
+    return value
+
+
+_offline_option = click.option(
+    "--offline", is_flag=True, expose_value=False, is_eager=True, callback=_set_offline,
+    help="Refuse any network use (a model that is not cached, a remote judge); same as SDA_LOCAL_OFFLINE=1.")
+
+_repack_option = click.option(
+    "--repack", type=click.Choice(["auto", "on", "off"]), default=None, expose_value=False, is_eager=True,
+    callback=_set_repack,
+    help="llama.cpp weight repacking (extra buffer types). auto (default, or $SDA_LOCAL_REPACK): off on Intel AMX "
+         "CPUs, whose AMX kernels crash in this llama.cpp, on elsewhere.")
 
 
 def _judge_options(f):
@@ -84,20 +173,65 @@ def _judge_options(f):
                           "openai[:MODEL] (default gpt-4.1), none (fixed a = 0.5)."),
         click.option("--judge-url", default=None,
                      help="OpenAI-compatible base URL for the judge (llama-server, ollama, vLLM, ...); "
-                          "key from SDA_JUDGE_API_KEY or OPENAI_API_KEY."),
+                          "key from SDA_JUDGE_API_KEY or OPENAI_API_KEY, or user:pass@ in the URL (HTTP Basic, "
+                          "never shown)."),
         click.option("--amplifier-map", type=click.Choice(list(AMPLIFIER_MAPS)), default=DEFAULT_MAP,
                      show_default=True, help="Score -> amplifier map (sigmoid: the paper's Eq. 3)."),
+        # Not parameters of the commands: collected into ctx.meta for _make_judge (see _remote_judge_options).
+        click.option("--judge-timeout", type=click.FloatRange(0, min_open=True), expose_value=False,
+                     callback=_store_judge_option("read_timeout"),
+                     help="Seconds a remote judge may stay silent before the attempt fails (default 120)."),
+        click.option("--judge-retries", type=click.IntRange(1), expose_value=False,
+                     callback=_store_judge_option("max_attempts"),
+                     help="Attempts per judgement, the first included; HTTP 429/5xx, timeouts and dropped "
+                          "connections are retried (default 4)."),
+        click.option("--judge-max-wait", type=click.FloatRange(0), expose_value=False,
+                     callback=_store_judge_option("max_wait"),
+                     help="Longest pause between attempts a server may ask for with Retry-After; a longer "
+                          "one fails at once (default 60 s)."),
+        click.option("--allow-insecure-judge", is_flag=True, expose_value=False,
+                     callback=_store_judge_option("allow_insecure"),
+                     help="Send the API key over plain http:// to a host other than this machine (refused "
+                          "otherwise)."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
+_JUDGE_META = "sda_local.remote_judge_options"
+
+
+def _store_judge_option(name: str):
+    def store(ctx, param, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise click.BadParameter(f"must be a finite number, got {value}")
+        if value is not None and value is not False:
+            ctx.meta.setdefault(_JUDGE_META, {})[name] = value
+        return value
+
+    return store
+
+
+def _remote_judge_options() -> dict:
+    """The --judge-timeout/--judge-retries/--judge-max-wait/--allow-insecure-judge given on this command line,
+    as make_judge options (absent: the judge's defaults)."""
+    return dict(click.get_current_context().meta.get(_JUDGE_META, {}))
+
+
+def _is_remote(judge_spec) -> bool:
+    spec, url = judge_spec
+    return (spec or ("openai" if url else "local")).strip().partition(":")[0].lower() == "openai"
+
+
 def _make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose):
     from .engine import SDAEngine
 
-    return SDAEngine(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, streams=streams,
-                     verbose=verbose)
+    engine = SDAEngine(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, streams=streams,
+                       verbose=verbose)
+    for notice in engine.notices:
+        click.echo(f"note: {notice}", err=True)
+    return engine
 
 
 def _decode_arg(name: str, value: Optional[str]) -> Optional[str]:
@@ -115,16 +249,17 @@ def _decode_arg(name: str, value: Optional[str]) -> Optional[str]:
 @click.argument("query", required=False)
 @click.option("--align", "-a", default=None, help="Preset (helpfulness, harmlessness, honesty, empathy, "
               "summarization) or any instruction text. Without it: plain generation.")
-@click.option("--strength", "-s", default=None, type=float, callback=_finite,
+@click.option("--strength", "-s", default=None, type=float, callback=_strength_range,
               help="Amplifier a, set by hand (0 = prompting with the instruction); skips the judge.")
 @_judge_options
 @click.option("--on-judge-failure", default="fixed:0.5", show_default=True,
               help="What a failed judgement does: error | fixed:A | prompt-only.")
 @click.option("--max-tokens", "-n", default=256, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=None, type=click.IntRange(0, 2**32 - 1), help="Sampling seed (default: random).")
+@click.option("--seed", default=None, type=int, callback=_seed, help="Sampling seed, 0..4294967294 (default: random).")
 @click.option("--temperature-mode", type=click.Choice(list(TEMPERATURE_MODES)), default="paper", show_default=True)
-@click.option("--t0", default=0.6, show_default=True, type=float, callback=_finite, help="Base temperature T0.")
-@click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--t0", default=0.6, show_default=True, type=float, callback=_t0_range, help="Base temperature T0.")
+@click.option("--top-p", default=0.95, show_default=True, type=float, callback=_top_p_range,
+              help="Nucleus (top-p) mass.")
 @click.option("--system", default=None, help="System prompt (default: the preset's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, stats) instead of streaming.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print generation statistics to stderr.")
@@ -204,14 +339,15 @@ def _report_judgement(judgement, a: float) -> None:
                err=True)
 
 
-def _make_judge(judge_spec, engine, *, needed: bool = True):
-    """The judge of --judge/--judge-url (None when not needed or "none"); a remote one announces itself."""
+def _make_judge(judge_spec, engine, *, needed: bool = True, options: Optional[dict] = None):
+    """The judge of --judge/--judge-url (None when not needed or "none"); a remote one announces itself.
+    ``options``: make_judge's remote options (default: those on the command line)."""
     from .judges import RemoteJudge, make_judge
 
     spec, url = judge_spec
     if not needed:
         return None
-    judge = make_judge(spec, engine, url=url)
+    judge = make_judge(spec, engine, url=url, **(_remote_judge_options() if options is None else options))
     if isinstance(judge, RemoteJudge):
         click.echo(f"sda-local: answers are sent to {judge.url} for judging", err=True)
     return judge
@@ -231,8 +367,10 @@ def _generate_batch(input_path, output_path, resume, align, options, pipeline, j
 
     if not input_path.is_file():
         raise InputError(f"input file not found: {input_path}")
-    engine = _make_engine(*engine_args)
     judges = {}  # created on first need: a batch with explicit strengths never contacts a judge
+    if _is_remote(judge_spec):  # making one contacts nothing: a refused URL or key stops the batch here
+        judges["judge"] = _make_judge(judge_spec, None)
+    engine = _make_engine(*engine_args)
 
     def generate_one(job: dict) -> dict:
         line_options = dict(options)
@@ -329,12 +467,13 @@ def _read_message(prompt: str = ">>> ") -> str:
 
 @main.command()
 @click.option("--align", "-a", default=None, help="Preset or instruction text (default: plain chat).")
-@click.option("--strength", "-s", default=None, type=float, callback=_finite,
+@click.option("--strength", "-s", default=None, type=float, callback=_strength_range,
               help="Amplifier a set by hand (default: auto, from the judge each turn).")
 @_judge_options
 @click.option("--on-judge-failure", default="fixed:0.5", show_default=True, help="error | fixed:A | prompt-only.")
 @click.option("--system", default=None, help="System prompt (default: the preset's).")
-@click.option("--seed", default=None, type=click.IntRange(0, 2**32 - 1), help="Seed of turn 1 (turn n: seed + n - 1).")
+@click.option("--seed", default=None, type=int, callback=_seed,
+              help="Seed of turn 1, 0..4294967294 (turn n: seed + n - 1, wrapping).")
 @click.option("--max-tokens", "-n", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--temperature-mode", type=click.Choice(list(TEMPERATURE_MODES)), default="paper", show_default=True)
 @click.option("--no-log", is_flag=True, help="Do not append the turns to the conversation log.")
@@ -352,11 +491,17 @@ def chat(align, strength, judge, judge_url, amplifier_map, on_judge_failure, sys
     settings = ChatSettings(align=_decode_arg("--align", align), strength=strength, judge=judge or "local",
                             judge_url=judge_url, system=_decode_arg("--system", system), seed=seed,
                             max_tokens=max_tokens, temperature_mode=temperature_mode, amplifier_map=amplifier_map,
-                            on_judge_failure=on_judge_failure)
+                            on_judge_failure=on_judge_failure, judge_options=_remote_judge_options())
     if judge_url and judge is None:
         settings.judge = "openai"
     engine = _make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose)
     log = None if no_log else ConversationLog()
+    for warning in log.warnings if log is not None else ():
+        _warn(warning)
+    # Bytes that are not UTF-8 (a terminal in another encoding, a pasted binary) arrive as surrogate escapes
+    # and are refused as one message, instead of ending the chat with a decoding error.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     session = None
     try:
         session = ChatSession(engine, settings, say=lambda m: click.echo(m), log=log)
@@ -373,6 +518,11 @@ def chat(align, strength, judge, judge_url, amplifier_map, on_judge_failure, sys
                 click.echo("\n(Ctrl-D or /bye to quit)")
                 continue
             if not message.strip():
+                continue
+            try:
+                message.encode("utf-8")
+            except UnicodeEncodeError:
+                click.echo("error: that message is not valid UTF-8 text (check your terminal's encoding)")
                 continue
             if message.lstrip().startswith("/"):
                 try:
@@ -425,6 +575,21 @@ def logs(count, as_json):
 
 
 # ---------------------------------------------------------------------------------------------- eval
+def _eval_judge(config, judge_url: Optional[str]):
+    """The judge spec and remote options of an eval run: the recorded ones, except that a --judge-url given
+    again on --resume brings back the user:pass@ the run file leaves out, and judge options on this command
+    line (--judge-timeout, ...) win over the recorded ones."""
+    from .judges import redact_url
+
+    url = config.judge_url
+    if judge_url is not None:
+        if redact_url(judge_url).rstrip("/") != (url or "").rstrip("/"):
+            raise InputError(f"--judge-url differs from the judge URL of this run ({url or 'none'}): a resumed run "
+                             "keeps its judge")
+        url = judge_url
+    return (config.judge, url), {**(config.judge_options or {}), **_remote_judge_options()}
+
+
 @main.command("eval")
 @click.option("--dataset", "-d", "datasets", multiple=True, type=click.Path(path_type=Path),
               help="JSONL data set (repeatable): one of the paper's five (detected) or any file with --query-field.")
@@ -432,17 +597,18 @@ def logs(count, as_json):
 @click.option("--dimension", "dimensions", multiple=True,
               help="Dimension(s) for a user data set: a preset or an instruction (repeatable).")
 @click.option("--arms", default=",".join(("base", "prompt-only", "steering-only", "sda")), show_default=True,
-              help="Comma-separated arms; SDA is always run and judged against the others.")
+              help="Comma-separated arms; SDA is always run and compared with the others (so name at least one).")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Items per data set.")
 @click.option("--offset", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--sample", default=None, type=click.IntRange(1), help="Draw this many items at random (seeded).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Sampling, generation and order seed.")
+@click.option("--seed", default=0, show_default=True, type=int, callback=_seed,
+              help="Sampling, generation and order seed, 0..4294967294 (item i uses seed + i, wrapping).")
 @click.option("--max-tokens", "-n", default=128, show_default=True, type=click.IntRange(1))
 @_judge_options
 @click.option("--verify", default=None, help="Verifiable instructions to run: 'all' or comma-separated ids.")
 @click.option("--verify-limit", default=30, show_default=True, type=click.IntRange(1),
               help="Queries (from the first data set) per verifiable instruction.")
-@click.option("--verify-strength", default=0.5, show_default=True, type=float, callback=_finite,
+@click.option("--verify-strength", default=0.5, show_default=True, type=float, callback=_strength_range,
               help="Fixed a of the steered arms in the verifiable metric.")
 @click.option("--run", "run_path", default=None, type=click.Path(path_type=Path),
               help="Run file to create (default: sda-eval-<time>.jsonl).")
@@ -460,6 +626,7 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
 
     from .evaluation import (EvalConfig, Evaluation, RunFile, judged_units, summarize, summary_markdown,
                              verify_units, write_chart)
+    from .judges import make_judge, redact_url
     from .verifiable import VERIFIABLE
 
     if resume_path is not None:
@@ -470,9 +637,12 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
         verify_ids = [] if not verify else (list(VERIFIABLE) if verify.strip() == "all"
                                             else [v.strip() for v in verify.split(",") if v.strip()])
         config = EvalConfig(
-            datasets=[{"path": str(p), "query_field": query_field, "dimensions": list(dimensions)} for p in datasets],
+            # Resolved: a resumed run finds its files from any directory, and unit keys hash the resolved path.
+            datasets=[{"path": str(p.resolve()), "query_field": query_field, "dimensions": list(dimensions)}
+                      for p in datasets],
             arms=[a.strip() for a in arms.split(",") if a.strip()], offset=offset, limit=limit, sample=sample,
-            seed=seed, max_tokens=max_tokens, judge=judge or ("openai" if judge_url else "local"), judge_url=judge_url,
+            seed=seed, max_tokens=max_tokens, judge=judge or ("openai" if judge_url else "local"),
+            judge_url=redact_url(judge_url) if judge_url else None, judge_options=_remote_judge_options(),
             amplifier_map=amplifier_map, verify=verify_ids, verify_limit=verify_limit,
             verify_strength=verify_strength, model=model)
         config.check()
@@ -481,12 +651,15 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
         run_path = run_path or Path(_time.strftime("sda-eval-%Y%m%d-%H%M%S.jsonl"))
         judged_units(config)  # bad data fails here, before the model loads or the run file is created
         verify_units(config)
+        if _is_remote((config.judge, judge_url)):  # so does a refused judge URL or key (making one contacts nothing)
+            make_judge(config.judge, None, url=judge_url, **config.judge_options).close()
         run = RunFile(run_path, config)
     config = run.config
+    judge_spec, judge_options = _eval_judge(config, judge_url)  # before the model loads
     engine = _make_engine(config.model, n_ctx, n_threads, n_gpu_layers, streams, verbose)
     judge_obj = None
     try:
-        judge_obj = _make_judge((config.judge, config.judge_url), engine)
+        judge_obj = _make_judge(judge_spec, engine, options=judge_options)
         if judge_obj is None:
             raise InputError("the evaluation needs a judge (--judge none is not possible here)")
         evaluation = Evaluation(engine, judge_obj, run, on_event=lambda m: click.echo(m, err=True))
@@ -511,6 +684,9 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
     click.echo(f"\nrun: {run.path}; summary: {base}.summary.md, {base}.summary.json"
                + (f", chart: {chart}" if drew else " (pip install 'sda-local[plot]' for the chart)")
                + f"; {elapsed:.0f} s")
+    if evaluation.failed_units:  # as batch does: the summary is written, the exit code says work is left
+        click.echo(f"{evaluation.failed_units} unit(s) failed; --resume {run.path} retries them", err=True)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -544,6 +720,7 @@ def models_list(as_json):
 @models.command("pull")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Fetch again even if cached.")
+@_offline_option
 def models_pull(name, force):
     """Fetch a catalogue model into the cache (sha256 verified)."""
     from . import models as catalogue
@@ -553,6 +730,7 @@ def models_pull(name, force):
 
 @models.command("path")
 @click.argument("name")
+@_offline_option
 def models_path(name):
     """Print the local path of a catalogue model (fetching it if needed)."""
     from . import models as catalogue
@@ -566,8 +744,9 @@ def info_dict() -> dict:
 
     import llama_cpp
 
+    from . import hardware, native, privacy
     from . import models as catalogue
-    from . import native
+    from .logs import log_path
 
     system_info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
     backends = [seg.split(" : ")[0].strip() for seg in system_info.split(" | ") if " : " in seg]
@@ -583,14 +762,20 @@ def info_dict() -> dict:
         "native_error": native.load_error(),
         "model_cache": str(catalogue.cache_dir()),
         "default_model": catalogue.default_model_name(),
+        "offline": privacy.offline(),
+        "conversation_log": str(log_path()),
+        "cpu": hardware.cpu_report().to_dict(),
+        "repack": hardware.repack_decision(),
         "system_info": system_info.strip(),
     }
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
+@_repack_option
+@_offline_option
 def info(as_json):
-    """Versions, compiled-in llama.cpp backends, native hook status, model cache."""
+    """Versions, compiled-in llama.cpp backends, CPU features and the repack decision, native hook, model cache."""
     import warnings
 
     with warnings.catch_warnings():
@@ -600,6 +785,8 @@ def info(as_json):
         click.echo(json.dumps(data, indent=2))
         return
     for key, value in data.items():
+        if isinstance(value, dict):
+            value = "; ".join(f"{k}: {' '.join(v) if isinstance(v, list) else v}" for k, v in value.items())
         click.echo(f"{key:>18}: {value}")
 
 
@@ -611,6 +798,7 @@ def info(as_json):
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(256))
 @click.option("--json", "as_json", is_flag=True)
+@_repack_option
 def bench(model, n_threads, tokens, runs, n_ctx, as_json):
     """Speed and memory of plain vs SDA generation (medians of --runs, arms interleaved)."""
     from .bench import format_report, run_bench

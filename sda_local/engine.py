@@ -21,17 +21,24 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import llama_cpp
 import numpy as np
 
-from . import models, native
+from . import hardware, models, native
 from .errors import ContextOverflowError, InputError, ModelError
 from .fusion import (
     DEFAULT_K,
     DEFAULT_T0,
     DEFAULT_TOP_P,
+    INJECTION_VALUES,
+    MIN_TOP_P,
     TEMPERATURE_MODES,
     check_fusion_params,
+    NonFiniteLogitsError,
     fuse_numpy,
+    generation_stopped,
+    logit_injection_from_env,
+    nonfinite_value,
 )
 from .gguf_model import GGUFModel
+from .seeds import check_seed
 from .prompts import QUESTION_SYSTEM, Alignment, PromptFormatter, check_text, resolve_alignment
 from .streams import STREAM_MODES, make_streams
 
@@ -101,7 +108,8 @@ class SDAEngine:
 
     ``model``: None (the default catalogue model, fetched on first use), a catalogue name, or a GGUF path.
     ``streams``: "batched" (one context, two sequences, one decode per step) or "contexts" (two contexts
-    on the same weights). ``n_ctx`` is the context of each stream. ``fusion_backend``: "auto" (native
+    on the same weights). ``repack``: "auto" (llama.cpp's weight repacking except on AMX CPUs, where it
+    crashes), "on" or "off"; None reads $SDA_LOCAL_REPACK, else "auto". ``n_ctx`` is the context of each stream. ``fusion_backend``: "auto" (native
     when libsda loads), "native" or "numpy". Fusion runs on host logits, so CPU,
     CUDA and Metal builds of llama-cpp-python all work; ``n_gpu_layers`` offloads layers as in llama.cpp.
     """
@@ -116,6 +124,7 @@ class SDAEngine:
         streams: str = "batched",
         verbose: bool = False,
         fusion_backend: str = "auto",
+        repack: Optional[str] = None,
     ):
         if streams not in STREAM_MODES:
             raise InputError(f"unknown streams mode {streams!r} (choose from {', '.join(STREAM_MODES)})")
@@ -123,10 +132,15 @@ class SDAEngine:
             raise InputError(f"n_ctx must be an integer >= 16, got {n_ctx!r}")
         if fusion_backend not in ("auto", "native", "numpy"):
             raise InputError(f"unknown fusion backend {fusion_backend!r} (choose from auto, native, numpy)")
+        repack = hardware.check_repack(repack)
         self.model_path = models.resolve(model)
-        self.model = GGUFModel(self.model_path, n_gpu_layers=n_gpu_layers, verbose=verbose)
-        if self.model.n_ctx_train > 0:
-            n_ctx = min(n_ctx, self.model.n_ctx_train)
+        self.model = GGUFModel(self.model_path, n_gpu_layers=n_gpu_layers, verbose=verbose, repack=repack)
+        self.repack = repack
+        self.notices: List[str] = []  # one-line notes for the user (the CLI prints them)
+        if 0 < self.model.n_ctx_train < n_ctx:
+            self.notices.append(f"n_ctx {n_ctx} is beyond the model's training context; "
+                                f"capped at {self.model.n_ctx_train}")
+            n_ctx = self.model.n_ctx_train
         self.n_ctx = n_ctx
         self.n_threads = n_threads or _default_threads()
         self.streams = make_streams(streams, self.model, n_ctx=n_ctx, n_threads=self.n_threads)
@@ -189,12 +203,12 @@ class SDAEngine:
         check_fusion_params(strength, k, t0, temperature_mode)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-            raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+        if not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and MIN_TOP_P <= top_p <= 1.0):
+            raise InputError(f"top_p must be in [{MIN_TOP_P:g}, 1], got {top_p!r}")
         if seed is None:
             seed = secrets.randbelow(2**31)
-        elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
-            raise InputError(f"seed must be an integer in [0, 2^32), got {seed!r}")
+        else:
+            seed = check_seed(seed)
         history = [(check_text("history user turn", u), str(a)) for u, a in history]
         run = self._run(query, alignment, system, float(strength), max_tokens, float(t0), float(top_p),
                         temperature_mode, seed, float(k), ignore_eos, history, keep_cache or bool(history))
@@ -290,7 +304,9 @@ class SDAEngine:
         return tokens
 
     def _sampler_chain(self, head: Optional[int], t0: Optional[float], top_p: float, seed: int, ignore_eos: bool):
-        """[head (the SDA sampler) | temp(t0)] + [logit bias forbidding EOG] + top-p + dist(seed)."""
+        """[head (the SDA or the guard sampler)] + [logit bias forbidding EOG] + [temp(t0)] + top-p + dist(seed).
+
+        The head goes first: it must see every raw logit, to refuse a NaN/+inf row before anything samples it."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         if head is not None:
             llama_cpp.llama_sampler_chain_add(chain, ctypes.cast(head, llama_cpp.llama_sampler_p_ctypes))
@@ -306,8 +322,9 @@ class SDAEngine:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
         return chain
 
-    def _sample_numpy(self, chain, strength, k, t0, temperature_mode, acc) -> int:
-        """Fallback when libsda is not loaded: fuse in numpy, then the same llama.cpp top-p and dist."""
+    def _sample_numpy(self, chain, strength, k, t0, temperature_mode, acc, step=0, injection=None) -> int:
+        """Fallback when libsda is not loaded: fuse in numpy, then the same llama.cpp top-p and dist.
+        ``step``: this sampling step (1-based), for the error message; ``injection``: TEST ONLY."""
         n = self.model.n_vocab
         if self._candidates is None:
             self._candidates = np.zeros(n, dtype=_TOKEN_DATA)
@@ -316,9 +333,19 @@ class SDAEngine:
         ctx_wo, idx_wo = self.streams.without_logits
         z_with = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx_w, idx_w), shape=(n,))
         z_without = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx_wo, idx_wo), shape=(n,))
+        if injection is not None and injection.step == step:  # TEST ONLY; a copy: llama.cpp's rows stay intact
+            if injection.row == "with":
+                z_with = z_with.copy()
+                z_with[0] = float(injection.value)
+            else:
+                z_without = z_without.copy()
+                z_without[0] = float(injection.value)
         started = time.perf_counter()
-        fused, temperature, js = fuse_numpy(z_with, z_without, strength, k=k, t0=t0,
-                                            temperature_mode=temperature_mode)
+        try:
+            fused, temperature, js = fuse_numpy(z_with, z_without, strength, k=k, t0=t0,
+                                                temperature_mode=temperature_mode)
+        except NonFiniteLogitsError as exc:
+            raise generation_stopped(exc.value, exc.row, step) from None
         acc[0] += js
         acc[1] += temperature
         acc[2] += time.perf_counter() - started
@@ -368,13 +395,39 @@ class SDAEngine:
         llama_cpp.llama_sampler_chain_add(chain, sampler)
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         outcome = SimpleNamespace(finish_reason="length")
+        # The grammar sampler indexes tokens by id, so the native guard (which hands the chain a -1 candidate)
+        # cannot go in front of it: the row is checked in numpy instead (a judgement is a dozen tokens).
+        injection = next((i for i in self._injections() if i.seed is None and i.row == "with"), None)
+        sample = self._row_checked_sampler(chain, streams, injection)
         try:
             streams.prefill(tokens, None)
-            out = list(self._sampled_tokens(lambda: llama_cpp.llama_sampler_sample(chain, *streams.with_logits),
-                                            max_tokens, outcome, streams))
+            out = list(self._sampled_tokens(sample, max_tokens, outcome, streams))
         finally:
             llama_cpp.llama_sampler_free(chain)
         return b"".join(model.piece(t) for t in out).decode("utf-8", errors="replace")
+
+    def _injections(self):
+        injections = getattr(self, "_logit_injections", None)
+        if injections is None:  # TEST ONLY (see fusion.logit_injection_from_env): read once per engine
+            injections = self._logit_injections = logit_injection_from_env()
+        return injections
+
+    def _row_checked_sampler(self, chain, streams, injection):
+        """sample() for a chain without the native guard: refuses a NaN/+inf with-row (one numpy max pass)."""
+        n_vocab, step = self.model.n_vocab, [0]
+
+        def sample() -> int:
+            step[0] += 1
+            ctx, idx = streams.with_logits
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(n_vocab,))
+            if injection is not None and injection.step == step[0]:  # TEST ONLY
+                row[0] = float(injection.value)  # llama.cpp's host copy, rewritten by the next decode
+            value = nonfinite_value(row)
+            if value is not None:
+                raise generation_stopped(value, None, step[0])
+            return llama_cpp.llama_sampler_sample(chain, ctx, idx)
+
+        return sample
 
     def _run(self, query, alignment: Optional[Alignment], system, strength, max_tokens, t0, top_p,
              temperature_mode, seed, k, ignore_eos, history, keep_cache):
@@ -391,12 +444,16 @@ class SDAEngine:
         tokens_with = self._tokenize_prompt(prompt_with)
         tokens_without = self._tokenize_prompt(prompt_without) if steered else None
 
+        injection = next((i for i in self._injections() if i.seed in (None, seed) and (steered or i.row == "with")),
+                         None)
         backend = self.fusion_backend if steered else None
         sda_sampler = None
         if backend == "native":
             params = native.make_params(strength, k, t0, TEMPERATURE_MODES[temperature_mode])
             sda_sampler = native.sampler_init(self._native, params, model.n_vocab, None, -1)
-        chain = self._sampler_chain(sda_sampler, None if steered else t0, top_p, seed, ignore_eos)
+        # The native sampler that refuses non-finite rows: the SDA sampler, or in plain generation the guard.
+        head = sda_sampler if steered or self._native is None else native.guard_sampler_init(self._native)
+        chain = self._sampler_chain(head, None if steered else t0, top_p, seed, ignore_eos)
         fusion_totals = [0.0, 0.0, 0.0]  # sum of JS, sum of T, fusion seconds (numpy path)
         stats = GenerationStats(
             mode="sda" if steered else "plain", streams=streams.mode, fusion_backend=backend,
@@ -417,16 +474,40 @@ class SDAEngine:
                 stats.prefill_tokens_with = sum(streams.prefilled)
             prefilled = time.perf_counter()
             stats.prefill_seconds = prefilled - started
+            if injection is not None and head is not None:
+                native.inject_fault(self._native, head, INJECTION_VALUES[injection.value], injection.step,
+                                    injection.row)
+            step = [0]  # sampling steps so far, counted in Python on the numpy paths only
+
+            # A native sampler that met a NaN/+inf row hands back LLAMA_TOKEN_NULL (-1) instead of a token,
+            # so the per-token cost of the check here is one integer comparison.
+            def refused():
+                fault = native.sampler_fault(self._native, head)
+                if fault is None:  # not ours: llama.cpp's chain sampled nothing
+                    return ModelError("the sampler chain returned no token; generation stopped")
+                value, row, at = fault
+                return generation_stopped(value, row if steered else None, at)
+
             if backend == "numpy":
                 def sample():
-                    return self._sample_numpy(chain, strength, k, t0, temperature_mode, fusion_totals)
+                    step[0] += 1
+                    return self._sample_numpy(chain, strength, k, t0, temperature_mode, fusion_totals, step[0],
+                                              injection)
             elif sda_sampler is not None:
                 def sample():
                     self._native.sda_sampler_set_source(sda_sampler, *streams.without_logits)
-                    return llama_cpp.llama_sampler_sample(chain, *streams.with_logits)
-            else:
+                    token = llama_cpp.llama_sampler_sample(chain, *streams.with_logits)
+                    if token < 0:
+                        raise refused()
+                    return token
+            elif head is not None:
                 def sample():
-                    return llama_cpp.llama_sampler_sample(chain, *streams.with_logits)
+                    token = llama_cpp.llama_sampler_sample(chain, *streams.with_logits)
+                    if token < 0:
+                        raise refused()
+                    return token
+            else:  # plain generation without libsda: the same check in numpy
+                sample = self._row_checked_sampler(chain, streams, injection)
             for token in self._sampled_tokens(sample, max_tokens, stats):
                 tokens.append(token)
                 text = decoder.decode(model.piece(token))

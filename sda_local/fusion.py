@@ -8,12 +8,13 @@ textbook definition (log M = logaddexp(log P, log Q) - ln 2) rather than the C++
 from __future__ import annotations
 
 import math
-from typing import Tuple
+import os
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 from scipy.special import log_softmax
 
-from .errors import InputError
+from .errors import InputError, ModelError
 
 DEFAULT_K = 2.0
 DEFAULT_T0 = 0.6
@@ -24,18 +25,108 @@ PAPER_MIN_TEMPERATURE = 0.2
 # Same numbering as enum sda_temperature_mode in native/include/sda.h.
 TEMPERATURE_MODES = {"paper": 0, "reference": 1, "fixed": 2}
 
+ROW_NAMES = {"with": "with-instruction", "without": "without-instruction"}
+
+
+class NonFiniteLogitsError(ModelError):
+    """A logit row holds a NaN or +inf (fp16 overflow on GPU builds can produce them); -inf is legal.
+    ``value`` is "NaN" or "+inf", ``row`` "with" or "without"."""
+
+    def __init__(self, value: str, row: str, message: Optional[str] = None):
+        self.value, self.row = value, row
+        super().__init__(message or f"non-finite logits ({value}) in the {ROW_NAMES[row]} row")
+
+
+def generation_stopped(value: str, row: Optional[str], step: int) -> NonFiniteLogitsError:
+    """The one-line error of a generation that met non-finite logits at (1-based) sampling step ``step``;
+    ``row`` None for plain generation."""
+    where = f"of the {ROW_NAMES[row]} stream" if row else "(plain generation)"
+    return NonFiniteLogitsError(
+        value, row or "with",
+        f"the model produced non-finite logits ({value}) at step {step} {where}; generation stopped",
+    )
+
+
+def nonfinite_value(z: np.ndarray) -> Optional[str]:
+    """The fault of a row, "NaN" or "+inf", or None (finite and -inf entries only). One max pass: NumPy's
+    max propagates NaN, and +inf is the max otherwise."""
+    top = z.max()
+    if top < np.inf:
+        return None
+    return "NaN" if np.isnan(top) else "+inf"
+
+
+class LogitInjection(NamedTuple):
+    """TEST ONLY: see ``logit_injection_from_env``."""
+
+    value: str  # "nan", "+inf" or "-inf"
+    step: int  # 1-based sampling step
+    row: str  # "with" or "without"
+    seed: Optional[int]  # only generations with this seed; None: every generation
+
+
+TEST_INJECTION_ENV = "SDA_LOCAL_TEST_INJECT_LOGITS"
+INJECTION_VALUES = {"nan": 1, "+inf": 2, "inf": 2, "-inf": 3}  # enum sda_fault_value in native/include/sda.h
+
+
+def logit_injection_from_env() -> Tuple[LogitInjection, ...]:
+    """TEST ONLY. ``SDA_LOCAL_TEST_INJECT_LOGITS=VALUE@STEP[:with|:without][:seed=N][,...]`` (e.g. ``nan@3``,
+    ``+inf@2:without``, ``nan@1:seed=7,+inf@4:without:seed=8``) makes a generation overwrite one logit of
+    the chosen row (default: with) with VALUE (nan, +inf or -inf) at sampling step STEP, before the
+    non-finite checks, in the native samplers and in the numpy paths alike, so that tests reach the
+    non-finite path with a real model. A spec with a seed applies only to generations with that seed; the
+    first spec that applies wins. Plain generation has only the with-row. The engine reads the variable
+    once, at its first generation; unset, it costs nothing. Not a user setting.
+    """
+    spec_list = os.environ.get(TEST_INJECTION_ENV, "").strip()
+    return tuple(_parse_injection(spec) for spec in spec_list.split(",")) if spec_list else ()
+
+
+def _parse_injection(spec: str) -> LogitInjection:
+    try:
+        head, *options = spec.strip().split(":")
+        value, step_text = head.split("@")
+        value, step = value.strip().lower(), int(step_text)
+        row, seed = "with", None
+        for option in options:
+            option = option.strip()
+            if option in ("with", "without"):
+                row = option
+            elif option.startswith("seed="):
+                seed = int(option[5:])
+            else:
+                raise ValueError(option)
+        if value not in INJECTION_VALUES or step < 1:
+            raise ValueError(value)
+    except ValueError:
+        raise InputError(f"{TEST_INJECTION_ENV}: bad entry {spec!r}, expected VALUE@STEP[:with|:without][:seed=N] "
+                         f"with VALUE nan, +inf or -inf and STEP >= 1 (a test-only setting)") from None
+    return LogitInjection("+inf" if value == "inf" else value, step, row, seed)
+
+
+# Ranges that keep the fusion's float arithmetic finite and the result meaningful: the paper's a is in
+# [0, 1] and k = 2; beyond a of 100 the steering term swamps the model entirely; a temperature under 0.001
+# makes 1/T overflow float32 once multiplied by logit gaps; a nucleus under 0.001 is greedy decoding.
+MAX_STRENGTH = 100.0
+MAX_K = 100.0
+MIN_T0, MAX_T0 = 1e-3, 100.0
+MIN_TOP_P = 1e-3
+
 
 def check_fusion_params(strength: float, k: float, t0: float, temperature_mode: str) -> None:
-    """Raise InputError unless the parameters make a valid fusion (finite strength/k >= 0, T0 > 0)."""
+    """Raise InputError unless the parameters make a valid fusion: 0 <= strength <= MAX_STRENGTH,
+    0 <= k <= MAX_K, MIN_T0 <= T0 <= MAX_T0."""
     for name, value in (("strength", strength), ("k", k), ("t0", t0)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise InputError(f"{name} must be a finite number, got {value!r}")
     if strength < 0:
         raise InputError(f"strength must be >= 0 (a negative amplifier reverses the steering), got {strength}")
-    if k < 0:
-        raise InputError(f"k must be >= 0, got {k}")
-    if t0 <= 0:
-        raise InputError(f"t0 must be > 0, got {t0}")
+    if strength > MAX_STRENGTH:
+        raise InputError(f"strength must be <= {MAX_STRENGTH:g} (the paper's amplifier is in [0, 1]), got {strength:g}")
+    if not 0 <= k <= MAX_K:
+        raise InputError(f"k must be in [0, {MAX_K:g}], got {k:g}")
+    if not MIN_T0 <= t0 <= MAX_T0:
+        raise InputError(f"t0 must be in [{MIN_T0:g}, {MAX_T0:g}], got {t0:g}")
     if temperature_mode not in TEMPERATURE_MODES:
         raise InputError(
             f"unknown temperature mode {temperature_mode!r} (choose from {', '.join(TEMPERATURE_MODES)})"
@@ -60,9 +151,14 @@ def fuse_numpy(
     t0: float = DEFAULT_T0,
     temperature_mode: str = "paper",
 ) -> Tuple[np.ndarray, float, float]:
-    """Reference fusion in float64. Returns (log_probs float32, temperature, js)."""
+    """Reference fusion in float64. Returns (log_probs float32, temperature, js). Raises
+    NonFiniteLogitsError when a row holds a NaN or +inf (-inf entries are masked tokens)."""
     z_with = np.asarray(logits_with, dtype=np.float64)
     z_without = np.asarray(logits_without, dtype=np.float64)
+    for row, z in (("with", z_with), ("without", z_without)):
+        value = nonfinite_value(z)
+        if value is not None:
+            raise NonFiniteLogitsError(value, row)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         log_p = log_softmax(z_with)
         log_q = log_softmax(z_without) if np.isfinite(z_without).any() else np.full_like(z_without, -np.inf)
@@ -97,7 +193,7 @@ def fuse(
     Returns ``(log_probs, temperature, js)``: the normalised fused log-probabilities after temperature
     (float32 numpy array of length n_vocab), the temperature used and the Jensen-Shannon divergence
     (nats) between the two streams' distributions. ``backend`` is ``"auto"`` (native when loaded),
-    ``"native"`` or ``"numpy"``.
+    ``"native"`` or ``"numpy"``. A NaN or +inf in either row raises NonFiniteLogitsError (a ModelError).
     """
     check_fusion_params(strength, k, t0, temperature_mode)
     z_with = np.ascontiguousarray(logits_with, dtype=np.float32)
