@@ -108,10 +108,11 @@ class SDAEngine:
 
     ``model``: None (the default catalogue model, fetched on first use), a catalogue name, or a GGUF path.
     ``streams``: "batched" (one context, two sequences, one decode per step) or "contexts" (two contexts
-    on the same weights). ``repack``: "auto" (llama.cpp's weight repacking except on AMX CPUs, where it
-    crashes), "on" or "off"; None reads $SDA_LOCAL_REPACK, else "auto". ``n_ctx`` is the context of each stream. ``fusion_backend``: "auto" (native
-    when libsda loads), "native" or "numpy". Fusion runs on host logits, so CPU,
-    CUDA and Metal builds of llama-cpp-python all work; ``n_gpu_layers`` offloads layers as in llama.cpp.
+    on the same weights). ``n_ctx`` is the context of each stream (capped at the model's training context,
+    with a note in ``notices``). ``fusion_backend``: "auto" (native when libsda loads), "native" or "numpy".
+    Fusion runs on host logits, so CPU, CUDA and Metal builds of llama-cpp-python all work; ``n_gpu_layers``
+    offloads layers as in llama.cpp. ``repack``: "auto" (llama.cpp's weight repacking, except on Intel AMX
+    CPUs where its AMX kernels crash), "on" or "off"; None reads $SDA_LOCAL_REPACK, else "auto".
     """
 
     def __init__(
@@ -150,6 +151,7 @@ class SDAEngine:
             raise InputError(f"the native fusion library is not loaded: {native.load_error()}")
         self._candidates: Optional[np.ndarray] = None  # numpy-fallback token array, allocated on first use
         self._aux_streams = None  # for the local judge, created on first use
+        self._logit_injections = None  # TEST ONLY (see fusion.logit_injection_from_env), read on first use
 
     @property
     def _add_bos(self) -> bool:
@@ -407,10 +409,9 @@ class SDAEngine:
         return b"".join(model.piece(t) for t in out).decode("utf-8", errors="replace")
 
     def _injections(self):
-        injections = getattr(self, "_logit_injections", None)
-        if injections is None:  # TEST ONLY (see fusion.logit_injection_from_env): read once per engine
-            injections = self._logit_injections = logit_injection_from_env()
-        return injections
+        if self._logit_injections is None:
+            self._logit_injections = logit_injection_from_env()
+        return self._logit_injections
 
     def _row_checked_sampler(self, chain, streams, injection):
         """sample() for a chain without the native guard: refuses a NaN/+inf with-row (one numpy max pass)."""

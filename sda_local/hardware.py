@@ -21,7 +21,7 @@ from .errors import InputError
 REPACK_MODES = ("auto", "on", "off")
 REPACK_ENV = "SDA_LOCAL_REPACK"
 # /proc/cpuinfo flags worth reporting: the SIMD level the fusion and llama.cpp kernels run at, and AMX.
-_REPORTED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avx512_bf16", "avx_vnni",
+_REPORTED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
                    "amx_tile", "amx_int8", "amx_bf16")
 
 
@@ -69,7 +69,7 @@ def _llama_features() -> List[str]:
     for segment in info.replace("|", "\n").splitlines():
         name, sep, value = segment.partition(" = ")
         if sep and value.strip() == "1":
-            features.append(name.strip())
+            features.append(name.rpartition(" : ")[2].strip())  # "CPU : SSE3 = 1": the backend name goes
     return features
 
 
