@@ -190,3 +190,36 @@ def test_chat_seeds_do_not_repeat_after_trimming(model_path):
         assert len(session.turns) < 8  # turns were dropped to fit the 256-token context
     assert len(set(seeds)) == 8 and 4294967295 not in seeds
     assert seeds[:6] == [4294967290, 4294967291, 4294967292, 4294967293, 4294967294, 0]
+
+
+def test_chat_keeps_turns_a_full_disk_refused_and_writes_them_later(model_path, tmp_path):
+    """A real write failure: the file-size limit (RLIMIT_FSIZE) stops the log's files from growing, as a full
+    disk would; the turn is kept, and written once the log can grow again."""
+    db = tmp_path / "logs.db"
+    script = textwrap.dedent(f"""
+        import os, resource, sqlite3
+        from sda_local import SDAEngine
+        from sda_local.chat import ChatSession, ChatSettings
+        from sda_local.logs import ConversationLog
+
+        said = []
+        with SDAEngine({str(model_path)!r}, n_ctx=512, n_threads=2) as engine:
+            session = ChatSession(engine, ChatSettings(seed=1, max_tokens=8), say=said.append,
+                                  log=ConversationLog({str(db)!r}))
+            list(session.reply("Name a colour."))
+            size = max(os.path.getsize(p) for p in ({str(db)!r}, {str(db)!r} + "-wal") if os.path.exists(p))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))  # no file may grow
+            list(session.reply("Name a fruit."))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            list(session.reply("Name a tree."))
+            session.close()
+            session.log.close()
+        print(repr(said))
+        rows = sqlite3.connect({str(db)!r}).execute("SELECT turn, query FROM turns ORDER BY id").fetchall()
+        print(rows)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    said, rows = proc.stdout.strip().splitlines()[-2:]
+    assert "could not write to the conversation log" in said and "to be written at the next turn" in said
+    assert rows == "[(1, 'Name a colour.'), (2, 'Name a fruit.'), (3, 'Name a tree.')]"
