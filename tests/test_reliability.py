@@ -13,6 +13,8 @@ import pexpect
 import pytest
 
 from conftest import run_cli
+from test_chat import PROMPT, spawn
+from test_chat import command as say
 from sda_local import SDAEngine
 from sda_local.errors import InputError
 from sda_local.prompts import PromptFormatter, resolve_alignment
@@ -127,27 +129,10 @@ def test_close_is_idempotent_and_a_closed_engine_says_so(model_path):
 
 
 # ---------------------------------------------------------------------------------------------- chat
-PROMPT = ">>> "
-
-
-def spawn_chat(model_path, db, *args):
-    env = dict(os.environ, SDA_LOCAL_LOG_DB=str(db), TERM="dumb")
-    child = pexpect.spawn(EXE, ["chat", "--model", str(model_path), "--seed", "1", "-n", "6", *args], env=env,
-                          encoding="utf-8", timeout=120, dimensions=(50, 200))
-    child.expect(PROMPT)
-    return child
-
-
-def say(child, line):
-    child.sendline(line)
-    child.expect(PROMPT)
-    return child.before
-
-
 @pytest.mark.slow
 def test_chat_keeps_turns_the_locked_log_refused_and_writes_them_later(model_path, tmp_path):
-    db = tmp_path / "logs.db"
-    child = spawn_chat(model_path, db)
+    db = tmp_path / "logs.db"  # where test_chat.spawn puts the log
+    child = spawn(model_path, tmp_path, "-n", "6")
     say(child, "Name a colour.")
     blocker = sqlite3.connect(str(db), timeout=0.1, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # another process holds the database
