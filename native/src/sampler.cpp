@@ -22,6 +22,13 @@ struct fault_guard {
     int32_t inject_step = 0;
     int32_t inject_row = SDA_ROW_WITH;
     float inject_value = 0.0f;
+
+    // A new generation: the step count and the fault start again; a test-only injection stays armed.
+    void reset() {
+        step = 0;
+        fault = SDA_OK;
+        fault_step = 0;
+    }
 };
 
 void refuse(llama_token_data_array * cur_p, fault_guard & g, int32_t fault) {
@@ -111,9 +118,7 @@ void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
 void sda_sampler_reset(llama_sampler * smpl) {
     sda_sampler_state & st = *state_of(smpl);
     st.stats = sda_stats{};
-    st.guard.step = 0;
-    st.guard.fault = SDA_OK;
-    st.guard.fault_step = 0;
+    st.guard.reset();
 }
 
 llama_sampler * sda_sampler_clone(const llama_sampler * smpl) {
@@ -156,10 +161,7 @@ void guard_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
 }
 
 void guard_sampler_reset(llama_sampler * smpl) {
-    fault_guard & g = *guard_of(smpl);
-    g.step = 0;
-    g.fault = SDA_OK;
-    g.fault_step = 0;
+    guard_of(smpl)->reset();
 }
 
 llama_sampler * guard_sampler_clone(const llama_sampler * smpl);
