@@ -220,8 +220,9 @@ def _remote_judge_options() -> dict:
 
 
 def _is_remote(judge_spec) -> bool:
-    spec, url = judge_spec
-    return (spec or ("openai" if url else "local")).strip().partition(":")[0].lower() == "openai"
+    from .judges import parse_judge_spec
+
+    return parse_judge_spec(*judge_spec)[0] == "openai"
 
 
 def _make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose):
@@ -415,6 +416,7 @@ def judge(query, answer, align, judge, judge_url, amplifier_map, as_json, model,
     """Score ANSWER to QUERY for --align (1-100) and show the amplifier it sets."""
     from .amplifier import amplifier
     from .prompts import check_text, resolve_alignment
+    from .judges import parse_judge_spec
     from .rubrics import rubric_for
 
     query = check_text("query", _decode_arg("query", query))
@@ -422,15 +424,15 @@ def judge(query, answer, align, judge, judge_url, amplifier_map, as_json, model,
     alignment = resolve_alignment(check_text("--align", _decode_arg("--align", align)))
     if alignment is None:
         raise InputError("--align needs a preset or an instruction")
-    spec = judge if judge is not None else ("openai" if judge_url else "local")
-    if spec.strip().lower() == "none":
+    kind, arg = parse_judge_spec(judge, judge_url)
+    if kind == "none" and not arg:
         raise InputError("--judge none cannot score an answer")
     engine = None
-    if spec.strip().lower() == "local":
+    if kind == "local" and not arg:  # this model judges (local:PATH loads its own)
         engine = _make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose)
     judge_obj = None
     try:
-        judge_obj = _make_judge((spec, judge_url), engine)
+        judge_obj = _make_judge((judge, judge_url), engine)
         judgement = judge_obj.score(query, answer, rubric_for(alignment))
     finally:
         if judge_obj is not None:

@@ -190,9 +190,10 @@ def judged_units(c: EvalConfig, key_version: int = RUN_VERSION) -> List[JudgedUn
     """Each item and dimension of the judged protocol (``key_version`` 1: the keys of version 1 run files)."""
     loaded, seen = [], set()
     for spec in c.datasets:
-        if _file_id(spec["path"]) in seen:  # the same file given twice: its units once
+        file_id = _file_id(spec["path"])
+        if file_id in seen:  # the same file given twice: its units once
             continue
-        seen.add(_file_id(spec["path"]))
+        seen.add(file_id)
         loaded.append(load_dataset(spec["path"], query_field=spec.get("query_field"),
                                    dimensions=spec.get("dimensions") or (), offset=c.offset, limit=c.limit,
                                    sample=c.sample, seed=c.seed))

@@ -459,6 +459,15 @@ def _retry_after_seconds(value: str, default: float) -> float:
     return when.timestamp() - time.time()
 
 
+def parse_judge_spec(spec: Optional[str], url: Optional[str] = None) -> Tuple[str, str]:
+    """(kind, argument) of a judge spec, kind lower-cased: "local:PATH" -> ("local", "PATH"). No spec means
+    ``openai`` when a URL is given, else ``local``."""
+    if spec is None:
+        spec = "openai" if url else "local"
+    kind, _, arg = spec.strip().partition(":")
+    return kind.lower(), arg
+
+
 def make_judge(spec: Optional[str], engine, *, url: Optional[str] = None, **remote_options):
     """A judge from a CLI-style spec: none | local | local:PATH_OR_NAME | openai | openai:MODEL.
 
@@ -470,10 +479,7 @@ def make_judge(spec: Optional[str], engine, *, url: Optional[str] = None, **remo
     if unknown:
         raise InputError(f"unknown judge option(s) {', '.join(unknown)} (known: {', '.join(REMOTE_OPTIONS)})")
     remote_options = {k: v for k, v in remote_options.items() if v is not None}
-    if spec is None:
-        spec = "openai" if url else "local"
-    kind, _, arg = spec.strip().partition(":")
-    kind = kind.lower()
+    kind, arg = parse_judge_spec(spec, url)
     if kind == "none" and not arg:
         return None
     if url and kind != "openai":

@@ -182,7 +182,7 @@ def test_everything_local_works_without_a_network(model_path, tmp_path):
 _CONNECT = re.compile(r"connect\(\d+, \{sa_family=(AF_\w+)(.*?)\}")
 
 
-def _connects(model_path, tmp_path, argv, stdin, tag):
+def _connects(tmp_path, argv, stdin, tag):
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed")
     log = tmp_path / f"strace-{tag}.log"
@@ -196,7 +196,7 @@ def _connects(model_path, tmp_path, argv, stdin, tag):
 @pytest.mark.slow
 def test_local_runs_make_no_inet_connection(model_path, tmp_path):
     for name, argv, stdin in _local_runs(model_path, tmp_path):
-        inet = [c for c in _connects(model_path, tmp_path, argv, stdin, f"strace-{name}") if c[0] != "AF_UNIX"]
+        inet = [c for c in _connects(tmp_path, argv, stdin, f"strace-{name}") if c[0] != "AF_UNIX"]
         assert inet == [], f"{name} connected to {inet}"
 
 
@@ -206,7 +206,7 @@ def test_a_remote_judge_is_the_only_inet_connection(model_path, tmp_path):
         port = server.url.split(":")[2].split("/")[0]
         argv = ["generate", QUERY, "--align", "honesty", "--judge-url", server.url, "-n", "6", "--seed", "1",
                 "--model", str(model_path)]
-        inet = [c for c in _connects(model_path, tmp_path, argv, None, "strace-remote") if c[0] != "AF_UNIX"]
+        inet = [c for c in _connects(tmp_path, argv, None, "strace-remote") if c[0] != "AF_UNIX"]
     assert inet, "the remote judge was not contacted"
     for family, address in inet:
         assert family == "AF_INET" and f"sin_port=htons({port})" in address and '127.0.0.1' in address, inet
