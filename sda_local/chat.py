@@ -16,7 +16,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 from .amplifier import AMPLIFIER_MAPS
 from .errors import InputError, SDAError
-from .judges import RemoteJudge, make_judge, redact_url
+from .judging import DEFAULT_JUDGE, RemoteJudge, format_score, make_judge, redact_url
 from .logs import LogWriteError
 from .pipeline import DEFAULT_STRENGTH, parse_failure_policy
 from .privacy import write_private_text
@@ -28,7 +28,7 @@ HELP = """Commands:
   /align PRESET|TEXT|off   steer towards a preset (helpfulness, harmlessness, honesty, empathy,
                            summarization) or an instruction of your own; off = plain chat
   /strength A|auto         amplifier a set by hand, or auto: the judge scores a first answer each turn
-  /judge none|local|openai[:MODEL]   who scores in auto mode
+  /judge none|local|self|openai[:MODEL]   who sets a in auto mode (self: the model's likelihood ratio)
   /show                    last score, a, mean temperature, mean JS, tok/s, SDA overhead
   /clear                   forget the conversation
   /save FILE, /load FILE   JSON transcript with all settings
@@ -46,7 +46,7 @@ class Turn:
     user: str
     reply: str
     interrupted: bool = False
-    score: Optional[int] = None
+    score: Optional[float] = None
     amplifier: Optional[float] = None
     stats: Optional[dict] = None
 
@@ -55,7 +55,7 @@ class Turn:
 class ChatSettings:
     align: Optional[str] = None  # preset name or instruction text; None = plain chat
     strength: Optional[float] = None  # None = auto (judge)
-    judge: str = "local"
+    judge: str = DEFAULT_JUDGE
     judge_url: Optional[str] = None
     system: Optional[str] = None
     seed: Optional[int] = None
@@ -79,7 +79,8 @@ class ChatSettings:
 
 @dataclass
 class LastTurnInfo:
-    score: Optional[int] = None
+    score: Optional[float] = None
+    scoring: Optional[str] = None
     amplifier: Optional[float] = None
     amplifier_source: Optional[str] = None
     stats: Optional[dict] = None
@@ -183,6 +184,7 @@ class ChatSession:
         if hasattr(result, "amplifier"):  # an SDA turn
             turn.score, turn.amplifier = result.score, result.amplifier
             self.info.score, self.info.amplifier = result.score, result.amplifier
+            self.info.scoring = result.scoring
             self.info.amplifier_source = result.amplifier_source
             if result.initial_tokens_per_second:
                 self.info.plain_tokens_per_second = result.initial_tokens_per_second
@@ -266,7 +268,7 @@ class ChatSession:
 
     def _cmd_judge(self, arg):
         if not arg:
-            return f"judge: {self.settings.judge} (usage: /judge none|local|openai[:MODEL])"
+            return f"judge: {self.settings.judge} (usage: /judge none|local|self|openai[:MODEL])"
         previous = (self.settings.judge, self.settings.judge_url)
         self.settings.judge = arg
         if not arg.lower().startswith("openai"):
@@ -286,7 +288,7 @@ class ChatSession:
             return "\n".join(lines + ["no reply yet"])
         st = i.stats
         if i.amplifier is not None:
-            score = f"{i.score}/100" if i.score is not None else "-"
+            score = format_score(i.score, i.scoring)
             lines.append(f"last score: {score}; a = {i.amplifier:.3f} ({i.amplifier_source})")
         if st.get("mean_temperature") is not None:
             lines.append(f"mean temperature: {st['mean_temperature']:.3f}; mean JS: {st['mean_js']:.4f}")

@@ -150,7 +150,8 @@ class SDAEngine:
         if fusion_backend == "native" and self._native is None:
             raise InputError(f"the native fusion library is not loaded: {native.load_error()}")
         self._candidates: Optional[np.ndarray] = None  # numpy-fallback token array, allocated on first use
-        self._aux_streams = None  # for the local judge, created on first use
+        self._aux_streams = None  # for the local judge's greedy completions, created on first use
+        self._forcing = None  # for the judges that read distributions (expected, self), created on first use
         self._logit_injections = None  # TEST ONLY (see fusion.logit_injection_from_env), read on first use
 
     @property
@@ -223,15 +224,16 @@ class SDAEngine:
             pass
         return stream.result
 
-    def align_stream(self, query: str, align: str, *, judge="local", **options):
+    def align_stream(self, query: str, align: str, *, judge="auto", **options):
         """Like ``align`` but yields the SDA answer's text pieces; ``.result`` is an AlignmentResult.
 
-        ``judge``: "local" (this engine's model), "local:PATH|NAME", "openai[:MODEL]", "none"/None, or a
+        ``judge``: "auto" (the default: self for a custom instruction, local for a preset), "local" (this
+        engine's model scores), "self" (its likelihood ratio), "local:PATH|NAME", "openai[:MODEL]", "none"/None, or a
         judge object (LocalJudge, RemoteJudge). Options: ``strength`` (skips the judge), ``amplifier_map``,
         ``on_judge_failure`` ("error", "fixed:A", "prompt-only"), ``on_warning`` (callable) and every
         option of ``stream``.
         """
-        from .judges import make_judge
+        from .judging import make_judge
         from .pipeline import align_stream
 
         if not isinstance(judge, str):
@@ -265,12 +267,22 @@ class SDAEngine:
         prompt_with, prompt_without = self.formatter.pair(check_text("query", query), alignment, history)
         if not history:
             self.streams.reset()
-        self.streams.prefill(self._tokenize_prompt(prompt_with), self._tokenize_prompt(prompt_without))
+        self.streams.prefill(self.tokenize_prompt(prompt_with), self.tokenize_prompt(prompt_without))
         n = self.model.n_vocab
         rows = []
         for ctx, idx in (self.streams.with_logits, self.streams.without_logits):
             rows.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(n,)).copy())
         return rows[0], rows[1]
+
+    def forcing(self):
+        """The teacher-forcing context on this engine's weights (forcing.ForcingContext), made on first use."""
+        if self.model is None:
+            raise ModelError("the engine is closed")
+        if self._forcing is None:
+            from .forcing import ForcingContext
+
+            self._forcing = ForcingContext(self.model, n_ctx=self.n_ctx, n_threads=self.n_threads)
+        return self._forcing
 
     def reset_caches(self) -> None:
         """Empty every KV cache, so that what comes next does not depend on what came before (bit for bit:
@@ -280,6 +292,9 @@ class SDAEngine:
                 streams.reset()
 
     def close(self) -> None:
+        if getattr(self, "_forcing", None) is not None:
+            self._forcing.close()
+            self._forcing = None
         if getattr(self, "_aux_streams", None) is not None:
             self._aux_streams.close()
             self._aux_streams = None
@@ -297,7 +312,8 @@ class SDAEngine:
         self.close()
 
     # -- internals ----------------------------------------------------------------------------------
-    def _tokenize_prompt(self, prompt: str) -> List[int]:
+    def tokenize_prompt(self, prompt: str) -> List[int]:
+        """A rendered prompt's tokens (special tokens parsed); refuses one that fills the context."""
         tokens = self.model.tokenize(prompt, add_bos=self._add_bos, special=True)
         if len(tokens) >= self.n_ctx:
             raise ContextOverflowError(
@@ -389,7 +405,7 @@ class SDAEngine:
             self._aux_streams = make_streams("contexts", model, n_ctx=self.n_ctx, n_threads=self.n_threads)
         streams = self._aux_streams
         streams.reset()  # a judgement depends on its prompt alone
-        tokens = self._tokenize_prompt(self.formatter.render(system, user))
+        tokens = self.tokenize_prompt(self.formatter.render(system, user))
         sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
         if not sampler:
             raise InputError("invalid grammar")
@@ -442,8 +458,8 @@ class SDAEngine:
             prompt_with, prompt_without = self.formatter.pair(query, alignment, history)
         else:
             prompt_with, prompt_without = self.formatter.render(system or QUESTION_SYSTEM, query, history), None
-        tokens_with = self._tokenize_prompt(prompt_with)
-        tokens_without = self._tokenize_prompt(prompt_without) if steered else None
+        tokens_with = self.tokenize_prompt(prompt_with)
+        tokens_without = self.tokenize_prompt(prompt_without) if steered else None
 
         injection = next((i for i in self._injections() if i.seed in (None, seed) and (steered or i.row == "with")),
                          None)

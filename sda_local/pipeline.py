@@ -19,12 +19,20 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 from .amplifier import DEFAULT_MAP, AMPLIFIER_MAPS, amplifier
 from .errors import InputError
-from .judges import Judgement, JudgeError
+from .judging import Judgement, JudgeError
 from .prompts import check_text, resolve_alignment
 from .rubrics import rubric_for
 
 DEFAULT_STRENGTH = 0.5
 DEFAULT_ON_JUDGE_FAILURE = f"fixed:{DEFAULT_STRENGTH}"
+
+
+def amplifier_of(judgement: Judgement, amplifier_map: str = DEFAULT_MAP) -> float:
+    """The amplifier a judgement sets: the judge's own (the self judge maps its likelihood ratio), else
+    a = F(score) with ``amplifier_map``."""
+    if judgement.amplifier is not None:
+        return judgement.amplifier
+    return amplifier(judgement.score, amplifier_map)
 
 
 def parse_failure_policy(policy: str) -> Tuple[str, Optional[float]]:
@@ -55,7 +63,9 @@ class AlignmentResult:
     amplifier_map: Optional[str] = None
     initial_text: Optional[str] = None
     initial_tokens_per_second: Optional[float] = None  # the one-stream initial answer's decode speed
-    score: Optional[int] = None
+    score: Optional[float] = None  # 1..100, or the self judge's likelihood ratio r
+    scoring: Optional[str] = None  # how the judge scored: greedy, expected or self
+    score_spread: Optional[float] = None
     judge: Optional[str] = None
     rubric_version: Optional[str] = None
     judge_reply: Optional[str] = None
@@ -131,8 +141,12 @@ def align_stream(
             started = time.perf_counter()
             try:
                 judgement: Judgement = judge.score(query, initial.text, rubric)
-                a, source = amplifier(judgement.score, amplifier_map), "judge"
-                result_fields.update(score=judgement.score, judge_reply=judgement.raw)
+                a, source = amplifier_of(judgement, amplifier_map), "judge"
+                # The judge that scored (the auto judge delegates), and no map when the judge set a itself.
+                result_fields.update(score=judgement.score, scoring=judgement.scoring, score_spread=judgement.spread,
+                                     judge=judgement.judge, rubric_version=judgement.rubric_version,
+                                     judge_reply=judgement.raw,
+                                     amplifier_map=None if judgement.amplifier is not None else amplifier_map)
                 on_judged(judgement, a)
             except JudgeError as exc:
                 kind, value = policy

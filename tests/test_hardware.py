@@ -16,7 +16,7 @@ import requests
 from conftest import run_cli
 from sda_local import SDAEngine, hardware
 from sda_local.errors import InputError
-from sda_local.judges import make_judge
+from sda_local.judging import make_judge
 from sda_local.rubrics import RUBRICS
 
 LONG_QUERY = "Explain, in a few sentences, why the sky looks blue during the day and red at sunset."

@@ -17,7 +17,7 @@ import requests
 from conftest import run_cli
 from fault_server import FaultServer, completion
 from sda_local.errors import InputError
-from sda_local.judges import (MAX_REPLY_BYTES, JudgeError, LocalJudge, RemoteJudge, make_judge, parse_judge_reply,
+from sda_local.judging import (MAX_REPLY_BYTES, JudgeError, LocalJudge, RemoteJudge, make_judge, parse_judge_reply,
                               parse_scores)
 from sda_local.prompts import PRESETS, resolve_alignment
 from sda_local.rubrics import RUBRICS, judge_messages, pairwise_messages, rubric_for
@@ -145,7 +145,7 @@ class PromptRecorder:
 
 def test_local_judge_is_deterministic_and_reads_only_its_own_reply(engine):
     recorder = PromptRecorder(engine)
-    judge = LocalJudge(recorder)
+    judge = LocalJudge(recorder, scoring="greedy")
     rubric = RUBRICS["helpfulness"]
     a = judge.score(QUERY, "Put the egg in boiling water for 8 minutes, then cool it.", rubric)
     b = judge.score(QUERY, "Put the egg in boiling water for 8 minutes, then cool it.", rubric)
@@ -432,7 +432,7 @@ def test_full_pipeline_with_the_local_judge(engine):
     r = engine.align(QUERY, "helpfulness", seed=4, max_tokens=40)
     assert r.amplifier_source == "judge" and 1 <= r.score <= 100
     assert r.amplifier == pytest.approx(amplifier(r.score))
-    assert r.initial_text and r.text and r.rubric_version == "helpfulness-v1" and r.judge.startswith("local:")
+    assert r.initial_text and r.text and r.rubric_version == "helpfulness-v1/scale-9" and r.judge.startswith("local:")
     assert set(r.stage_seconds) == {"initial", "judge", "sda"} and all(v > 0 for v in r.stage_seconds.values())
     assert r.stats.strength == pytest.approx(r.amplifier)
     # The initial answer is plain generation of the without-instruction prompt, same seed.

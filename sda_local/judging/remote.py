@@ -1,22 +1,10 @@
-"""Judges that score an answer from 1 to 100 under a rubric (SPEC.md sections 1 and 6).
+"""``RemoteJudge``: an OpenAI-compatible Chat Completions judge (OpenAI's GPT-4.1 by default; llama-server,
+ollama, vLLM and llama-cpp-python's server work too), at temperature 0 with a fixed seed, with timeouts and
+bounded retries.
 
-* ``LocalJudge`` runs a GGUF model on this machine: the generation model itself (no second copy of the
-  weights) or another one. It decodes greedily under a grammar that admits only ``{"score": N}`` with
-  N in 1..100. Why a grammar rather than the expected value over score tokens: a score of 1..100 spans one
-  to three tokens whose split differs between tokenizers, so an expected value would need a tokenizer-
-  specific tree of forward passes; greedy decoding under a grammar is deterministic, tokenizer-agnostic,
-  and can only produce a well-formed, in-range score.
-* ``RemoteJudge`` calls an OpenAI-compatible Chat Completions endpoint (OpenAI's GPT-4.1 by default;
-  llama-server, ollama, vLLM and llama-cpp-python's server work too) at temperature 0 with a fixed seed,
-  with timeouts and bounded retries.
-
-Both read the score from the judge's own reply, parsed strictly as JSON: never from the judged text, and
-never by "the first number in the text". Anything else is a ``JudgeError``: NaN, infinities, fractions,
-booleans, strings, nesting, repeated keys, and replies over ``MAX_REPLY_BYTES`` (never read whole).
-
-The key (or ``user:pass@`` in the URL) goes to the judge URL only, never over plain http:// to a host that
-is not this machine unless allowed, and never into an identity, message or record: those show the URL
-without its credentials.
+Replies over ``MAX_REPLY_BYTES`` are refused without being read whole. The key (or ``user:pass@`` in the
+URL) goes to the judge URL only, never over plain http:// to a host that is not this machine unless
+allowed, and never into an identity, message or record: those show the URL without its credentials.
 """
 
 from __future__ import annotations
@@ -24,18 +12,15 @@ from __future__ import annotations
 import base64
 import email.utils
 import ipaddress
-import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
-from decimal import Decimal
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 from urllib.parse import unquote, urlsplit
 
-from .errors import InputError, SDAError
-from .fusion import NonFiniteLogitsError
-from .rubrics import Rubric, judge_messages, pairwise_messages
+from ..errors import InputError
+from ..rubrics import Rubric, judge_messages, pairwise_messages
+from .replies import Judgement, JudgeError, PairJudgement, parse_judge_reply, parse_scores, strict_json
 
 OPENAI_URL = "https://api.openai.com/v1"
 DEFAULT_REMOTE_MODEL = "gpt-4.1"
@@ -44,13 +29,6 @@ API_KEY_ENVS = ("SDA_JUDGE_API_KEY", "OPENAI_API_KEY")
 # and is refused before it is read into memory.
 MAX_REPLY_BYTES = 1 << 20
 DEFAULT_MAX_WAIT = 60.0
-# make_judge's options for a remote judge (the first four are the CLI's --judge-timeout, --judge-retries,
-# --judge-max-wait, --allow-insecure-judge); a local judge ignores them.
-REMOTE_OPTIONS = ("read_timeout", "max_attempts", "max_wait", "allow_insecure", "connect_timeout", "api_key")
-SCORE_GRAMMAR = r'''root ::= "{\"score\": " score "}"
-score ::= "100" | [1-9] [0-9]? '''
-PAIR_GRAMMAR = r'''root ::= "{\"score_a\": " score ", \"score_b\": " score "}"
-score ::= "100" | [1-9] [0-9]? '''
 def _schema(*keys: str) -> dict:
     return {
         "type": "object",
@@ -72,140 +50,6 @@ def _response_formats(schema: dict) -> tuple:
         {"type": "json_schema", "json_schema": {"name": "score", "strict": True, "schema": schema}},
         None,
     )
-
-
-class JudgeError(SDAError):
-    """The judge gave no usable score (unreachable, refused, malformed or out-of-range reply)."""
-
-
-@dataclass
-class Judgement:
-    score: int
-    judge: str
-    rubric_version: str
-    raw: str  # the judge's reply, as parsed
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class _NotStrict(ValueError):
-    pass
-
-
-def _no_constant(name: str):
-    raise _NotStrict(f"{name} is not a number a judge may give")
-
-
-def _no_repeats(pairs):
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _NotStrict(f'"{_clip(key, 40)}" is given twice')
-        obj[key] = value
-    return obj
-
-
-def strict_json(data):
-    """json.loads without NaN/Infinity, with exact decimals (1e999 stays finite, 99.99999999999999999 stays
-    a fraction) and without repeated keys. Raises ValueError (also for nesting too deep to parse)."""
-    try:
-        return json.loads(data, parse_constant=_no_constant, parse_float=Decimal, object_pairs_hook=_no_repeats)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-
-
-def _unfence(body: str) -> str:
-    # String slicing, not a regex: "```(.*?)\\s*```" backtracks for hours on ``` and 100 000 spaces.
-    if len(body) >= 6 and body.startswith("```") and body.endswith("```"):
-        inner = body[3:-3]
-        return (inner[4:] if inner.startswith("json") else inner).strip()
-    return body
-
-
-def parse_scores(text: str, keys: Tuple[str, ...]) -> Tuple[int, ...]:
-    """The scores of a reply that must be exactly a JSON object of integer scores 1..100 under ``keys``
-    (optionally in a ```json fence)."""
-    if not isinstance(text, str):
-        raise JudgeError(f"the judge's reply is not text but {type(text).__name__}")
-    if not text.strip():
-        raise JudgeError("the judge's reply is empty")
-    try:
-        obj = strict_json(_unfence(text.strip()))
-    except _NotStrict as exc:
-        raise JudgeError(f"the judge's reply is not a valid score object ({exc}): {_clip(text)}") from None
-    except ValueError:  # includes integers too long to convert
-        raise JudgeError(f"the judge's reply is not the JSON score object: {_clip(text)}") from None
-    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
-    if missing:
-        raise JudgeError(f'the judge\'s reply has no "{missing[0]}": {_clip(text)}')
-    scores = []
-    for key in keys:
-        score = obj[key]
-        if isinstance(score, bool) or not isinstance(score, (int, Decimal)):
-            raise JudgeError(f"the judge's score is not a number: {_clip(json.dumps(score, default=str))}")
-        # Range first: int() of a huge exponent (1e999999999) would build an enormous integer.
-        if not 1 <= score <= 100:
-            raise JudgeError(f"the judge's score is out of range 1..100: {_clip(str(score))}")
-        if isinstance(score, Decimal) and score != score.to_integral_value():
-            raise JudgeError(f"the judge's score is not an integer: {score}")
-        scores.append(int(score))
-    return tuple(scores)
-
-
-def parse_judge_reply(text: str) -> int:
-    """The score of a reply that must be exactly ``{"score": N}``."""
-    return parse_scores(text, ("score",))[0]
-
-
-@dataclass
-class PairJudgement:
-    score_a: int
-    score_b: int
-    judge: str
-    rubric_version: str
-    raw: str
-    seconds: float
-
-
-def _clip(text: str, n: int = 80) -> str:
-    one_line = " ".join(str(text).split())
-    return one_line if len(one_line) <= n else one_line[: n - 3] + "..."
-
-
-class LocalJudge:
-    """Scores with a local GGUF model through an SDAEngine (``owns_engine``: close it with the judge)."""
-
-    def __init__(self, engine, *, name: Optional[str] = None, owns_engine: bool = False):
-        self.engine = engine
-        self.owns_engine = owns_engine
-        self.identity = f"local:{name or engine.model_path.name}"
-
-    def _complete(self, messages, grammar: str, max_tokens: int) -> str:
-        system, user = (m["content"] for m in messages)
-        try:
-            return self.engine.complete_with_grammar(system, user, grammar, max_tokens=max_tokens)
-        except NonFiniteLogitsError as exc:  # the judge model broke down (e.g. fp16 overflow on a GPU)
-            raise JudgeError(f"local judge: {exc}") from None
-        except InputError as exc:  # e.g. the answer does not fit in the judge's context
-            raise JudgeError(f"local judge: {exc}") from None
-
-    def score(self, query: str, answer: str, rubric: Rubric) -> Judgement:
-        started = time.perf_counter()
-        reply = self._complete(judge_messages(rubric, query, answer), SCORE_GRAMMAR, 16)
-        return Judgement(parse_judge_reply(reply), self.identity, rubric.version, reply,
-                         time.perf_counter() - started)
-
-    def score_pair(self, query: str, answer_a: str, answer_b: str, rubric: Rubric) -> PairJudgement:
-        started = time.perf_counter()
-        reply = self._complete(pairwise_messages(rubric, query, answer_a, answer_b), PAIR_GRAMMAR, 32)
-        a, b = parse_scores(reply, ("score_a", "score_b"))
-        return PairJudgement(a, b, self.identity, rubric.version, reply, time.perf_counter() - started)
-
-    def close(self) -> None:
-        if self.owns_engine:
-            self.engine.close()
 
 
 def api_key_from_env() -> Optional[str]:
@@ -459,40 +303,3 @@ def _retry_after_seconds(value: str, default: float) -> float:
     return when.timestamp() - time.time()
 
 
-def parse_judge_spec(spec: Optional[str], url: Optional[str] = None) -> Tuple[str, str]:
-    """(kind, argument) of a judge spec, kind lower-cased: "local:PATH" -> ("local", "PATH"). No spec means
-    ``openai`` when a URL is given, else ``local``."""
-    if spec is None:
-        spec = "openai" if url else "local"
-    kind, _, arg = spec.strip().partition(":")
-    return kind.lower(), arg
-
-
-def make_judge(spec: Optional[str], engine, *, url: Optional[str] = None, **remote_options):
-    """A judge from a CLI-style spec: none | local | local:PATH_OR_NAME | openai | openai:MODEL.
-
-    ``engine`` serves ``local``. ``url`` (any OpenAI-compatible base URL) implies ``openai`` when no spec
-    is given. ``remote_options`` (REMOTE_OPTIONS, None = default) go to a RemoteJudge; a local judge has no
-    use for them. Returns None for ``none``.
-    """
-    unknown = sorted(set(remote_options) - set(REMOTE_OPTIONS))
-    if unknown:
-        raise InputError(f"unknown judge option(s) {', '.join(unknown)} (known: {', '.join(REMOTE_OPTIONS)})")
-    remote_options = {k: v for k, v in remote_options.items() if v is not None}
-    kind, arg = parse_judge_spec(spec, url)
-    if kind == "none" and not arg:
-        return None
-    if url and kind != "openai":
-        raise InputError("--judge-url only applies to --judge openai[:MODEL]")
-    if kind == "local":
-        if not arg:
-            return LocalJudge(engine)
-        from .engine import SDAEngine
-
-        threads = engine.n_threads if engine is not None else None
-        judge_engine = SDAEngine(arg, n_ctx=4096, streams="contexts", n_threads=threads,
-                                 repack=getattr(engine, "repack", None))
-        return LocalJudge(judge_engine, owns_engine=True)
-    if kind == "openai":
-        return RemoteJudge(arg or DEFAULT_REMOTE_MODEL, base_url=url or OPENAI_URL, **remote_options)
-    raise InputError(f"unknown judge {spec!r} (none, local, local:PATH|NAME, openai, openai:MODEL)")

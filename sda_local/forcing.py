@@ -1,0 +1,169 @@
+"""Teacher forcing: log-probabilities of given tokens, for the judges that read a model's distribution
+instead of sampling from it (expected-value scoring and the self judge).
+
+``ForcingContext`` owns one llama_context on the model's weights with two sequences in a unified cache, so
+the self judge's two prompts (with and without the instruction) go through one batched prefill. Its batches
+keep llama.cpp's ubatch under the row count where the CPU matmul switches kernels (streams.N_UBATCH), as
+the generation streams do. Nothing here samples, and nothing depends on what was decoded before: every
+call starts from an empty cache.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import List, Optional, Sequence, Tuple
+
+import llama_cpp
+import numpy as np
+from scipy.special import logsumexp
+
+from .errors import ContextOverflowError, ModelError
+from .fusion import NonFiniteLogitsError, nonfinite_value
+from .gguf_model import GGUFModel
+from .streams import N_BATCH, N_UBATCH, common_prefix_length
+
+N_SEQ = 2
+
+
+def _free(ctx_box: list) -> None:
+    while ctx_box:
+        llama_cpp.llama_free(ctx_box.pop())
+
+
+class ForcingContext:
+    """Decodes token sequences and reads the log-probabilities the model gives to chosen tokens.
+
+    ``n_ctx`` is per sequence."""
+
+    def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int):
+        self.model = model
+        self.n_ctx = n_ctx
+        self.ctx = model.new_context(n_ctx=N_SEQ * n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads,
+                                     n_seq_max=N_SEQ, kv_unified=True)
+        self._box = [self.ctx]
+        self._finalizer = weakref.finalize(self, _free, self._box)
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, N_SEQ)
+        self._lengths = [0] * N_SEQ  # tokens in each sequence's cache
+
+    # -- decoding -----------------------------------------------------------------------------------
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        self._lengths = [0] * N_SEQ
+
+    def truncate(self, seq: int, length: int) -> None:
+        """Forget positions >= length of a sequence (to try another branch after a shared prefix)."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), seq, length, -1)
+        self._lengths[seq] = min(self._lengths[seq], length)
+
+    def _check_room(self, seq: int, extra: int) -> None:
+        if self._lengths[seq] + extra > self.n_ctx:
+            raise ContextOverflowError(f"the judged text is {self._lengths[seq] + extra} tokens but the judge's "
+                                       f"context holds {self.n_ctx} (raise --n-ctx)")
+
+    def decode(self, parts: Sequence[Tuple[int, Sequence[int], int]]) -> List[np.ndarray]:
+        """Append tokens to sequences and return, per part, the logit rows of its last ``n_rows`` tokens
+        (the distributions that follow them), as one (n_rows, n_vocab) float32 array each (copies).
+
+        ``parts``: (sequence, tokens, n_rows). All parts go through the same batches, so two sequences'
+        prompts are one prefill."""
+        for seq, tokens, _ in parts:
+            self._check_room(seq, len(tokens))
+        entries = []  # (token, pos, seq, part index or -1)
+        for index, (seq, tokens, n_rows) in enumerate(parts):
+            start = self._lengths[seq]
+            first_row = len(tokens) - n_rows
+            for i, token in enumerate(tokens):
+                entries.append((token, start + i, seq, index if i >= first_row else -1))
+            self._lengths[seq] += len(tokens)
+        rows: List[List[np.ndarray]] = [[] for _ in parts]
+        n_vocab = self.model.n_vocab
+        b = self._batch
+        for chunk_start in range(0, len(entries), N_BATCH):
+            chunk = entries[chunk_start:chunk_start + N_BATCH]
+            b.n_tokens = 0
+            owners = []
+            for token, pos, seq, owner in chunk:
+                i = b.n_tokens
+                b.token[i], b.pos[i], b.n_seq_id[i] = token, pos, 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = owner >= 0
+                b.n_tokens = i + 1
+                if owner >= 0:
+                    owners.append(owner)
+            rc = llama_cpp.llama_decode(self.ctx, b)
+            if rc != 0:
+                self.clear()
+                raise ModelError(f"llama_decode failed (code {rc}): out of context or memory")
+            if owners:
+                # Output rows are contiguous, in batch order.
+                out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(len(owners), n_vocab))
+                owners_arr = np.asarray(owners)
+                for owner in np.unique(owners_arr):
+                    rows[owner].append(out[owners_arr == owner].copy())
+        result = []
+        for part_rows, (_, _, n_rows) in zip(rows, parts):
+            block = np.concatenate(part_rows) if part_rows else np.zeros((0, n_vocab), np.float32)
+            assert len(block) == n_rows
+            value = nonfinite_value(block) if len(block) else None
+            if value is not None:
+                raise NonFiniteLogitsError(value, "with", f"the model produced non-finite logits ({value}) "
+                                                          "while judging")
+            result.append(block)
+        return result
+
+    # -- what the judges ask ------------------------------------------------------------------------
+    def next_logprobs(self, tokens: Sequence[int], ids: Sequence[int], *, seq: int = 0) -> np.ndarray:
+        """log p(id | tokens) for each id, over the full vocabulary (float64), from an empty sequence."""
+        self.truncate(seq, 0)
+        (row,) = self.decode([(seq, tokens, 1)])
+        return log_softmax_at(row, [ids])[0]
+
+    def branch_logprobs(self, seq: int, keep: int, branch: Sequence[int], ids: Sequence[int]) -> np.ndarray:
+        """log p(id | the first ``keep`` tokens of ``seq`` + ``branch``): the sequence is cut back to ``keep``
+        first, so branches of one prefix are tried one after the other without decoding the prefix again."""
+        self.truncate(seq, keep)
+        (row,) = self.decode([(seq, branch, 1)])
+        return log_softmax_at(row, [ids])[0]
+
+    def continuation_logprobs(self, prompts: Sequence[Sequence[int]], continuation: Sequence[int]) -> List[np.ndarray]:
+        """log p(continuation[i] | prompt + continuation[:i]) for each prompt (at most N_SEQ), in one batched
+        prefill, from empty sequences."""
+        if not continuation:
+            return [np.zeros(0) for _ in prompts]
+        for seq in range(len(prompts)):
+            self.truncate(seq, 0)
+        # The prompts' common prefix (the system prompt and the query, for the self judge) is decoded once
+        # and shared: in the unified cache, copying it to the other sequence is metadata only.
+        shared = min([common_prefix_length(prompts[0], p) for p in prompts] + [len(p) - 1 for p in prompts])
+        if len(prompts) > 1 and shared > 0:
+            self.decode([(0, prompts[0][:shared], 0)])
+            memory = llama_cpp.llama_get_memory(self.ctx)
+            for seq in range(1, len(prompts)):
+                llama_cpp.llama_memory_seq_cp(memory, 0, seq, 0, shared)
+                self._lengths[seq] = shared
+        else:
+            shared = 0
+        # Row j (that of the token before continuation[j]) predicts continuation[j]; the last continuation
+        # token predicts nothing asked for, so it is not decoded.
+        parts = [(seq, list(p[shared:]) + list(continuation[:-1]), len(continuation))
+                 for seq, p in enumerate(prompts)]
+        return [_token_logprobs(block, continuation) for block in self.decode(parts)]
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        self._finalizer()
+
+
+def log_softmax_at(rows: np.ndarray, ids_per_row: Sequence[Sequence[int]]) -> List[np.ndarray]:
+    """Per row, log_softmax(row)[ids] in float64 (one float32 logsumexp per row: a float64 copy of a 262k
+    vocabulary's rows would cost more than the decode)."""
+    norms = logsumexp(rows, axis=1).astype(np.float64)
+    return [rows[i, list(ids)].astype(np.float64) - norms[i] for i, ids in enumerate(ids_per_row)]
+
+
+def _token_logprobs(block: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
+    norms = logsumexp(block, axis=1).astype(np.float64)
+    picked = block[np.arange(len(tokens)), np.asarray(tokens)].astype(np.float64)
+    return picked - norms

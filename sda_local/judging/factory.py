@@ -1,0 +1,66 @@
+"""Judges from the CLI's specs (``--judge``), with their options."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from ..errors import InputError
+from .auto import AutoJudge
+from .local import DEFAULT_SCORING, LocalJudge, check_scoring
+from .remote import DEFAULT_REMOTE_MODEL, OPENAI_URL, RemoteJudge
+from .selfscore import SelfJudge
+
+# make_judge's options for a remote judge (the first four are the CLI's --judge-timeout, --judge-retries,
+# --judge-max-wait, --allow-insecure-judge); a local judge ignores them.
+REMOTE_OPTIONS = ("read_timeout", "max_attempts", "max_wait", "allow_insecure", "connect_timeout", "api_key")
+JUDGE_OPTIONS = ("scoring",) + REMOTE_OPTIONS  # scoring: --judge-scoring, for local judges
+# The judge of --align without --strength or --judge: self for custom instructions, the local rubric judge for
+# presets (judging/auto.py; README, "Choosing the judge").
+DEFAULT_JUDGE = "auto"
+# Judges that run on the generation model itself: they need its engine.
+ENGINE_JUDGES = ("auto", "local", "self")
+
+
+def parse_judge_spec(spec: Optional[str], url: Optional[str] = None) -> Tuple[str, str]:
+    """(kind, argument) of a judge spec, kind lower-cased: "local:PATH" -> ("local", "PATH"). No spec means
+    ``openai`` when a URL is given, else DEFAULT_JUDGE."""
+    if spec is None:
+        spec = "openai" if url else DEFAULT_JUDGE
+    kind, _, arg = spec.strip().partition(":")
+    return kind.lower(), arg
+
+
+def make_judge(spec: Optional[str], engine, *, url: Optional[str] = None, **options):
+    """A judge from a CLI-style spec: none | auto | local | local:PATH_OR_NAME | self | openai | openai:MODEL.
+
+    ``engine`` serves ``auto``, ``local`` and ``self``. ``url`` (any OpenAI-compatible base URL) implies ``openai``
+    when no spec is given. ``options`` (JUDGE_OPTIONS, None = default): ``scoring`` ("expected" or "greedy")
+    applies to local judges; the others (REMOTE_OPTIONS) go to a RemoteJudge. Returns None for ``none``.
+    """
+    unknown = sorted(set(options) - set(JUDGE_OPTIONS))
+    if unknown:
+        raise InputError(f"unknown judge option(s) {', '.join(unknown)} (known: {', '.join(JUDGE_OPTIONS)})")
+    options = {k: v for k, v in options.items() if v is not None}
+    scoring = check_scoring(options.pop("scoring", DEFAULT_SCORING))
+    remote_options = options
+    kind, arg = parse_judge_spec(spec, url)
+    if kind == "none" and not arg:
+        return None
+    if url and kind != "openai":
+        raise InputError("--judge-url only applies to --judge openai[:MODEL]")
+    if kind == "local":
+        if not arg:
+            return LocalJudge(engine, scoring=scoring)
+        from ..engine import SDAEngine
+
+        threads = engine.n_threads if engine is not None else None
+        judge_engine = SDAEngine(arg, n_ctx=4096, streams="contexts", n_threads=threads,
+                                 repack=getattr(engine, "repack", None))
+        return LocalJudge(judge_engine, owns_engine=True, scoring=scoring)
+    if kind == "self" and not arg:
+        return SelfJudge(engine)
+    if kind == "auto" and not arg:
+        return AutoJudge(engine, scoring=scoring)
+    if kind == "openai":
+        return RemoteJudge(arg or DEFAULT_REMOTE_MODEL, base_url=url or OPENAI_URL, **remote_options)
+    raise InputError(f"unknown judge {spec!r} (auto, none, local, local:PATH|NAME, self, openai, openai:MODEL)")
