@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import InputError, SDAError
+from .judging.factory import DEFAULT_JUDGE, ENGINE_JUDGES
 from .fusion import MAX_STRENGTH, MAX_T0, MIN_T0, MIN_TOP_P, TEMPERATURE_MODES
 from .streams import STREAM_MODES
 
@@ -107,6 +108,16 @@ def _in_range(low: float, high: float, why: str = ""):
 
 _strength_range = _in_range(0.0, MAX_STRENGTH, " (the paper's amplifier is in [0, 1])")
 _t0_range = _in_range(MIN_T0, MAX_T0)
+
+
+def _verify_strength(ctx, param, value):
+    if value is None or value.strip().lower() == "judge":
+        return "judge" if value is not None else None
+    try:
+        number = float(value)
+    except ValueError:
+        raise click.BadParameter(f"must be a number or judge, got {value!r}") from None
+    return _strength_range(ctx, param, number)
 _top_p_range = _in_range(MIN_TOP_P, 1.0)
 
 
@@ -166,11 +177,17 @@ _repack_option = click.option(
 
 def _judge_options(f):
     from .amplifier import AMPLIFIER_MAPS, DEFAULT_MAP
+    from .judging import SCORINGS
 
     options = [
         click.option("--judge", "-j", default=None,
-                     help="Who scores the first answer: local (this model, default), local:PATH|NAME, "
-                          "openai[:MODEL] (default gpt-4.1), none (fixed a = 0.5)."),
+                     help="Who sets the amplifier from the first answer: local (this model scores it, default), "
+                          "local:PATH|NAME, self (no judge: the model's likelihood ratio with and without the "
+                          "instruction), openai[:MODEL] (default gpt-4.1), none (fixed a = 0.5)."),
+        click.option("--judge-scoring", type=click.Choice(list(SCORINGS)), expose_value=False,
+                     callback=_store_judge_option("scoring"),
+                     help=f"How a local judge scores: expected (the mean of its score distribution; default) or "
+                          "greedy (its most likely score)."),
         click.option("--judge-url", default=None,
                      help="OpenAI-compatible base URL for the judge (llama-server, ollama, vLLM, ...); "
                           "key from SDA_JUDGE_API_KEY or OPENAI_API_KEY, or user:pass@ in the URL (HTTP Basic, "
@@ -214,13 +231,13 @@ def _store_judge_option(name: str):
 
 
 def _remote_judge_options() -> dict:
-    """The --judge-timeout/--judge-retries/--judge-max-wait/--allow-insecure-judge given on this command line,
-    as make_judge options (absent: the judge's defaults)."""
+    """The --judge-scoring/--judge-timeout/--judge-retries/--judge-max-wait/--allow-insecure-judge given on
+    this command line, as make_judge options (absent: the judge's defaults)."""
     return dict(click.get_current_context().meta.get(_JUDGE_META, {}))
 
 
 def _is_remote(judge_spec) -> bool:
-    from .judges import parse_judge_spec
+    from .judging import parse_judge_spec
 
     return parse_judge_spec(*judge_spec)[0] == "openai"
 
@@ -336,14 +353,14 @@ def _warn(message: str) -> None:
 
 
 def _report_judgement(judgement, a: float) -> None:
-    click.echo(f"judge {judgement.judge}: score {judgement.score}/100 ({judgement.rubric_version}) -> a = {a:.3f}",
+    click.echo(f"judge {judgement.judge}: score {judgement.shown()} ({judgement.rubric_version}) -> a = {a:.3f}",
                err=True)
 
 
 def _make_judge(judge_spec, engine, *, needed: bool = True, options: Optional[dict] = None):
     """The judge of --judge/--judge-url (None when not needed or "none"); a remote one announces itself.
     ``options``: make_judge's remote options (default: those on the command line)."""
-    from .judges import RemoteJudge, make_judge
+    from .judging import RemoteJudge, make_judge
 
     spec, url = judge_spec
     if not needed:
@@ -413,10 +430,10 @@ def _generate_batch(input_path, output_path, resume, align, options, pipeline, j
 @_engine_options
 def judge(query, answer, align, judge, judge_url, amplifier_map, as_json, model, n_ctx, n_threads, n_gpu_layers,
           streams, verbose):
-    """Score ANSWER to QUERY for --align (1-100) and show the amplifier it sets."""
-    from .amplifier import amplifier
+    """Score ANSWER to QUERY for --align (1-100, or r for --judge self) and show the amplifier it sets."""
+    from .pipeline import amplifier_of
     from .prompts import check_text, resolve_alignment
-    from .judges import parse_judge_spec
+    from .judging import parse_judge_spec
     from .rubrics import rubric_for
 
     query = check_text("query", _decode_arg("query", query))
@@ -428,7 +445,7 @@ def judge(query, answer, align, judge, judge_url, amplifier_map, as_json, model,
     if kind == "none" and not arg:
         raise InputError("--judge none cannot score an answer")
     engine = None
-    if kind == "local" and not arg:  # this model judges (local:PATH loads its own)
+    if kind in ENGINE_JUDGES and not arg:  # this model judges (local:PATH loads its own)
         engine = _make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose)
     judge_obj = None
     try:
@@ -439,14 +456,96 @@ def judge(query, answer, align, judge, judge_url, amplifier_map, as_json, model,
             judge_obj.close()
         if engine is not None:
             engine.close()
-    a = amplifier(judgement.score, amplifier_map)
+    a = amplifier_of(judgement, amplifier_map)
+    shown_map = None if judgement.amplifier is not None else amplifier_map  # the self judge maps r itself
     if as_json:
-        click.echo(json.dumps({"score": judgement.score, "amplifier": a, "amplifier_map": amplifier_map,
+        click.echo(json.dumps({"score": judgement.score, "amplifier": a, "amplifier_map": shown_map,
+                               "scoring": judgement.scoring, "spread": judgement.spread,
+                               "distribution": judgement.distribution, "coverage": judgement.coverage,
                                "rubric_version": judgement.rubric_version, "judge": judgement.judge,
                                "reply": judgement.raw, "seconds": judgement.seconds}, ensure_ascii=False))
     else:
-        click.echo(f"score {judgement.score}/100 -> a = {a:.3f} ({amplifier_map}; {judgement.rubric_version}; "
+        click.echo(f"score {judgement.shown()} -> a = {a:.3f} ({shown_map or 'self map'}; {judgement.rubric_version}; "
                    f"{judgement.judge})")
+
+
+# ---------------------------------------------------------------------------------------------- judge-bench
+@main.command("judge-bench")
+@click.option("--dataset", "-d", "datasets", multiple=True, type=click.Path(path_type=Path),
+              help="Data set (repeatable). TruthfulQA: its Best vs Best Incorrect pairs, and its questions for the "
+                   "verifiable instructions; every paper data set: the amplifier spread.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(0), help="TruthfulQA pairs (0: skip).")
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(0),
+              help="First TruthfulQA item of the pairs and of the questions.")
+@click.option("--questions", default=60, show_default=True, type=click.IntRange(0),
+              help="Questions answered per verifiable instruction (0: skip that part).")
+@click.option("--verify", default="all", show_default=True, help="Verifiable instructions: all or comma-separated ids.")
+@click.option("--cases", default=100, show_default=True, type=click.IntRange(2),
+              help="Scored cases per instruction at most, half compliant and half not.")
+@click.option("--sources", default="base,prompt,steered", show_default=True,
+              help="Answers to score per instruction: base (without it), prompt (with it, a = 0), steered (a = 1).")
+@click.option("--spread-limit", default=20, show_default=True, type=click.IntRange(0),
+              help="Items per data set for the amplifier spread (0: skip that part).")
+@_judge_options
+@click.option("--max-tokens", "-n", default=96, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int, callback=_seed)
+@click.option("--cache", "cache_path", default=Path("sda-judge-bench.jsonl"), show_default=True,
+              type=click.Path(path_type=Path), help="Answers and scores, appended as they are made: a bench "
+              "resumes from it, and another judge reuses its answers.")
+@click.option("--chart", default=None, type=click.Path(path_type=Path), help="Write a PNG (needs sda-local[plot]).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the tables.")
+@_engine_options
+def judge_bench(datasets, limit, offset, questions, verify, cases, sources, spread_limit, judge, judge_url, amplifier_map,
+                max_tokens, seed, cache_path, chart, as_json, model, n_ctx, n_threads, n_gpu_layers, streams, verbose):
+    """Measure a judge against ground truth: TruthfulQA honesty, verifiable instructions, amplifier spread."""
+    from .datasets import load_dataset
+    from .judge_bench import BenchConfig, Cache, JudgeBench, report_markdown, write_chart
+    from .verifiable import VERIFIABLE
+
+    if not datasets:
+        raise InputError("give at least one --dataset (TruthfulQA for the pairs and questions; any paper set "
+                         "for the amplifier spread)")
+    truthfulqa_questions = truthfulqa = None
+    spread = []
+    for path in datasets:
+        ds = load_dataset(path, limit=1)  # bad files fail here, before the model loads
+        if ds.format is None:
+            raise InputError(f"{path}: not one of the paper's data sets")
+        if ds.format == "truthfulqa":
+            truthfulqa = truthfulqa_questions = path
+        spread.append(path)
+    verify_ids = (list(VERIFIABLE) if verify.strip() == "all"
+                  else [v.strip() for v in verify.split(",") if v.strip() and v.strip() != "none"])
+    config = BenchConfig(truthfulqa=truthfulqa if limit else None, truthfulqa_limit=limit, truthfulqa_offset=offset,
+                         questions=truthfulqa_questions if questions and verify_ids else None, questions_limit=max(questions, 1),
+                         questions_offset=offset, verify=verify_ids, cases=cases,
+                         sources=[x.strip() for x in sources.split(",") if x.strip()],
+                         spread_datasets=spread if spread_limit else [], spread_limit=max(spread_limit, 1),
+                         max_tokens=max_tokens, seed=seed, amplifier_map=amplifier_map)
+    config.check()
+    engine = _make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose)
+    judge_obj = cache = None
+    try:
+        judge_obj = _make_judge((judge, judge_url), engine)
+        if judge_obj is None:
+            raise InputError("--judge none has nothing to measure")
+        cache = Cache(cache_path)
+        progress = (lambda m: click.echo(f"\r{m[:100]:<100}", nl=False, err=True)) if sys.stderr.isatty() else (lambda m: None)
+        result = JudgeBench(engine, judge_obj, config, cache, on_progress=progress).run()
+    finally:
+        if cache is not None:
+            cache.close()
+        if judge_obj is not None:
+            judge_obj.close()
+        engine.close()
+    if sys.stderr.isatty():
+        click.echo("", err=True)
+    if chart is not None and not write_chart(result, chart):
+        click.echo("note: no chart without matplotlib (pip install 'sda-local[plot]')", err=True)
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False))
+    else:
+        click.echo(report_markdown(result))
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -490,7 +589,7 @@ def chat(align, strength, judge, judge_url, amplifier_map, on_judge_failure, sys
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    settings = ChatSettings(align=_decode_arg("--align", align), strength=strength, judge=judge or "local",
+    settings = ChatSettings(align=_decode_arg("--align", align), strength=strength, judge=judge or DEFAULT_JUDGE,
                             judge_url=judge_url, system=_decode_arg("--system", system), seed=seed,
                             max_tokens=max_tokens, temperature_mode=temperature_mode, amplifier_map=amplifier_map,
                             on_judge_failure=on_judge_failure, judge_options=_remote_judge_options())
@@ -581,7 +680,7 @@ def _eval_judge(config, judge_url: Optional[str]):
     """The judge spec and remote options of an eval run: the recorded ones, except that a --judge-url given
     again on --resume brings back the user:pass@ the run file leaves out, and judge options on this command
     line (--judge-timeout, ...) win over the recorded ones."""
-    from .judges import redact_url
+    from .judging import redact_url
 
     url = config.judge_url
     if judge_url is not None:
@@ -610,16 +709,18 @@ def _eval_judge(config, judge_url: Optional[str]):
 @click.option("--verify", default=None, help="Verifiable instructions to run: 'all' or comma-separated ids.")
 @click.option("--verify-limit", default=30, show_default=True, type=click.IntRange(1),
               help="Queries (from the first data set) per verifiable instruction.")
-@click.option("--verify-strength", default=0.5, show_default=True, type=float, callback=_strength_range,
-              help="Fixed a of the steered arms in the verifiable metric.")
+@click.option("--verify-strength", default="0.5", show_default=True, callback=_verify_strength,
+              help="a of the steered arms in the verifiable metric: a number, or judge (the full pipeline: the "
+                   "judge scores the base answer and sets a; an sda-fixed arm at a = 0.5 runs beside it).")
+@click.option("--verify-only", is_flag=True, help="Only the verifiable instructions, no pairwise judging.")
 @click.option("--run", "run_path", default=None, type=click.Path(path_type=Path),
               help="Run file to create (default: sda-eval-<time>.jsonl).")
 @click.option("--resume", "resume_path", default=None, type=click.Path(path_type=Path),
               help="Continue the run in this file (its settings are used).")
 @_engine_options
 def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample, seed, max_tokens, judge, judge_url,
-                 amplifier_map, verify, verify_limit, verify_strength, run_path, resume_path, model, n_ctx, n_threads,
-                 n_gpu_layers, streams, verbose):
+                 amplifier_map, verify, verify_limit, verify_strength, verify_only, run_path, resume_path, model, n_ctx,
+                 n_threads, n_gpu_layers, streams, verbose):
     """Evaluate SDA as the paper does (pairwise judging, gain omega) and with verifiable instructions.
 
     The paper's data sets are not shipped: see README for their sources and licences.
@@ -628,7 +729,7 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
 
     from .evaluation import (EvalConfig, Evaluation, RunFile, judged_units, summarize, summary_markdown,
                              verify_units, write_chart)
-    from .judges import make_judge, redact_url
+    from .judging import make_judge, redact_url
     from .verifiable import VERIFIABLE
 
     if resume_path is not None:
@@ -643,10 +744,10 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
             datasets=[{"path": str(p.resolve()), "query_field": query_field, "dimensions": list(dimensions)}
                       for p in datasets],
             arms=[a.strip() for a in arms.split(",") if a.strip()], offset=offset, limit=limit, sample=sample,
-            seed=seed, max_tokens=max_tokens, judge=judge or ("openai" if judge_url else "local"),
+            seed=seed, max_tokens=max_tokens, judge=judge or ("openai" if judge_url else DEFAULT_JUDGE),
             judge_url=redact_url(judge_url) if judge_url else None, judge_options=_remote_judge_options(),
             amplifier_map=amplifier_map, verify=verify_ids, verify_limit=verify_limit,
-            verify_strength=verify_strength, model=model)
+            verify_strength=verify_strength, model=model, verify_only=verify_only)
         config.check()
         if "sda" not in config.arms:
             config.arms.append("sda")

@@ -31,18 +31,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
-from .amplifier import amplifier
 from .datasets import PAPER_OMEGA, load_dataset
 from .errors import InputError, ModelError
-from .judges import JudgeError
+from .judging import DEFAULT_JUDGE, JudgeError
+from .pipeline import amplifier_of
 from .prompts import resolve_alignment
 from .rubrics import rubric_for
 from .seeds import check_seed, derive_seed
 from .verifiable import VERIFIABLE
 
 ARMS = ("base", "prompt-only", "steering-only", "sda")
+FIXED_STRENGTH = 0.5  # the "sda-fixed" arm of --verify-strength judge
 RUN_VERSION = 2  # 2: unit keys carry the data file's path hash; version 1 files resume with their own keys
 
 
@@ -55,15 +56,16 @@ class EvalConfig:
     sample: Optional[int] = None
     seed: int = 0
     max_tokens: int = 128
-    judge: str = "local"
+    judge: str = DEFAULT_JUDGE
     judge_url: Optional[str] = None  # without user:pass@ (the CLI strips them: this config is recorded)
     judge_options: dict = field(default_factory=dict)  # make_judge's remote options (read_timeout, ...)
     amplifier_map: str = "sigmoid"
     failure_strength: float = 0.5  # a when the judge fails on an initial answer
     verify: List[str] = field(default_factory=list)  # verifiable instruction ids
     verify_limit: int = 30
-    verify_strength: float = 0.5
+    verify_strength: Union[float, str] = 0.5  # or "judge": the full pipeline (initial answer, judge, a)
     model: Optional[str] = None
+    verify_only: bool = False  # no judged protocol, only the verifiable instructions
 
     def check(self) -> None:
         unknown = [a for a in self.arms if a not in ARMS]
@@ -77,7 +79,22 @@ class EvalConfig:
         if all(a == "sda" for a in self.arms):  # both metrics compare SDA with the other arms
             raise InputError("--arms sda alone leaves nothing to compare SDA with: "
                              "add base, prompt-only and/or steering-only")
+        if self.verify_only and not self.verify:
+            raise InputError("--verify-only needs --verify")
+        if isinstance(self.verify_strength, str) and self.verify_strength != "judge":
+            raise InputError(f"--verify-strength must be a number >= 0 or judge, got {self.verify_strength!r}")
+        if self.judge.strip().lower() == "self" and not self.verify_only:
+            raise InputError("--judge self sets amplifiers but cannot compare two answers, which the judged "
+                             "protocol does: add --verify-only, or use --judge local or openai")
         check_seed(self.seed, "--seed")
+
+    @property
+    def verify_arms(self) -> List[str]:
+        """The verifiable metric's arms: with --verify-strength judge, "sda-fixed" (a = FIXED_STRENGTH) runs
+        beside the pipeline's own a, so that the judge's a is compared with a fixed one."""
+        if self.verify_strength == "judge":
+            return [a for a in ARMS if a in self.arms or a == "sda"][:-1] + ["sda-fixed", "sda"]
+        return list(self.arms)
 
 
 class RunFile:
@@ -164,8 +181,11 @@ class Progress:
             self.stream.write("\n")
 
 
-def _outcome(score_sda: int, score_other: int) -> str:
-    return "win" if score_sda > score_other else "loss" if score_sda < score_other else "tie"
+def _outcome(score_sda: float, score_other: float, margin: float = 0.0) -> str:
+    """win, loss, or tie when the scores differ by no more than ``margin``."""
+    if abs(score_sda - score_other) <= margin:
+        return "tie"
+    return "win" if score_sda > score_other else "loss"
 
 
 class JudgedUnit(NamedTuple):
@@ -232,6 +252,7 @@ class Evaluation:
         self.checks: Dict[Tuple[str, str], dict] = {}
         self._position: Dict[Tuple[str, str, str], int] = {}  # (type, key, arm) -> place of the latest record
         self._count = 0
+        self._base_by_query: Dict[Tuple[str, int], dict] = {}
         for r in run.records:
             self._index(r)
 
@@ -271,8 +292,9 @@ class Evaluation:
         rubric = rubric_for(alignment)
         try:
             j = self.judge.score(query, base_text, rubric)
-            a = amplifier(j.score, self.config.amplifier_map)
-            record = {"score": j.score, "amplifier": a, "judge": j.judge, "rubric_version": j.rubric_version}
+            a = amplifier_of(j, self.config.amplifier_map)
+            record = {"score": j.score, "amplifier": a, "judge": j.judge, "rubric_version": j.rubric_version,
+                      "scoring": j.scoring, "spread": j.spread}
         except JudgeError as exc:
             record = {"score": None, "amplifier": self.config.failure_strength, "judge_failure": str(exc),
                       "rubric_version": rubric.version}
@@ -301,8 +323,9 @@ class Evaluation:
         try:
             j = self.judge.score_pair(query, a, b, rubric_for(alignment))
             score_sda, score_other = (j.score_a, j.score_b) if sda_first else (j.score_b, j.score_a)
-            record.update(score_sda=score_sda, score_other=score_other, outcome=_outcome(score_sda, score_other),
-                          judge=j.judge, rubric_version=j.rubric_version)
+            record.update(score_sda=score_sda, score_other=score_other,
+                          outcome=_outcome(score_sda, score_other, j.tie_margin), judge=j.judge,
+                          rubric_version=j.rubric_version)
         except JudgeError as exc:
             record.update(outcome="failure", failure=str(exc))
             self.on_event(f"{key}: judge failed on SDA vs {arm} ({exc}); --resume retries it")
@@ -329,18 +352,41 @@ class Evaluation:
 
     def run_verify(self, key: str, vid: str, seed: int, query: str) -> None:
         v = VERIFIABLE[vid]
+        arms = self.config.verify_arms
         s = self.config.verify_strength
-        plans = {"base": (None, {}), "prompt-only": (v.instruction, dict(strength=0.0, temperature_mode="fixed")),
+        base = self._base_answer(key, query, seed) if "base" in arms or s == "judge" else None
+        if s == "judge":  # the pipeline: the base answer is the initial answer, the judge sets a
+            s = self._initial_score(key, query, resolve_alignment(v.instruction), base["text"])["amplifier"]
+        plans = {"prompt-only": (v.instruction, dict(strength=0.0, temperature_mode="fixed")),
                  "steering-only": (v.instruction, dict(strength=s, temperature_mode="fixed")),
+                 "sda-fixed": (v.instruction, dict(strength=FIXED_STRENGTH, temperature_mode="paper")),
                  "sda": (v.instruction, dict(strength=s, temperature_mode="paper"))}
-        for arm in self.config.arms:
-            instruction, options = plans[arm]
-            text = self._answer(key, arm, query, instruction, seed, **options)["text"]
-            if (key, arm) not in self.checks:
+        for arm in arms:
+            if arm == "base":
+                text = base["text"]
+            else:
+                instruction, options = plans[arm]
+                text = self._answer(key, arm, query, instruction, seed, **options)["text"]
+            check = self.checks.get((key, arm))
+            at = self._position.get(("check", key, arm), -1)
+            if check is None or self._position.get(("answer", key, arm), -1) > at:  # none yet, or stale
                 self._record({"type": "check", "key": key, "arm": arm, "instruction": vid, "complied": v.check(text)})
 
+    def _base_answer(self, key: str, query: str, seed: int) -> dict:
+        """The answer without the instruction. It depends on the query and seed alone, so every instruction's
+        unit of one query shares it (generated once, recorded under each key)."""
+        done = self.answers.get((key, "base"))
+        if done is not None:
+            return done
+        shared = self._base_by_query.get((query, seed))
+        if shared is not None:
+            return self._record({**shared, "key": key})
+        record = self._answer(key, "base", query, None, seed)
+        self._base_by_query[(query, seed)] = record
+        return record
+
     def execute(self) -> None:
-        all_judged = judged_units(self.config, self.run.version)
+        all_judged = [] if self.config.verify_only else judged_units(self.config, self.run.version)
         all_verify = verify_units(self.config, self.run.version)
         judged = [u for u in all_judged if not self._judged_complete(u.key)]
         verify = [u for u in all_verify if not self._verify_complete(u[0])]
@@ -375,7 +421,14 @@ class Evaluation:
         return all(self._pair_current(key, arm) for arm in self.config.arms if arm != "sda")
 
     def _verify_complete(self, key: str) -> bool:
-        return all((key, arm) in self.checks for arm in self.config.arms)
+        if self.config.verify_strength == "judge":
+            score = self.scores.get(key)
+            if score is None or score["score"] is None:  # a failed judgement is retried
+                return False
+            if any(self.answers.get((key, arm), {}).get("stats", {}).get("strength") != score["amplifier"]
+                   for arm in ("steering-only", "sda") if arm in self.config.verify_arms):
+                return False
+        return all((key, arm) in self.checks for arm in self.config.verify_arms)
 
 
 # -- summary -----------------------------------------------------------------------------------------------
@@ -406,6 +459,10 @@ def summarize(records: Iterable[dict]) -> dict:
             for cell in dimension.values():
                 n = cell["wins"] + cell["losses"] + cell["ties"]
                 cell["omega"] = (cell["wins"] - cell["losses"]) / n if n else None
+    amplifiers: Dict[str, List[float]] = {}
+    scores = {r["key"]: r for r in records if r.get("type") == "score" and r.get("key", "").startswith("verify:")}
+    for key, r in scores.items():
+        amplifiers.setdefault(key.split(":")[1], []).append(r["amplifier"])
     per_arm: Dict[str, List[bool]] = {}
     verifiable = {}
     for vid, arms in compliance.items():
@@ -413,7 +470,10 @@ def summarize(records: Iterable[dict]) -> dict:
         for arm, v in arms.items():
             per_arm.setdefault(arm, []).extend(v)
     overall = {arm: {"compliance": sum(v) / len(v), "n": len(v)} for arm, v in per_arm.items()}
-    return {"judged": judged, "verifiable": verifiable, "verifiable_overall": overall}
+    judged_amplifiers = {vid: {"mean": sum(v) / len(v), "n": len(v), "zero": sum(x < 0.005 for x in v)}
+                         for vid, v in amplifiers.items()}
+    return {"judged": judged, "verifiable": verifiable, "verifiable_overall": overall,
+            "verifiable_amplifiers": judged_amplifiers}
 
 
 def _pct(x: Optional[float]) -> str:
@@ -430,13 +490,22 @@ def summary_markdown(summary: dict) -> str:
                 lines.append(f"| {dataset} | {dimension} | {arm} | {_pct(c['omega'])} | {c['wins']} | {c['losses']} "
                              f"| {c['ties']} | {c['failures']} | {'-' if paper is None else f'{paper:+.1f}%'} |")
     if summary["verifiable"]:
-        arms = list(next(iter(summary["verifiable"].values())).keys())
-        lines += ["", "| verifiable instruction | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        arms = [a for a in ARMS[:-1] + ("sda-fixed", "sda") if a in summary["verifiable_overall"]]
+        amplifiers = summary.get("verifiable_amplifiers") or {}
+        judged_a = bool(amplifiers)
+        extra = " mean a (a = 0) |" if judged_a else ""
+        lines += ["", "| verifiable instruction | " + " | ".join(arms) + " |" + extra,
+                  "|---|" + "---|" * (len(arms) + bool(judged_a))]
         for vid, cells in summary["verifiable"].items():
-            lines.append(f"| {vid} | " + " | ".join(f"{100 * cells[a]['compliance']:.0f}% (n={cells[a]['n']})"
-                                                     for a in arms) + " |")
+            row = f"| {vid} | " + " | ".join(f"{100 * cells[a]['compliance']:.0f}% (n={cells[a]['n']})"
+                                            if a in cells else "-" for a in arms) + " |"
+            if judged_a:
+                amp = amplifiers.get(vid)
+                row += f" {amp['mean']:.2f} ({amp['zero']}/{amp['n']}) |" if amp else " - |"
+            lines.append(row)
         overall = summary["verifiable_overall"]
-        lines.append("| **all** | " + " | ".join(f"**{100 * overall[a]['compliance']:.0f}%**" for a in arms) + " |")
+        lines.append("| **all** | " + " | ".join(f"**{100 * overall[a]['compliance']:.0f}%**" for a in arms) + " |"
+                     + (" |" if judged_a else ""))
     return "\n".join(lines)
 
 
