@@ -282,6 +282,8 @@ class SDAEngine:
             from .forcing import ForcingContext
 
             self._forcing = ForcingContext(self.model, n_ctx=self.n_ctx, n_threads=self.n_threads)
+            self._forcing.injection = next((i for i in self._injections() if i.seed is None and i.row == "with"),
+                                           None)
         return self._forcing
 
     def reset_caches(self) -> None:

@@ -44,6 +44,9 @@ class ForcingContext:
         self._finalizer = weakref.finalize(self, _free, self._box)
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, N_SEQ)
         self._lengths = [0] * N_SEQ  # tokens in each sequence's cache
+        # TEST ONLY (fusion.logit_injection_from_env): overwrite logit 0 of the first part's STEP-th row (the
+        # last row when it has fewer) before the non-finite check, in every decode.
+        self.injection = None
 
     # -- decoding -----------------------------------------------------------------------------------
     def clear(self) -> None:
@@ -101,9 +104,11 @@ class ForcingContext:
                 for owner in np.unique(owners_arr):
                     rows[owner].append(out[owners_arr == owner].copy())
         result = []
-        for part_rows, (_, _, n_rows) in zip(rows, parts):
+        for index, (part_rows, (_, _, n_rows)) in enumerate(zip(rows, parts)):
             block = np.concatenate(part_rows) if part_rows else np.zeros((0, n_vocab), np.float32)
             assert len(block) == n_rows
+            if self.injection is not None and index == 0 and n_rows:  # TEST ONLY
+                block[min(self.injection.step, n_rows) - 1, 0] = float(self.injection.value)
             value = nonfinite_value(block) if len(block) else None
             if value is not None:
                 raise NonFiniteLogitsError(value, "with", f"the model produced non-finite logits ({value}) "

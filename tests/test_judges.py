@@ -478,11 +478,16 @@ def basic(user_password: bytes) -> str:
 
 
 def test_cli_judge_json(model_path):
-    proc = run_cli("judge", QUERY, INJECTION, "--align", "helpfulness", "--json", "--model", str(model_path))
+    proc = run_cli("judge", QUERY, INJECTION, "--align", "helpfulness", "--json", "--model", str(model_path),
+                   "--judge-scoring", "greedy")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert {"score", "amplifier", "rubric_version", "judge"} <= set(data)
+    assert {"score", "amplifier", "rubric_version", "judge", "scoring"} <= set(data)
     assert data["reply"] == '{"score": %d}' % data["score"] and 1 <= data["score"] <= 100  # the grammar's form
+    proc = run_cli("judge", QUERY, INJECTION, "--align", "helpfulness", "--json", "--model", str(model_path))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)  # expected scoring, the default: the distribution, never the answer's text
+    assert data["scoring"] == "expected" and data["reply"].startswith("p(1..9) = ") and len(data["distribution"]) == 9
 
 
 def test_cli_judge_records_the_judges_score_not_the_answers():

@@ -204,14 +204,19 @@ def test_batch_records_the_line_as_failed_and_goes_on(tmp_path, model_path):
 
 
 # -- the local judge ----------------------------------------------------------------------------------------
-def test_the_local_judge_refuses_non_finite_logits(model_path):
-    """The judge's grammar-constrained decoding checks its rows too: a judgement never rests on a NaN row."""
-    proc = run_cli("judge", QUERY, "Check the tyre, find the hole, patch it.", "--align", "helpfulness", "--json",
-                   "--model", str(model_path), "--threads", "1", env={TEST_INJECTION_ENV: "nan@2"})
-    one_line_error(proc, "local judge: " + stopped("NaN", 2))
-    clean = run_cli("judge", QUERY, "Check the tyre, find the hole, patch it.", "--align", "helpfulness", "--json",
-                    "--model", str(model_path), "--threads", "1", env={TEST_INJECTION_ENV: "-inf@2"})
-    assert clean.returncode == 0 and 1 <= json.loads(clean.stdout)["score"] <= 100, clean.stderr
+@pytest.mark.parametrize("judge, message", [
+    (["--judge", "local", "--judge-scoring", "greedy"], "local judge: " + stopped("NaN", 2)),
+    (["--judge", "local"], "local judge: the model produced non-finite logits (NaN) while judging"),
+    (["--judge", "self"], "self judge: the model produced non-finite logits (NaN) while judging"),
+])
+def test_the_local_judges_refuse_non_finite_logits(model_path, judge, message):
+    """Greedy decoding, expected scoring and the self judge check their rows too: a judgement never rests on a
+    NaN row."""
+    args = ["judge", QUERY, "Check the tyre, find the hole, patch it.", "--align", "helpfulness", "--json",
+            "--model", str(model_path), "--threads", "1", *judge]
+    one_line_error(run_cli(*args, env={TEST_INJECTION_ENV: "nan@2"}), message)
+    clean = run_cli(*args, env={TEST_INJECTION_ENV: "-inf@2"})
+    assert clean.returncode == 0 and json.loads(clean.stdout)["judge"].startswith(judge[1]), clean.stderr
 
 
 # -- the evaluation --------------------------------------------------------------------------------------------

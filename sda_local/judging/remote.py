@@ -139,7 +139,7 @@ class RemoteJudge:
     ):
         import requests
 
-        from .privacy import require_network
+        from ..privacy import require_network
 
         require_network("a remote judge")
         self._requests = requests
