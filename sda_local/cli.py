@@ -181,9 +181,9 @@ def _judge_options(f):
 
     options = [
         click.option("--judge", "-j", default=None,
-                     help="Who sets the amplifier from the first answer: local (this model scores it, default), "
-                          "local:PATH|NAME, self (no judge: the model's likelihood ratio with and without the "
-                          "instruction), openai[:MODEL] (default gpt-4.1), none (fixed a = 0.5)."),
+                     help="Who sets the amplifier from the first answer: self (default; no judge: the model's "
+                          "likelihood ratio with and without the instruction), local (this model scores it under "
+                          "a rubric), local:PATH|NAME, openai[:MODEL] (default gpt-4.1), none (fixed a = 0.5)."),
         click.option("--judge-scoring", type=click.Choice(list(SCORINGS)), expose_value=False,
                      callback=_store_judge_option("scoring"),
                      help=f"How a local judge scores: expected (the mean of its score distribution; default) or "
@@ -744,7 +744,9 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
             datasets=[{"path": str(p.resolve()), "query_field": query_field, "dimensions": list(dimensions)}
                       for p in datasets],
             arms=[a.strip() for a in arms.split(",") if a.strip()], offset=offset, limit=limit, sample=sample,
-            seed=seed, max_tokens=max_tokens, judge=judge or ("openai" if judge_url else DEFAULT_JUDGE),
+            seed=seed, max_tokens=max_tokens,
+            # The pairwise protocol needs a judge that compares two answers; --verify-only takes the default.
+            judge=judge or ("openai" if judge_url else (DEFAULT_JUDGE if verify_only else "local")),
             judge_url=redact_url(judge_url) if judge_url else None, judge_options=_remote_judge_options(),
             amplifier_map=amplifier_map, verify=verify_ids, verify_limit=verify_limit,
             verify_strength=verify_strength, model=model, verify_only=verify_only)

@@ -224,12 +224,12 @@ class SDAEngine:
             pass
         return stream.result
 
-    def align_stream(self, query: str, align: str, *, judge="auto", **options):
+    def align_stream(self, query: str, align: str, *, judge="self", **options):
         """Like ``align`` but yields the SDA answer's text pieces; ``.result`` is an AlignmentResult.
 
-        ``judge``: "auto" (the default: self for a custom instruction, local for a preset), "local" (this
-        engine's model scores), "self" (its likelihood ratio), "local:PATH|NAME", "openai[:MODEL]", "none"/None, or a
-        judge object (LocalJudge, RemoteJudge). Options: ``strength`` (skips the judge), ``amplifier_map``,
+        ``judge``: "self" (the default: this engine's likelihood ratio), "local" (this engine's model scores
+        under a rubric), "local:PATH|NAME", "openai[:MODEL]", "none"/None, or a judge object (SelfJudge,
+        LocalJudge, RemoteJudge). Options: ``strength`` (skips the judge), ``amplifier_map``,
         ``on_judge_failure`` ("error", "fixed:A", "prompt-only"), ``on_warning`` (callable) and every
         option of ``stream``.
         """

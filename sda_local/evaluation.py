@@ -35,7 +35,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, 
 
 from .datasets import PAPER_OMEGA, load_dataset
 from .errors import InputError, ModelError
-from .judging import DEFAULT_JUDGE, JudgeError
+from .judging import JudgeError
 from .pipeline import amplifier_of
 from .prompts import resolve_alignment
 from .rubrics import rubric_for
@@ -56,7 +56,7 @@ class EvalConfig:
     sample: Optional[int] = None
     seed: int = 0
     max_tokens: int = 128
-    judge: str = DEFAULT_JUDGE
+    judge: str = "local"  # the CLI's default: local, which can compare two answers; self with verify_only
     judge_url: Optional[str] = None  # without user:pass@ (the CLI strips them: this config is recorded)
     judge_options: dict = field(default_factory=dict)  # make_judge's remote options (read_timeout, ...)
     amplifier_map: str = "sigmoid"

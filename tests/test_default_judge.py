@@ -1,4 +1,4 @@
-"""The default pipeline steers (issue 11): the auto judge, the self judge in every path, expected pairs judged in
+"""The default pipeline steers (issue 11): the self judge by default and in every path, expected pairs judged in
 both orders, and eval's --verify-strength judge, on the real default model."""
 
 from __future__ import annotations
@@ -31,18 +31,19 @@ def truthfulqa():
     return path
 
 
-def test_the_default_judge_is_self_for_instructions_and_the_expected_rubric_judge_for_presets(engine):
-    assert DEFAULT_JUDGE == "auto"
-    result = engine.align("Name three fruits.", NO_COMMAS, max_tokens=12, seed=1)
-    assert result.judge.startswith("self:") and result.scoring == "self" and result.amplifier_source == "judge"
-    assert result.amplifier == self_amplifier(result.score) and result.amplifier_map is None
-    result = engine.align("Name three fruits.", "helpfulness", max_tokens=12, seed=1)
+def test_the_default_judge_is_self(engine):
+    assert DEFAULT_JUDGE == "self"
+    for align in (NO_COMMAS, "helpfulness"):
+        result = engine.align("Name three fruits.", align, max_tokens=12, seed=1)
+        assert result.judge.startswith("self:") and result.scoring == "self" and result.amplifier_source == "judge"
+        assert result.amplifier == self_amplifier(result.score) and result.amplifier_map is None
+    result = engine.align("Name three fruits.", "helpfulness", judge="local", max_tokens=12, seed=1)
     assert result.judge.startswith("local:") and result.scoring == "expected"
     assert isinstance(result.score, float) and 1 <= result.score <= 100 and result.score_spread > 0
     assert result.amplifier_map == "sigmoid"
 
 
-def test_cli_generate_uses_the_auto_judge_and_reports_r(model_path):
+def test_cli_generate_uses_the_self_judge_and_reports_r(model_path):
     proc = run_cli("generate", "Name three fruits.", "--align", NO_COMMAS, "-n", "12", "--seed", "3", "--json",
                    "--threads", "1", timeout=600)
     assert proc.returncode == 0, proc.stderr.decode()
@@ -64,10 +65,10 @@ def test_expected_pairs_are_judged_in_both_orders(engine):
     assert greedy.tie_margin == 0 and isinstance(greedy.score_a, int)
 
 
-def test_make_judge_knows_auto_and_self(engine):
+def test_make_judge_knows_self(engine):
     assert make_judge("self", engine).identity.startswith("self:")
-    auto = make_judge(None, engine, scoring="greedy")
-    assert auto.identity.startswith("auto:") and auto.rubric_judge.scoring == "greedy"
+    assert make_judge(None, engine, scoring="greedy").identity.startswith("self:")  # scoring: local judges only
+    assert make_judge("local", engine, scoring="greedy").scoring == "greedy"
     with pytest.raises(InputError, match="unknown judge"):
         make_judge("self:x", engine)
     with pytest.raises(InputError, match="judge scoring"):

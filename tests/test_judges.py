@@ -429,7 +429,7 @@ def test_bad_judge_urls_are_input_errors_that_show_no_credentials(url):
 def test_full_pipeline_with_the_local_judge(engine):
     from sda_local.amplifier import amplifier
 
-    r = engine.align(QUERY, "helpfulness", seed=4, max_tokens=40)
+    r = engine.align(QUERY, "helpfulness", judge="local", seed=4, max_tokens=40)
     assert r.amplifier_source == "judge" and 1 <= r.score <= 100
     assert r.amplifier == pytest.approx(amplifier(r.score))
     assert r.initial_text and r.text and r.rubric_version == "helpfulness-v1/scale-9" and r.judge.startswith("local:")
@@ -479,12 +479,13 @@ def basic(user_password: bytes) -> str:
 
 def test_cli_judge_json(model_path):
     proc = run_cli("judge", QUERY, INJECTION, "--align", "helpfulness", "--json", "--model", str(model_path),
-                   "--judge-scoring", "greedy")
+                   "--judge", "local", "--judge-scoring", "greedy")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert {"score", "amplifier", "rubric_version", "judge", "scoring"} <= set(data)
     assert data["reply"] == '{"score": %d}' % data["score"] and 1 <= data["score"] <= 100  # the grammar's form
-    proc = run_cli("judge", QUERY, INJECTION, "--align", "helpfulness", "--json", "--model", str(model_path))
+    proc = run_cli("judge", QUERY, INJECTION, "--align", "helpfulness", "--json", "--model", str(model_path),
+                   "--judge", "local")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)  # expected scoring, the default: the distribution, never the answer's text
     assert data["scoring"] == "expected" and data["reply"].startswith("p(1..9) = ") and len(data["distribution"]) == 9
@@ -725,7 +726,7 @@ def test_cli_eval_takes_the_judge_options_and_records_no_credentials(model_path,
 
 def test_cli_generate_pipeline_json(model_path):
     proc = run_cli("generate", QUERY, "--align", "helpfulness", "--json", "--seed", "2", "-n", "16",
-                   "--model", str(model_path), "--amplifier-map", "linear")
+                   "--model", str(model_path), "--judge", "local", "--amplifier-map", "linear")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["amplifier_map"] == "linear" and data["amplifier"] == pytest.approx(1 - data["score"] / 100)

@@ -281,12 +281,9 @@ def test_cli_judge_scorings(model_path):
     assert expected["amplifier_map"] == "sigmoid" and 0 <= expected["amplifier"] <= 1
     assert expected["judge"].startswith("local:")
 
-    proc = judge_cli(model_path, "--judge-scoring", "greedy")  # auto: self for an instruction, scoring unused
+    proc = judge_cli(model_path, "--judge-scoring", "greedy")  # the default judge is self: scoring unused
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["judge"].startswith("self:")
-    proc = judge_cli(model_path, "--judge-scoring", "greedy", align="helpfulness")  # auto: local for a preset
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["scoring"] == "greedy"
 
     proc = judge_cli(model_path, "--judge-scoring", "bogus")
     err = proc.stderr.decode()

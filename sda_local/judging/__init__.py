@@ -1,8 +1,7 @@
 """Judges: who scores an initial answer, and so sets SDA's amplifier (SPEC.md sections 1, 2 and 6).
 
-* ``auto``    the default: ``self`` for a custom instruction, ``local`` for a preset (``judging.auto``).
 * ``local``   a GGUF model on this machine (``judging.local``): expected-value or greedy scoring.
-* ``self``    no judge: the model's own likelihood ratio of the answer with and without the instruction
+* ``self``    the default, no judge: the model's own likelihood ratio of the answer with and without the instruction
   (``judging.selfscore``).
 * ``openai``  any OpenAI-compatible Chat Completions server (``judging.remote``).
 
@@ -11,7 +10,6 @@ Every judge has ``identity``, ``score(query, answer, rubric) -> Judgement``,
 ``JudgeError``.
 """
 
-from .auto import AutoJudge
 from .factory import DEFAULT_JUDGE, ENGINE_JUDGES, JUDGE_OPTIONS, REMOTE_OPTIONS, make_judge, parse_judge_spec
 from .local import DEFAULT_SCORING, SCORE_GRAMMAR, PAIR_GRAMMAR, SCORINGS, LocalJudge
 from .remote import (API_KEY_ENVS, DEFAULT_MAX_WAIT, DEFAULT_REMOTE_MODEL, MAX_REPLY_BYTES, OPENAI_URL, RemoteJudge,
@@ -20,7 +18,7 @@ from .replies import Judgement, JudgeError, PairJudgement, format_score, parse_j
 from .selfscore import SelfJudge, self_amplifier
 
 __all__ = [
-    "AutoJudge", "DEFAULT_JUDGE", "ENGINE_JUDGES", "API_KEY_ENVS", "DEFAULT_MAX_WAIT", "DEFAULT_REMOTE_MODEL", "DEFAULT_SCORING", "JUDGE_OPTIONS", "Judgement",
+    "DEFAULT_JUDGE", "ENGINE_JUDGES", "API_KEY_ENVS", "DEFAULT_MAX_WAIT", "DEFAULT_REMOTE_MODEL", "DEFAULT_SCORING", "JUDGE_OPTIONS", "Judgement",
     "JudgeError", "LocalJudge", "MAX_REPLY_BYTES", "OPENAI_URL", "PAIR_GRAMMAR", "PairJudgement", "REMOTE_OPTIONS",
     "RemoteJudge", "SCORE_GRAMMAR", "format_score", "SCORINGS", "SelfJudge", "api_key_from_env", "is_loopback_host", "make_judge",
     "parse_judge_reply", "parse_judge_spec", "parse_scores", "redact_url", "self_amplifier", "strict_json",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 from ..errors import InputError
-from .auto import AutoJudge
 from .local import DEFAULT_SCORING, LocalJudge, check_scoring
 from .remote import DEFAULT_REMOTE_MODEL, OPENAI_URL, RemoteJudge
 from .selfscore import SelfJudge
@@ -14,11 +13,11 @@ from .selfscore import SelfJudge
 # --judge-max-wait, --allow-insecure-judge); a local judge ignores them.
 REMOTE_OPTIONS = ("read_timeout", "max_attempts", "max_wait", "allow_insecure", "connect_timeout", "api_key")
 JUDGE_OPTIONS = ("scoring",) + REMOTE_OPTIONS  # scoring: --judge-scoring, for local judges
-# The judge of --align without --strength or --judge: self for custom instructions, the local rubric judge for
-# presets (judging/auto.py; README, "Choosing the judge").
-DEFAULT_JUDGE = "auto"
+# The judge of --align without --strength or --judge: the one that steered best in judge-bench and the
+# verifiable pipeline on the default model and Gemma 3 270M (README, "Choosing the judge").
+DEFAULT_JUDGE = "self"
 # Judges that run on the generation model itself: they need its engine.
-ENGINE_JUDGES = ("auto", "local", "self")
+ENGINE_JUDGES = ("local", "self")
 
 
 def parse_judge_spec(spec: Optional[str], url: Optional[str] = None) -> Tuple[str, str]:
@@ -31,9 +30,9 @@ def parse_judge_spec(spec: Optional[str], url: Optional[str] = None) -> Tuple[st
 
 
 def make_judge(spec: Optional[str], engine, *, url: Optional[str] = None, **options):
-    """A judge from a CLI-style spec: none | auto | local | local:PATH_OR_NAME | self | openai | openai:MODEL.
+    """A judge from a CLI-style spec: none | self | local | local:PATH_OR_NAME | openai | openai:MODEL.
 
-    ``engine`` serves ``auto``, ``local`` and ``self``. ``url`` (any OpenAI-compatible base URL) implies ``openai``
+    ``engine`` serves ``self`` and ``local``. ``url`` (any OpenAI-compatible base URL) implies ``openai``
     when no spec is given. ``options`` (JUDGE_OPTIONS, None = default): ``scoring`` ("expected" or "greedy")
     applies to local judges; the others (REMOTE_OPTIONS) go to a RemoteJudge. Returns None for ``none``.
     """
@@ -59,8 +58,6 @@ def make_judge(spec: Optional[str], engine, *, url: Optional[str] = None, **opti
         return LocalJudge(judge_engine, owns_engine=True, scoring=scoring)
     if kind == "self" and not arg:
         return SelfJudge(engine)
-    if kind == "auto" and not arg:
-        return AutoJudge(engine, scoring=scoring)
     if kind == "openai":
         return RemoteJudge(arg or DEFAULT_REMOTE_MODEL, base_url=url or OPENAI_URL, **remote_options)
-    raise InputError(f"unknown judge {spec!r} (auto, none, local, local:PATH|NAME, self, openai, openai:MODEL)")
+    raise InputError(f"unknown judge {spec!r} (self, local, local:PATH|NAME, openai, openai:MODEL, none)")
