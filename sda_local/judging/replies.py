@@ -70,9 +70,39 @@ def _no_repeats(pairs):
     return obj
 
 
+# Deeper JSON is refused before the recursive parser sees it: parsing it would run to the interpreter's
+# recursion limit, where any finalizer the garbage collector happens to run fails as well.
+MAX_NESTING = 200
+
+
+def _nesting_depth(text: str) -> int:
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def strict_json(data):
     """json.loads without NaN/Infinity, with exact decimals (1e999 stays finite, 99.99999999999999999 stays
-    a fraction) and without repeated keys. Raises ValueError (also for nesting too deep to parse)."""
+    a fraction) and without repeated keys. Raises ValueError (also for nesting deeper than MAX_NESTING)."""
+    text = data.decode("utf-8", errors="replace") if isinstance(data, (bytes, bytearray)) else data
+    # Counting is C-speed; only a reply with that many brackets at all is scanned for its depth.
+    if text.count("[") + text.count("{") > MAX_NESTING and _nesting_depth(text) > MAX_NESTING:
+        raise ValueError("nested too deeply")
     try:
         return json.loads(data, parse_constant=_no_constant, parse_float=Decimal, object_pairs_hook=_no_repeats)
     except RecursionError:
