@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Set, Tuple
 
 from .errors import InputError, SDAError
+from .jsonl import read_repaired
 
 LINE_OPTIONS = ("instruction", "strength", "seed", "max_tokens", "temperature_mode")
 
@@ -67,12 +68,7 @@ def completed_ids(path: Path) -> Set[str]:
     """Ids already in an output file; a partial last line (crash mid-write) is cut off first."""
     if not path.exists():
         return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
+    data = read_repaired(path)
     done = set()
     for raw in data.splitlines():
         try:

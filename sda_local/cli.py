@@ -186,7 +186,7 @@ def _judge_options(f):
                           "a rubric), local:PATH|NAME, openai[:MODEL] (default gpt-4.1), none (fixed a = 0.5)."),
         click.option("--judge-scoring", type=click.Choice(list(SCORINGS)), expose_value=False,
                      callback=_store_judge_option("scoring"),
-                     help=f"How a local judge scores: expected (the mean of its score distribution; default) or "
+                     help="How a local judge scores: expected (the mean of its score distribution; default) or "
                           "greedy (its most likely score)."),
         click.option("--judge-url", default=None,
                      help="OpenAI-compatible base URL for the judge (llama-server, ollama, vLLM, ...); "
@@ -505,19 +505,19 @@ def judge_bench(datasets, limit, offset, questions, verify, cases, sources, spre
     if not datasets:
         raise InputError("give at least one --dataset (TruthfulQA for the pairs and questions; any paper set "
                          "for the amplifier spread)")
-    truthfulqa_questions = truthfulqa = None
+    truthfulqa = None
     spread = []
     for path in datasets:
         ds = load_dataset(path, limit=1)  # bad files fail here, before the model loads
         if ds.format is None:
             raise InputError(f"{path}: not one of the paper's data sets")
         if ds.format == "truthfulqa":
-            truthfulqa = truthfulqa_questions = path
+            truthfulqa = path
         spread.append(path)
     verify_ids = (list(VERIFIABLE) if verify.strip() == "all"
                   else [v.strip() for v in verify.split(",") if v.strip() and v.strip() != "none"])
     config = BenchConfig(truthfulqa=truthfulqa if limit else None, truthfulqa_limit=limit, truthfulqa_offset=offset,
-                         questions=truthfulqa_questions if questions and verify_ids else None, questions_limit=max(questions, 1),
+                         questions=truthfulqa if questions and verify_ids else None, questions_limit=max(questions, 1),
                          questions_offset=offset, verify=verify_ids, cases=cases,
                          sources=[x.strip() for x in sources.split(",") if x.strip()],
                          spread_datasets=spread if spread_limit else [], spread_limit=max(spread_limit, 1),

@@ -42,7 +42,8 @@ class Dataset:
     items: List[Tuple[int, str]]  # (index in the file, query)
 
 
-def _read_lines(path: Path) -> List[dict]:
+def read_jsonl(path: Path) -> List[dict]:
+    """The JSON objects of a JSONL file (blank lines skipped); one-line InputErrors for anything else."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -79,7 +80,7 @@ def load_dataset(path, *, query_field: Optional[str] = None, dimensions: Sequenc
     ``limit`` then keeps the first ``limit``.
     """
     path = Path(path)
-    rows = _read_lines(path)
+    rows = read_jsonl(path)
     fmt = detect_format(rows[0]) if query_field is None else None
     if fmt is None and query_field is None:
         known = ", ".join(f.name for f in FORMATS)

@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
+from .charts import pyplot
 from .datasets import PAPER_OMEGA, load_dataset
 from .errors import InputError, ModelError
 from .judging import JudgeError
+from .jsonl import read_repaired
 from .pipeline import amplifier_of
 from .prompts import resolve_alignment
 from .rubrics import rubric_for
@@ -119,14 +121,9 @@ class RunFile:
 
     def _load(self) -> EvalConfig:
         try:
-            data = self.path.read_bytes()
+            data = read_repaired(self.path)  # a crash mid-write: the partial record is dropped, and redone
         except OSError as exc:
             raise InputError(f"cannot read run file {self.path}: {exc.strerror}") from None
-        if data and not data.endswith(b"\n"):  # crash mid-write: drop the partial record, it will be redone
-            cut = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-            data = data[:cut]
         lines = data.splitlines()
         try:
             header = json.loads(lines[0])
@@ -511,12 +508,8 @@ def summary_markdown(summary: dict) -> str:
 
 def write_chart(summary: dict, path: Path) -> bool:
     """PNG of omega (SDA vs base) per dataset/dimension beside the paper's Table 1; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     labels, ours, paper = [], [], []
     for dataset, dims in summary["judged"].items():

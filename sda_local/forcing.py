@@ -11,7 +11,7 @@ call starts from an empty cache.
 from __future__ import annotations
 
 import weakref
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import llama_cpp
 import numpy as np

@@ -31,9 +31,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .datasets import load_dataset
+from .charts import pyplot
+from .datasets import load_dataset, read_jsonl
 from .errors import InputError
 from .judging import JudgeError
+from .jsonl import read_repaired
 from .pipeline import amplifier_of
 from .prompts import resolve_alignment
 from .rubrics import rubric_for
@@ -84,11 +86,7 @@ class Cache:
             return
         if path.exists():
             try:
-                data = path.read_bytes()
-                if data and not data.endswith(b"\n"):  # a crash mid-write: drop the partial line
-                    data = data[:data.rfind(b"\n") + 1]
-                    with open(path, "r+b") as f:
-                        f.truncate(len(data))
+                data = read_repaired(path)
             except OSError as exc:
                 raise InputError(f"cannot read {path}: {exc.strerror}") from None
             for number, line in enumerate(data.splitlines(), 1):
@@ -272,23 +270,10 @@ class JudgeBench:
 
 
 def _rows(path: Path, fields: Tuple[str, ...]) -> List[dict]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise InputError(f"{path}, line {number}: not a JSON object") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(f), str) and row[f].strip() for f in fields):
-            raise InputError(f"{path}, line {number}: a TruthfulQA row needs {', '.join(fields)}")
-        rows.append(row)
-    if not rows:
-        raise InputError(f"{path} is empty")
+    rows = read_jsonl(Path(path))
+    for number, row in enumerate(rows, 1):
+        if not all(isinstance(row.get(f), str) and row[f].strip() for f in fields):
+            raise InputError(f"{path}, row {number}: a TruthfulQA row needs {', '.join(fields)}")
     return rows
 
 
@@ -331,12 +316,8 @@ def report_markdown(result: dict) -> str:
 
 def write_chart(result: dict, path: Path) -> bool:
     """PNG: the amplifier histogram and the per-instruction AUCs; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     a = result.get("amplifier")

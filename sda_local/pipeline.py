@@ -142,10 +142,9 @@ def align_stream(
             try:
                 judgement: Judgement = judge.score(query, initial.text, rubric)
                 a, source = amplifier_of(judgement, amplifier_map), "judge"
-                # The judge that scored (the auto judge delegates), and no map when the judge set a itself.
+                # The rubric version as judged (expected scoring marks its scale), and no map when the judge set a.
                 result_fields.update(score=judgement.score, scoring=judgement.scoring, score_spread=judgement.spread,
-                                     judge=judgement.judge, rubric_version=judgement.rubric_version,
-                                     judge_reply=judgement.raw,
+                                     rubric_version=judgement.rubric_version, judge_reply=judgement.raw,
                                      amplifier_map=None if judgement.amplifier is not None else amplifier_map)
                 on_judged(judgement, a)
             except JudgeError as exc:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import InputError, ModelError
 from ..fusion import NonFiniteLogitsError
 from ..rubrics import DIGIT_SCALE_MAX, SCALE_MAX, Rubric, judge_messages, pairwise_messages
+from ..streams import common_prefix_length
 from .replies import Judgement, JudgeError, PairJudgement, parse_judge_reply, parse_scores
 
 SCORINGS = ("expected", "greedy")
@@ -67,7 +68,7 @@ class _ReplyTree:
         ``fixed`` so far. Raises JudgeError when a digit is not one token of its own."""
         group = {v: t for v, t in self.replies.items() if v[:len(fixed)] == fixed}
         first = next(iter(group.values()))
-        at = min(_common_prefix(first, t) for t in group.values())
+        at = min(common_prefix_length(first, t) for t in group.values())
         deciding = {}
         for values, tokens in group.items():
             digit = values[len(fixed)]
@@ -81,14 +82,6 @@ class _ReplyTree:
 def _untokenizable() -> JudgeError:
     return JudgeError("expected scoring needs each score digit to be a token of its own, and this model's "
                       "tokenizer merges them: use --judge-scoring greedy")
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _distribution(logprobs: np.ndarray) -> Tuple[np.ndarray, float]:
