@@ -10,14 +10,15 @@ cutting off a partial last line left by a crash mid-write.
 
 from __future__ import annotations
 
+import collections
 import json
-import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Set, Tuple
+from typing import Callable, Deque, Iterator, Optional, Set, Tuple
 
 from .errors import InputError, SDAError
-from .jsonl import read_repaired
+from .jsonl import Appender, read_repaired
 
 LINE_OPTIONS = ("instruction", "strength", "seed", "max_tokens", "temperature_mode")
 
@@ -89,43 +90,84 @@ def run_batch(
     *,
     resume: bool,
     on_event: Callable[[str], None],
+    parallel: int = 1,
+    on_interrupt: Callable[[], None] = lambda: None,
 ) -> BatchReport:
-    """Run ``generate(job) -> result fields`` for each job; write ``{"id", **fields}`` lines to the output."""
+    """Run ``generate(job) -> result fields`` for each job; write ``{"id", **fields}`` lines to the output.
+
+    ``parallel`` > 1 runs that many lines at once in threads (their generations share the engine's batched
+    decode); results are still written in input order, each as soon as it and the lines before it are done.
+    On an interrupt, ``on_interrupt()`` stops the running generations (the lines written so far stay)."""
     if output_path.exists() and output_path.stat().st_size > 0 and not resume:
         raise InputError(f"{output_path} already has results: pass --resume to continue it, or choose another file")
     done = completed_ids(output_path) if resume else set()
     report = BatchReport()
-    try:
-        out = open(output_path, "a", encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"cannot write {output_path}: {exc.strerror}") from None
+    out = Appender(output_path)
     first_line = {}  # id key -> the line that has it first
-    with out:
-        for number, job, error in read_jobs(input_path):
-            report.total += 1
-            if error is not None:
-                report.failed += 1
-                on_event(f"line {number}: {error}")
-                continue
-            key = _id_key(job["id"])
-            if key in first_line:
-                report.failed += 1
-                on_event(f"line {number}: duplicate id {job['id']} (also on line {first_line[key]})")
-                continue
-            first_line[key] = number
-            if key in done:
-                report.skipped += 1
-                continue
-            try:
-                fields = generate(job)
-            except SDAError as exc:
-                report.failed += 1
-                on_event(f"line {number} (id {job['id']}): {exc}")
-                continue
-            out.write(json.dumps({"id": job["id"], **fields}, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-            done.add(key)
-            report.done += 1
-            on_event(f"line {number} (id {job['id']}): done")
+    in_flight: Deque[tuple] = collections.deque()  # (number, job, key, future), in input order
+
+    def write_head() -> None:
+        number, job, key, future = in_flight.popleft()
+        try:
+            fields = future.result()
+        except SDAError as exc:
+            report.failed += 1
+            on_event(f"line {number} (id {job['id']}): {exc}")
+            return
+        out.append({"id": job["id"], **fields})
+        done.add(key)
+        report.done += 1
+        on_event(f"line {number} (id {job['id']}): done")
+
+    pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="sda-batch") if parallel > 1 else None
+    try:
+        with out:
+            for number, job, error in read_jobs(input_path):
+                report.total += 1
+                if error is not None:
+                    report.failed += 1
+                    on_event(f"line {number}: {error}")
+                    continue
+                key = _id_key(job["id"])
+                if key in first_line:
+                    report.failed += 1
+                    on_event(f"line {number}: duplicate id {job['id']} (also on line {first_line[key]})")
+                    continue
+                first_line[key] = number
+                if key in done:
+                    report.skipped += 1
+                    continue
+                if pool is None:
+                    in_flight.append((number, job, key, _Ran(generate, job)))
+                else:
+                    in_flight.append((number, job, key, pool.submit(generate, job)))
+                while in_flight and (len(in_flight) > parallel or in_flight[0][3].done()):
+                    write_head()
+            while in_flight:
+                write_head()
+    except BaseException:
+        on_interrupt()
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return report
+
+
+class _Ran:
+    """A call made now, with a future's interface (the one-line-at-a-time path runs in this thread)."""
+
+    def __init__(self, fn, *args):
+        self._error = None
+        try:
+            self._value = fn(*args)
+        except SDAError as exc:
+            self._error = exc
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._value

@@ -18,7 +18,7 @@ from .amplifier import AMPLIFIER_MAPS
 from .errors import InputError, SDAError
 from .judging import DEFAULT_JUDGE, RemoteJudge, format_score, make_judge, redact_url
 from .logs import LogWriteError
-from .pipeline import DEFAULT_STRENGTH, parse_failure_policy
+from .pipeline import DEFAULT_STRENGTH, align_stream, parse_failure_policy
 from .privacy import write_private_text
 from .prompts import check_text, resolve_alignment
 from .seeds import derive_seed
@@ -161,7 +161,7 @@ class ChatSession:
             stream = self.engine.stream(message, None, **options)
         else:
             judge = self._ensure_judge() if s.strength is None else None
-            stream = self.engine.align_stream(message, s.align, judge=judge, strength=s.strength,
+            stream = align_stream(self.engine, message, s.align, judge=judge, strength=s.strength,
                                               temperature_mode=s.temperature_mode, amplifier_map=s.amplifier_map,
                                               on_judge_failure=s.on_judge_failure,
                                               on_warning=lambda m: self.say(f"warning: {m}"), **options)
@@ -170,9 +170,7 @@ class ChatSession:
             for piece in stream:
                 pieces.append(piece)
                 yield piece
-        except KeyboardInterrupt:
-            if not self.engine.streams.in_sync():  # the interrupt fell between a decode and its bookkeeping
-                self.engine.streams.reset()
+        except KeyboardInterrupt:  # the scheduler has put the caches back as they were before the step
             self._record(Turn(message, "".join(pieces), interrupted=True))
             raise
         self._finish(message, stream.result)

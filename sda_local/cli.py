@@ -14,8 +14,8 @@ import click
 from . import __version__
 from .errors import InputError, SDAError
 from .judging.factory import DEFAULT_JUDGE, ENGINE_JUDGES
-from .fusion import MAX_STRENGTH, MAX_T0, MIN_T0, MIN_TOP_P, TEMPERATURE_MODES
-from .streams import STREAM_MODES
+from .engine.fusion import MAX_STRENGTH, MAX_T0, MIN_T0, MIN_TOP_P, TEMPERATURE_MODES
+from .engine.layout import STREAM_MODES
 
 
 class _Group(click.Group):
@@ -242,11 +242,11 @@ def _is_remote(judge_spec) -> bool:
     return parse_judge_spec(*judge_spec)[0] == "openai"
 
 
-def _make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose):
+def _make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose, parallel=1):
     from .engine import SDAEngine
 
     engine = SDAEngine(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, streams=streams,
-                       verbose=verbose)
+                       verbose=verbose, parallel=parallel)
     for notice in engine.notices:
         click.echo(f"note: {notice}", err=True)
     return engine
@@ -286,9 +286,11 @@ def _decode_arg(name: str, value: Optional[str]) -> Optional[str]:
 @click.option("--output", "output_path", type=click.Path(path_type=Path), default=None,
               help="Batch mode: JSONL results, appended line by line.")
 @click.option("--resume", is_flag=True, help="Batch mode: skip ids already in --output.")
+@click.option("--parallel", "-np", "parallel", default=1, show_default=True, type=click.IntRange(1, 128),
+              help="Batch mode: lines generated at once, sharing one batched decode (same results as 1).")
 @_engine_options
 def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_failure, max_tokens, seed,
-             temperature_mode, t0, top_p, system, as_json, show_stats, input_path, output_path, resume, model, n_ctx,
+             temperature_mode, t0, top_p, system, as_json, show_stats, input_path, output_path, resume, parallel, model, n_ctx,
              n_threads, n_gpu_layers, streams, verbose):
     """Answer QUERY with SDA steering towards --align (streamed to stdout).
 
@@ -311,20 +313,24 @@ def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_f
         if input_path is None or output_path is None:
             raise InputError("batch mode needs both --input and --output")
         _generate_batch(input_path, output_path, resume, align, options, pipeline, judge_spec,
-                        (model, n_ctx, n_threads, n_gpu_layers, streams, verbose))
+                        (model, n_ctx, n_threads, n_gpu_layers, streams, verbose), parallel)
         return
+    if parallel != 1:
+        raise InputError("--parallel applies to batch mode (--input/--output)")
     if query is None:
         raise InputError("missing QUERY (or use --input/--output for batch mode)")
     if not query.strip():
         raise InputError("query is empty")
     if align is None and (judge is not None or judge_url is not None or strength is not None):
         raise InputError("--strength, --judge and --judge-url need --align")
+    from .pipeline import align_stream
+
     engine = _make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose)
     judge_obj = None
     try:
         if align is not None:
             judge_obj = _make_judge(judge_spec, engine, needed=strength is None)
-            stream = engine.align_stream(query, align, judge=judge_obj, **pipeline, **options)
+            stream = align_stream(engine, query, align, judge=judge_obj, **pipeline, **options)
         else:
             stream = engine.stream(query, None, **options)
         if as_json:
@@ -380,15 +386,19 @@ def _print_stats(stats) -> None:
     click.echo(line, err=True)
 
 
-def _generate_batch(input_path, output_path, resume, align, options, pipeline, judge_spec, engine_args):
+def _generate_batch(input_path, output_path, resume, align, options, pipeline, judge_spec, engine_args, parallel):
+    import threading
+
     from .batch import LINE_OPTIONS, run_batch
+    from .pipeline import align as run_pipeline
 
     if not input_path.is_file():
         raise InputError(f"input file not found: {input_path}")
     judges = {}  # created on first need: a batch with explicit strengths never contacts a judge
     if _is_remote(judge_spec):  # making one contacts nothing: a refused URL or key stops the batch here
         judges["judge"] = _make_judge(judge_spec, None)
-    engine = _make_engine(*engine_args)
+    engine = _make_engine(*engine_args, parallel=parallel)
+    judge_lock = threading.Lock()
 
     def generate_one(job: dict) -> dict:
         line_options = dict(options)
@@ -402,14 +412,18 @@ def _generate_batch(input_path, output_path, resume, align, options, pipeline, j
         if instruction is None:
             result = engine.generate(job["query"], None, **line_options)
             return {"text": result.text, "stats": result.stats.to_dict()}
-        if line_pipeline["strength"] is None and "judge" not in judges:
-            judges["judge"] = _make_judge(judge_spec, engine)
-        result = engine.align(job["query"], instruction, judge=judges.get("judge"), **line_pipeline, **line_options)
+        if line_pipeline["strength"] is None:
+            with judge_lock:
+                if "judge" not in judges:
+                    judges["judge"] = _make_judge(judge_spec, engine)
+        result = run_pipeline(engine, job["query"], instruction, judge=judges.get("judge"), **line_pipeline,
+                              **line_options)
         return result.to_dict()
 
     try:
         report = run_batch(input_path, output_path, generate_one, resume=resume,
-                           on_event=lambda msg: click.echo(msg, err=True))
+                           on_event=lambda msg: click.echo(msg, err=True), parallel=parallel,
+                           on_interrupt=engine.scheduler.stop)
     finally:
         if judges.get("judge") is not None:
             judges["judge"].close()
@@ -717,10 +731,12 @@ def _eval_judge(config, judge_url: Optional[str]):
               help="Run file to create (default: sda-eval-<time>.jsonl).")
 @click.option("--resume", "resume_path", default=None, type=click.Path(path_type=Path),
               help="Continue the run in this file (its settings are used).")
+@click.option("--parallel", "-np", "parallel", default=1, show_default=True, type=click.IntRange(1, 128),
+              help="Units run at once, sharing one batched decode (same answers as 1).")
 @_engine_options
 def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample, seed, max_tokens, judge, judge_url,
-                 amplifier_map, verify, verify_limit, verify_strength, verify_only, run_path, resume_path, model, n_ctx,
-                 n_threads, n_gpu_layers, streams, verbose):
+                 amplifier_map, verify, verify_limit, verify_strength, verify_only, run_path, resume_path, parallel,
+                 model, n_ctx, n_threads, n_gpu_layers, streams, verbose):
     """Evaluate SDA as the paper does (pairwise judging, gain omega) and with verifiable instructions.
 
     The paper's data sets are not shipped: see README for their sources and licences.
@@ -761,7 +777,7 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
         run = RunFile(run_path, config)
     config = run.config
     judge_spec, judge_options = _eval_judge(config, judge_url)  # before the model loads
-    engine = _make_engine(config.model, n_ctx, n_threads, n_gpu_layers, streams, verbose)
+    engine = _make_engine(config.model, n_ctx, n_threads, n_gpu_layers, streams, verbose, parallel=parallel)
     judge_obj = None
     try:
         judge_obj = _make_judge(judge_spec, engine, options=judge_options)
@@ -769,7 +785,7 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
             raise InputError("the evaluation needs a judge (--judge none is not possible here)")
         evaluation = Evaluation(engine, judge_obj, run, on_event=lambda m: click.echo(m, err=True))
         started = _time.monotonic()
-        evaluation.execute()
+        evaluation.execute(parallel=parallel)
         elapsed = _time.monotonic() - started
     finally:
         if judge_obj is not None:
@@ -849,7 +865,8 @@ def info_dict() -> dict:
 
     import llama_cpp
 
-    from . import hardware, native, privacy
+    from . import hardware, privacy
+    from .engine import native
     from . import models as catalogue
     from .logs import log_path
 
@@ -906,10 +923,10 @@ def info(as_json):
 @_repack_option
 def bench(model, n_threads, tokens, runs, n_ctx, as_json):
     """Speed and memory of plain vs SDA generation (medians of --runs, arms interleaved)."""
+    progress = lambda msg: click.echo(msg, err=True)  # noqa: E731
     from .bench import format_report, run_bench
 
-    report = run_bench(model, n_threads=n_threads, tokens=tokens, runs=runs, n_ctx=n_ctx,
-                       progress=lambda msg: click.echo(msg, err=True))
+    report = run_bench(model, n_threads=n_threads, tokens=tokens, runs=runs, n_ctx=n_ctx, progress=progress)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 

@@ -28,7 +28,9 @@ import math
 import os
 import random
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
@@ -37,7 +39,7 @@ from .charts import pyplot
 from .datasets import PAPER_OMEGA, load_dataset
 from .errors import InputError, ModelError
 from .judging import JudgeError
-from .jsonl import read_repaired
+from .jsonl import Appender, read_repaired
 from .pipeline import amplifier_of
 from .prompts import resolve_alignment
 from .rubrics import rubric_for
@@ -112,10 +114,7 @@ class RunFile:
             if path.exists() and path.stat().st_size > 0:
                 raise InputError(f"{path} already holds a run: use --resume {path}, or choose another file")
             self.config = config
-        try:
-            self._out = open(path, "a", encoding="utf-8")
-        except OSError as exc:
-            raise InputError(f"cannot write {path}: {exc.strerror}") from None
+        self._out = Appender(path)
         if config is not None:
             self.append({"type": "run", "version": RUN_VERSION, "config": config.__dict__})
 
@@ -140,9 +139,7 @@ class RunFile:
         return config
 
     def append(self, record: dict) -> None:
-        self._out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._out.flush()
-        os.fsync(self._out.fileno())
+        self._out.append(record)
         if record.get("type") != "run":
             self.records.append(record)
 
@@ -250,6 +247,7 @@ class Evaluation:
         self._position: Dict[Tuple[str, str, str], int] = {}  # (type, key, arm) -> place of the latest record
         self._count = 0
         self._base_by_query: Dict[Tuple[str, int], dict] = {}
+        self._lock = threading.RLock()
         for r in run.records:
             self._index(r)
 
@@ -268,8 +266,9 @@ class Evaluation:
             self.checks[(r["key"], r["arm"])] = r
 
     def _record(self, r: dict) -> dict:
-        self.run.append(r)
-        self._index(r)
+        with self._lock:  # units may run in several threads (execute(parallel=N))
+            self.run.append(r)
+            self._index(r)
         return r
 
     # -- work -----------------------------------------------------------------------------------------
@@ -375,26 +374,53 @@ class Evaluation:
         done = self.answers.get((key, "base"))
         if done is not None:
             return done
-        shared = self._base_by_query.get((query, seed))
-        if shared is not None:
-            return self._record({**shared, "key": key})
-        record = self._answer(key, "base", query, None, seed)
-        self._base_by_query[(query, seed)] = record
-        return record
+        with self._lock:
+            shared = self._base_by_query.get((query, seed))
+            mine = shared is None
+            if mine:  # the first unit of this query generates it; units running beside it wait for it
+                shared = self._base_by_query[(query, seed)] = _Pending()
+        if mine:
+            try:
+                record = self._answer(key, "base", query, None, seed)
+            except BaseException:
+                with self._lock:
+                    del self._base_by_query[(query, seed)]
+                shared.set(None)
+                raise
+            self._base_by_query[(query, seed)] = record
+            shared.set(record)
+            return record
+        if isinstance(shared, _Pending):
+            shared = shared.wait()
+            if shared is None:  # the generating unit failed: this one tries itself
+                return self._base_answer(key, query, seed)
+        return self._record({**shared, "key": key})
 
-    def execute(self) -> None:
+    def execute(self, parallel: int = 1) -> None:
+        """Run every unit not complete yet. ``parallel`` > 1 runs that many units at once in threads: their
+        generations share the engine's batched decode, and each unit's answers are the same as alone."""
         all_judged = [] if self.config.verify_only else judged_units(self.config, self.run.version)
         all_verify = verify_units(self.config, self.run.version)
-        judged = [u for u in all_judged if not self._judged_complete(u.key)]
-        verify = [u for u in all_verify if not self._verify_complete(u[0])]
+        work = [(u.key, self.run_judged, (u,)) for u in all_judged if not self._judged_complete(u.key)]
+        work += [(u[0], self.run_verify, u) for u in all_verify if not self._verify_complete(u[0])]
         total = len(all_judged) + len(all_verify)
-        progress = Progress(total, total - len(judged) - len(verify))
-        for unit in judged:
-            self._guarded(unit.key, self.run_judged, unit)
-            progress.advance(unit.key)
-        for key, vid, seed, query in verify:
-            self._guarded(key, self.run_verify, key, vid, seed, query)
-            progress.advance(key)
+        progress = Progress(total, total - len(work))
+        if parallel <= 1:
+            for key, run, args in work:
+                self._guarded(key, run, *args)
+                progress.advance(key)
+        else:
+            pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="sda-eval")
+            try:
+                futures = {pool.submit(self._guarded, key, run, *args): key for key, run, args in work}
+                for future in as_completed(futures):
+                    future.result()
+                    progress.advance(futures[future])
+            except BaseException:
+                self.engine.scheduler.stop()  # the running units end at the next step; --resume redoes them
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         progress.finish()
 
     def _guarded(self, key: str, run, *args) -> None:
@@ -426,6 +452,23 @@ class Evaluation:
                    for arm in ("steering-only", "sda") if arm in self.config.verify_arms):
                 return False
         return all((key, arm) in self.checks for arm in self.config.verify_arms)
+
+
+class _Pending:
+    """A base answer that another unit is generating."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._value = None
+
+    def set(self, value) -> None:
+        """The record, or None when its generation failed."""
+        self._value = value
+        self._event.set()
+
+    def wait(self):
+        self._event.wait()
+        return self._value
 
 
 # -- summary -----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from .charts import pyplot
 from .datasets import load_dataset, read_jsonl
 from .errors import InputError
 from .judging import JudgeError
-from .jsonl import read_repaired
+from .jsonl import Appender, read_repaired
 from .pipeline import amplifier_of
 from .prompts import resolve_alignment
 from .rubrics import rubric_for
@@ -95,10 +95,7 @@ class Cache:
                     self.values[record["key"]] = record["value"]
                 except (ValueError, KeyError, TypeError):
                     raise InputError(f"{path}, line {number}: not a judge-bench cache record") from None
-        try:
-            self._out = open(path, "a", encoding="utf-8")
-        except OSError as exc:
-            raise InputError(f"cannot write {path}: {exc.strerror}") from None
+        self._out = Appender(path, durable=False)  # a lost value is only measured again
 
     def get(self, key: str, make: Callable[[], object], keep: Callable[[object], bool] = lambda value: True):
         """The cached value of ``key``, else ``make()``, cached when ``keep(value)``."""
@@ -109,8 +106,7 @@ class Cache:
             return value
         self.values[key] = value
         if self._out is not None:
-            self._out.write(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
-            self._out.flush()
+            self._out.append({"key": key, "value": value})
         return value
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 from .amplifier import DEFAULT_MAP, AMPLIFIER_MAPS, amplifier
 from .errors import InputError
-from .judging import Judgement, JudgeError
+from .judging import Judgement, JudgeError, make_judge
 from .prompts import check_text, resolve_alignment
 from .rubrics import rubric_for
 
@@ -96,7 +96,36 @@ class AlignmentStream:
                 self._on_close()
 
 
-def align_stream(
+def align(engine, query: str, align: str, **options) -> AlignmentResult:
+    """The full SDA pipeline (initial answer, judge, amplifier, SDA answer); see ``align_stream``."""
+    stream = align_stream(engine, query, align, **options)
+    for _ in stream:
+        pass
+    return stream.result
+
+
+def align_stream(engine, query: str, align: str, *, judge="self", **options) -> AlignmentStream:
+    """Like ``align`` but yields the SDA answer's text pieces; ``.result`` is an AlignmentResult.
+
+    ``judge``: "self" (the default: the engine's likelihood ratio), "local" (the engine's model scores
+    under a rubric), "local:PATH|NAME", "openai[:MODEL]", "none"/None, or a judge object (SelfJudge,
+    LocalJudge, RemoteJudge). Options: ``strength`` (skips the judge), ``amplifier_map``,
+    ``on_judge_failure`` ("error", "fixed:A", "prompt-only"), ``on_warning`` (callable), ``on_judged``
+    and every option of ``SDAEngine.stream``.
+    """
+    if not isinstance(judge, str):
+        return _align_stream(engine, query, align, judge=judge, **options)
+    judge_obj = make_judge(judge, engine)  # made here, so closed here: when the stream ends
+    on_close = judge_obj.close if judge_obj is not None else None
+    try:
+        return _align_stream(engine, query, align, judge=judge_obj, on_close=on_close, **options)
+    except BaseException:
+        if on_close is not None:
+            on_close()
+        raise
+
+
+def _align_stream(
     engine,
     query: str,
     align: str,
@@ -160,9 +189,8 @@ def align_stream(
                 on_warning(f"judge failed: {exc}; {note}")
             stages["judge"] = time.perf_counter() - started
         started = time.perf_counter()
-        # The SDA pass reuses the without-stream cache the initial answer (same prompt) left behind.
-        stream = engine.stream(query, instruction, strength=a, temperature_mode=mode,
-                               keep_cache="initial" in stages, **generate_options)
+        # The SDA pass reuses the cache the initial answer (its without-prompt) left in the slot.
+        stream = engine.stream(query, instruction, strength=a, temperature_mode=mode, **generate_options)
         yield from stream
         stages["sda"] = time.perf_counter() - started
         final = stream.result

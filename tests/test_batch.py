@@ -10,6 +10,7 @@ import json
 import pytest
 
 from conftest import run_cli
+from sda_local.pipeline import align
 from sda_local.errors import InputError
 from sda_local.seeds import MAX_SEED, check_seed, derive_seed
 
@@ -104,7 +105,7 @@ def test_api_seeds(engine):
         with pytest.raises(InputError, match=r"seed must be an integer in 0\.\.4294967294"):
             engine.generate(QUERY, seed=bad, max_tokens=4)
     with pytest.raises(InputError, match="'random' to llama.cpp"):
-        engine.align(QUERY, "honesty", strength=0.5, seed=RANDOM_SEED, max_tokens=4)
+        align(engine, QUERY, "honesty", strength=0.5, seed=RANDOM_SEED, max_tokens=4)
     first = engine.generate(QUERY, "honesty", strength=0.5, seed=MAX_SEED, max_tokens=16)
     second = engine.generate(QUERY, "honesty", strength=0.5, seed=MAX_SEED, max_tokens=16)
     assert first.stats.seed == MAX_SEED and first.text == second.text
@@ -121,3 +122,25 @@ def test_derived_seeds_never_hit_the_random_seed():
     assert derive_seed(MAX_SEED - 1, 3) == 1
     assert derive_seed(7, 5) == 12
     assert all(0 <= derive_seed(MAX_SEED - 10, n) <= MAX_SEED for n in range(40))
+
+
+def test_parallel_batch_gives_each_line_its_result_alone_in_input_order(tmp_path, model_path):
+    jobs = [{"id": f"q{i}", "query": q, "seed": i, "max_tokens": 12, **extra} for i, (q, extra) in enumerate([
+        ("Name a fruit.", {"instruction": None}),
+        ("How do I boil an egg?", {"strength": 0.5}),
+        ("Why is the sky blue?", {}),  # the full pipeline: first answer, self judge, SDA
+        ("Write one sentence about the sea.", {"instruction": "Answer in fewer than 10 words.", "strength": 1.0}),
+        ("Name three colours.", {"instruction": None}),
+        ("Describe a cat.", {}),
+    ])]
+    inp = tmp_path / "in.jsonl"
+    write_jobs(inp, jobs)
+    outputs = {}
+    for parallel in ("1", "3"):
+        out = tmp_path / f"out{parallel}.jsonl"
+        proc = batch(inp, out, model_path, "--align", "honesty", "--parallel", parallel)
+        assert proc.returncode == 0, proc.stderr.decode()
+        outputs[parallel] = results(out)
+    assert [r["id"] for r in outputs["3"]] == [j["id"] for j in jobs]
+    for one, three in zip(outputs["1"], outputs["3"]):
+        assert one["text"] == three["text"] and one.get("amplifier") == three.get("amplifier"), one["id"]

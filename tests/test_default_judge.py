@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
+from sda_local.pipeline import align
 from sda_local.evaluation import EvalConfig
 from sda_local.errors import InputError
 from sda_local.judging import DEFAULT_JUDGE, LocalJudge, make_judge
@@ -33,11 +34,11 @@ def truthfulqa():
 
 def test_the_default_judge_is_self(engine):
     assert DEFAULT_JUDGE == "self"
-    for align in (NO_COMMAS, "helpfulness"):
-        result = engine.align("Name three fruits.", align, max_tokens=12, seed=1)
+    for instruction in (NO_COMMAS, "helpfulness"):
+        result = align(engine, "Name three fruits.", instruction, max_tokens=12, seed=1)
         assert result.judge.startswith("self:") and result.scoring == "self" and result.amplifier_source == "judge"
         assert result.amplifier == self_amplifier(result.score) and result.amplifier_map is None
-    result = engine.align("Name three fruits.", "helpfulness", judge="local", max_tokens=12, seed=1)
+    result = align(engine, "Name three fruits.", "helpfulness", judge="local", max_tokens=12, seed=1)
     assert result.judge.startswith("local:") and result.scoring == "expected"
     assert isinstance(result.score, float) and 1 <= result.score <= 100 and result.score_spread > 0
     assert result.amplifier_map == "sigmoid"

@@ -348,3 +348,17 @@ def test_eval_resume_retries_failed_judgements_and_keeps_files_apart(tmp_path, m
         sent = len(server.requests)
         again = run_cli("eval", "--resume", str(run), "--model", str(model_path))
         assert again.returncode == 0 and len(server.requests) == sent and records_of(run) == after
+
+
+def test_parallel_eval_units_get_the_answers_they_get_alone(tmp_path, model_path):
+    data = user_file(tmp_path / "d.jsonl", "Write one sentence about the sea.", "Name three fruits.",
+                     "How do I boil an egg?")
+    answers = []
+    for parallel in ("1", "3"):
+        run = tmp_path / f"r{parallel}.jsonl"
+        proc = run_cli("eval", "-d", str(data), "--query-field", "q", "--dimension", "honesty", "--verify",
+                       "no_commas,lowercase", "--verify-only", "--verify-strength", "judge", "--verify-limit", "3",
+                       "-n", "12", "--model", str(model_path), "--run", str(run), "--parallel", parallel)
+        assert proc.returncode == 0, proc.stderr.decode()
+        answers.append({(r["key"], r["arm"]): r["text"] for r in records_of(run) if r["type"] == "answer"})
+    assert len(answers[0]) >= 6 * 4 and answers[0] == answers[1]  # 3 queries x 2 instructions x arms

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax
 
-from sda_local import InputError, fuse, native
-from sda_local.fusion import fuse_numpy, temperature_for
+from sda_local import InputError, fuse
+from sda_local.engine import native
+from sda_local.engine.fusion import fuse_numpy, temperature_for
 
 MODES = ("paper", "reference", "fixed")
 TOL = dict(rtol=1e-5, atol=1e-5)

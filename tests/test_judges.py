@@ -16,6 +16,7 @@ import requests
 
 from conftest import run_cli
 from fault_server import FaultServer, completion
+from sda_local.pipeline import align
 from sda_local.errors import InputError
 from sda_local.judging import (MAX_REPLY_BYTES, JudgeError, LocalJudge, RemoteJudge, make_judge, parse_judge_reply,
                               parse_scores)
@@ -138,9 +139,9 @@ class PromptRecorder:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def complete_with_grammar(self, system, user, grammar, **options):
+    def render(self, system, user, history=()):
         self.users.append(user)
-        return self.engine.complete_with_grammar(system, user, grammar, **options)
+        return self.engine.render(system, user, history)
 
 
 def test_local_judge_is_deterministic_and_reads_only_its_own_reply(engine):
@@ -429,7 +430,7 @@ def test_bad_judge_urls_are_input_errors_that_show_no_credentials(url):
 def test_full_pipeline_with_the_local_judge(engine):
     from sda_local.amplifier import amplifier
 
-    r = engine.align(QUERY, "helpfulness", judge="local", seed=4, max_tokens=40)
+    r = align(engine, QUERY, "helpfulness", judge="local", seed=4, max_tokens=40)
     assert r.amplifier_source == "judge" and 1 <= r.score <= 100
     assert r.amplifier == pytest.approx(amplifier(r.score))
     assert r.initial_text and r.text and r.rubric_version == "helpfulness-v1/scale-9" and r.judge.startswith("local:")
@@ -441,9 +442,9 @@ def test_full_pipeline_with_the_local_judge(engine):
 
 
 def test_pipeline_without_judge_and_with_strength(engine):
-    r = engine.align(QUERY, "honesty", judge="none", seed=1, max_tokens=8)
+    r = align(engine, QUERY, "honesty", judge="none", seed=1, max_tokens=8)
     assert r.amplifier == 0.5 and r.amplifier_source == "default" and r.initial_text is None
-    r = engine.align(QUERY, "honesty", strength=0.2, seed=1, max_tokens=8)
+    r = align(engine, QUERY, "honesty", strength=0.2, seed=1, max_tokens=8)
     assert r.amplifier == 0.2 and r.amplifier_source == "strength" and r.score is None
 
 
@@ -451,16 +452,16 @@ def test_judge_failure_policies(engine):
     with FaultServer([("score", 250)]) as server:
         judge, _ = fast_judge(server.url)
         with pytest.raises(JudgeError):
-            engine.align(QUERY, "helpfulness", judge=judge, on_judge_failure="error", seed=1, max_tokens=8)
+            align(engine, QUERY, "helpfulness", judge=judge, on_judge_failure="error", seed=1, max_tokens=8)
         warnings = []
-        r = engine.align(QUERY, "helpfulness", judge=judge, on_judge_failure="fixed:0.3", seed=1, max_tokens=8,
+        r = align(engine, QUERY, "helpfulness", judge=judge, on_judge_failure="fixed:0.3", seed=1, max_tokens=8,
                          on_warning=warnings.append)
         assert r.amplifier == 0.3 and r.amplifier_source == "judge-failure" and "out of range" in r.judge_failure
         assert warnings and "judge failed" in warnings[0]
-        r = engine.align(QUERY, "helpfulness", judge=judge, on_judge_failure="prompt-only", seed=1, max_tokens=8)
+        r = align(engine, QUERY, "helpfulness", judge=judge, on_judge_failure="prompt-only", seed=1, max_tokens=8)
         assert r.amplifier == 0.0 and r.stats.temperature_mode == "fixed" and r.stats.strength == 0.0
     with pytest.raises(Exception, match="policy"):
-        engine.align(QUERY, "helpfulness", judge="none", on_judge_failure="fixed:-1")
+        align(engine, QUERY, "helpfulness", judge="none", on_judge_failure="fixed:-1")
 
 
 # ---------------------------------------------------------------------------------------------- CLI

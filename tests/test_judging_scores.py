@@ -26,7 +26,7 @@ from sda_local.judging import JudgeError, LocalJudge, SelfJudge, self_amplifier
 from sda_local.judging.selfscore import A_MAX, R_FULL, R_ZERO
 from sda_local.prompts import resolve_alignment
 from sda_local.rubrics import RUBRICS, judge_messages, pairwise_messages, rubric_for
-from sda_local.streams import N_BATCH, N_UBATCH
+from sda_local.engine.layout import N_BATCH, N_UBATCH
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 QUERY = "How do I boil an egg?"

@@ -15,8 +15,9 @@ import pytest
 
 from conftest import run_cli
 from fault_server import FaultServer, completion
-from sda_local import ModelError, SDAEngine, fuse, native
-from sda_local.fusion import TEST_INJECTION_ENV, NonFiniteLogitsError
+from sda_local import ModelError, SDAEngine, fuse
+from sda_local.engine import native
+from sda_local.engine.fusion import TEST_INJECTION_ENV, NonFiniteLogitsError
 
 QUERY = "How do I fix a flat bike tyre?"
 BAD = {"NaN": np.float32("nan"), "+inf": np.float32("inf")}

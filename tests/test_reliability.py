@@ -110,10 +110,11 @@ def test_click_usage_errors_are_one_line():
 def test_an_engine_never_closed_exits_quietly(model_path):
     script = textwrap.dedent(f"""
         from sda_local import SDAEngine
+        from sda_local.judging.local import complete_with_grammar
         engine = SDAEngine({str(model_path)!r}, n_ctx=256, n_threads=2)
         judge_engine = SDAEngine({str(model_path)!r}, n_ctx=256, n_threads=2, streams="contexts")
         print(engine.generate("Hi", "honesty", strength=0.5, seed=1, max_tokens=3).stats.generated_tokens)
-        print(judge_engine.complete_with_grammar(None, "Hi", 'root ::= "ok"'))
+        print(complete_with_grammar(judge_engine, None, "Hi", 'root ::= "ok"'))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -24,9 +24,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import InputError, ModelError
-from ..fusion import NonFiniteLogitsError
+from ..engine.fusion import NonFiniteLogitsError
 from ..rubrics import DIGIT_SCALE_MAX, SCALE_MAX, Rubric, judge_messages, pairwise_messages
-from ..streams import common_prefix_length
+from ..engine.layout import common_prefix_length
 from .replies import Judgement, JudgeError, PairJudgement, parse_judge_reply, parse_scores
 
 SCORINGS = ("expected", "greedy")
@@ -93,6 +93,17 @@ def _distribution(logprobs: np.ndarray) -> Tuple[np.ndarray, float]:
     return weights / weights.sum(), coverage
 
 
+def complete_with_grammar(engine, system: Optional[str], user: str, grammar: str, *, max_tokens: int = 32) -> str:
+    """Greedy plain completion of [system, user] constrained by a GBNF grammar, through the engine's
+    scheduler (a judgement is a short request like any other)."""
+    request = engine.request(engine.render(system, user), None, max_tokens=max_tokens, seed=0, grammar=grammar)
+    job = engine.submit(request)
+    engine.scheduler.wait(job)
+    if job.error is not None:
+        raise job.error
+    return job.text
+
+
 class LocalJudge:
     """Scores with a local GGUF model through an SDAEngine (``owns_engine``: close it with the judge)."""
 
@@ -108,7 +119,7 @@ class LocalJudge:
     def _complete(self, messages, grammar: str, max_tokens: int) -> str:
         system, user = (m["content"] for m in messages)
         try:
-            return self.engine.complete_with_grammar(system, user, grammar, max_tokens=max_tokens)
+            return complete_with_grammar(self.engine, system, user, grammar, max_tokens=max_tokens)
         except NonFiniteLogitsError as exc:  # the judge model broke down (e.g. fp16 overflow on a GPU)
             raise JudgeError(f"local judge: {exc}") from None
         except InputError as exc:  # e.g. the answer does not fit in the judge's context
@@ -126,8 +137,7 @@ class LocalJudge:
         tree = self._tree(n_slots)
         system, user = (m["content"] for m in messages)
         try:
-            prompt = self.engine.tokenize_prompt(self.engine.formatter.render(system, user))
-            forcing = self.engine.forcing()
+            prompt = self.engine.tokenize_prompt(self.engine.render(system, user))
             marginals = [np.zeros(len(DIGITS)) for _ in range(n_slots)]
             coverages = []
 
@@ -145,7 +155,8 @@ class LocalJudge:
                     for digit, p_digit in zip(DIGITS, p):
                         walk(fixed + (digit,), weight * p_digit, at)
 
-            walk((), 1.0, 0)
+            with self.engine.forcing() as forcing:
+                walk((), 1.0, 0)
         except (ModelError, InputError) as exc:  # non-finite logits, a failed decode; an answer too long
             raise JudgeError(f"local judge: {exc}") from None
         return marginals, float(np.mean(coverages))

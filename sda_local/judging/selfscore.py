@@ -59,8 +59,9 @@ class SelfJudge:
             raise JudgeError("self judge: the answer is empty, so it has no likelihood to compare")
         prompt_with, prompt_without = engine.formatter.pair(query, alignment)
         try:
-            with_, without = engine.forcing().continuation_logprobs(
-                [engine.tokenize_prompt(prompt_with), engine.tokenize_prompt(prompt_without)], answer_tokens)
+            prompts = [engine.tokenize_prompt(prompt_with), engine.tokenize_prompt(prompt_without)]
+            with engine.forcing() as forcing:
+                with_, without = forcing.continuation_logprobs(prompts, answer_tokens)
         except (ModelError, InputError) as exc:  # non-finite logits, a failed decode; an answer too long
             raise JudgeError(f"self judge: {exc}") from None
         return float(np.mean(with_ - without))

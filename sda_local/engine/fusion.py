@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 from scipy.special import log_softmax
 
-from .errors import InputError, ModelError
+from ..errors import InputError, ModelError
 
 DEFAULT_K = 2.0
 DEFAULT_T0 = 0.6

@@ -10,6 +10,7 @@ call starts from an empty cache.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import List, Sequence, Tuple
 
@@ -17,10 +18,10 @@ import llama_cpp
 import numpy as np
 from scipy.special import logsumexp
 
-from .errors import ContextOverflowError, ModelError
+from ..errors import ContextOverflowError, ModelError
 from .fusion import NonFiniteLogitsError, nonfinite_value
-from .gguf_model import GGUFModel
-from .streams import N_BATCH, N_UBATCH, common_prefix_length
+from ..gguf_model import GGUFModel
+from .layout import N_BATCH, N_UBATCH, common_prefix_length
 
 N_SEQ = 2
 
@@ -35,8 +36,10 @@ class ForcingContext:
 
     ``n_ctx`` is per sequence."""
 
-    def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int):
+    def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int, compute_lock=None):
         self.model = model
+        self._compute_lock = compute_lock or threading.Lock()  # shared with the engine's scheduler
+        self._user = threading.RLock()  # one judge at a time: a judgement is a series of calls
         self.n_ctx = n_ctx
         self.ctx = model.new_context(n_ctx=N_SEQ * n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads,
                                      n_seq_max=N_SEQ, kv_unified=True)
@@ -47,6 +50,13 @@ class ForcingContext:
         # TEST ONLY (fusion.logit_injection_from_env): overwrite logit 0 of the first part's STEP-th row (the
         # last row when it has fewer) before the non-finite check, in every decode.
         self.injection = None
+
+    def __enter__(self) -> "ForcingContext":
+        self._user.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._user.release()
 
     # -- decoding -----------------------------------------------------------------------------------
     def clear(self) -> None:
@@ -93,7 +103,8 @@ class ForcingContext:
                 b.n_tokens = i + 1
                 if owner >= 0:
                     owners.append(owner)
-            rc = llama_cpp.llama_decode(self.ctx, b)
+            with self._compute_lock:
+                rc = llama_cpp.llama_decode(self.ctx, b)
             if rc != 0:
                 self.clear()
                 raise ModelError(f"llama_decode failed (code {rc}): out of context or memory")

@@ -56,7 +56,7 @@ def library_path() -> Path:
     if override:
         return Path(override)
     name = _LIBRARY_NAMES.get(sys.platform, "libsda.so")
-    return Path(__file__).resolve().parent / name
+    return Path(__file__).resolve().parent.parent / name  # installed beside the package root
 
 
 def _declare(lib: ctypes.CDLL) -> None:

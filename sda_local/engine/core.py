@@ -1,0 +1,307 @@
+"""SDAEngine: loads a GGUF model once and generates with or without SDA steering.
+
+Per query (SPEC.md sections 3-5): the with- and without-instruction prompts are prefilled into a slot's two
+streams on the same weights; then, every step, the request's sampler chain [sda, top-p, dist] samples from
+the fused distribution and the token is appended to both streams. Every generation goes through the
+engine's scheduler (scheduler.py), which decodes the streams of all running requests in one
+``llama_decode`` per step: a single call is the case of one request, ``parallel`` > 1 lets several threads
+(or a server) share the decode.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+from .. import hardware, models
+from ..errors import ContextOverflowError, InputError, ModelError
+from ..gguf_model import GGUFModel
+from ..prompts import QUESTION_SYSTEM, Alignment, PromptFormatter, check_text, resolve_alignment
+from ..seeds import check_seed
+from . import native
+from .fusion import DEFAULT_K, DEFAULT_T0, DEFAULT_TOP_P, MIN_TOP_P, check_fusion_params, logit_injection_from_env
+from .layout import STREAM_MODES, KVLayout, common_prefix_length
+from .requests import GenerationRequest, GenerationResult, GenerationStats
+from .sampling import RequestSampler
+from .scheduler import Job, Scheduler
+
+MAX_PARALLEL = 128
+
+
+class GenerationStream:
+    """Iterate for text pieces as they are decoded; ``result`` is set once the iteration is complete.
+    Nothing runs before the iteration starts; leaving it early cancels the generation."""
+
+    def __init__(self, engine: "SDAEngine", request: GenerationRequest):
+        self._engine, self.request = engine, request
+        self.job: Optional[Job] = None
+        self.result: Optional[GenerationResult] = None
+
+    def __iter__(self) -> Iterator[str]:
+        engine, request = self._engine, self.request
+        self.job = job = engine.submit(request)
+        scheduler = engine.scheduler
+        try:
+            yield from scheduler.pieces(job)
+        finally:
+            if not job.done:
+                scheduler.cancel(job)
+        self.result = GenerationResult(job.text, list(job.tokens), job.stats, request.prompt_with,
+                                       request.prompt_without)
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class SDAEngine:
+    """One loaded model, a scheduler over ``parallel`` slots of two decoding streams each, SDA generation.
+
+    ``model``: None (the default catalogue model, fetched on first use), a catalogue name, or a GGUF path.
+    ``streams``: "batched" (one context; every stream a sequence of one decode per step) or "contexts" (two
+    contexts on the same weights). ``n_ctx`` is the context of each stream (capped at the model's training
+    context, with a note in ``notices``). ``parallel``: requests decoded together (slots); more wait in
+    the queue. ``fusion_backend``: "auto" (native when libsda loads), "native" or "numpy". Fusion runs on
+    host logits, so CPU, CUDA and Metal builds of llama-cpp-python all work; ``n_gpu_layers`` offloads
+    layers as in llama.cpp. ``repack``: "auto" (llama.cpp's weight repacking, except on Intel AMX CPUs
+    where its AMX kernels crash), "on" or "off"; None reads $SDA_LOCAL_REPACK, else "auto".
+    """
+
+    def __init__(
+        self,
+        model: Optional[str] = None,
+        *,
+        n_ctx: int = 4096,
+        n_threads: Optional[int] = None,
+        n_gpu_layers: int = 0,
+        streams: str = "batched",
+        parallel: int = 1,
+        verbose: bool = False,
+        fusion_backend: str = "auto",
+        repack: Optional[str] = None,
+    ):
+        if streams not in STREAM_MODES:
+            raise InputError(f"unknown streams mode {streams!r} (choose from {', '.join(STREAM_MODES)})")
+        if not isinstance(n_ctx, int) or n_ctx < 16:
+            raise InputError(f"n_ctx must be an integer >= 16, got {n_ctx!r}")
+        if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= MAX_PARALLEL:
+            raise InputError(f"parallel must be an integer in [1, {MAX_PARALLEL}], got {parallel!r}")
+        if fusion_backend not in ("auto", "native", "numpy"):
+            raise InputError(f"unknown fusion backend {fusion_backend!r} (choose from auto, native, numpy)")
+        repack = hardware.check_repack(repack)
+        self.model_path = models.resolve(model)
+        self.model = GGUFModel(self.model_path, n_gpu_layers=n_gpu_layers, verbose=verbose, repack=repack)
+        self.repack = repack
+        self.notices: List[str] = []  # one-line notes for the user (the CLI prints them)
+        if 0 < self.model.n_ctx_train < n_ctx:
+            self.notices.append(f"n_ctx {n_ctx} is beyond the model's training context; "
+                                f"capped at {self.model.n_ctx_train}")
+            n_ctx = self.model.n_ctx_train
+        self.n_ctx = n_ctx
+        self.parallel = parallel
+        self.n_threads = n_threads or _default_threads()
+        self.streams_mode = streams
+        self.formatter = PromptFormatter(self.model.chat_template, self.model.bos_token, self.model.eos_token)
+        self._native = None if fusion_backend == "numpy" else native.library()
+        if fusion_backend == "native" and self._native is None:
+            raise InputError(f"the native fusion library is not loaded: {native.load_error()}")
+        # One computation at a time on these weights: the scheduler's decodes and the judges' teacher
+        # forcing come from different threads, and two llama.cpp thread pools on the same cores spin
+        # against each other.
+        self.compute_lock = threading.Lock()
+        layout = KVLayout(streams, self.model, n_slots=parallel, n_ctx=n_ctx, n_threads=self.n_threads)
+        self.scheduler = Scheduler(self.model, layout, compute_lock=self.compute_lock)
+        self._forcing = None  # for the judges that read distributions (expected, self), created on first use
+        self._forcing_guard = threading.Lock()
+        self._logit_injections = None  # TEST ONLY (see fusion.logit_injection_from_env), read on first use
+
+    @property
+    def _add_bos(self) -> bool:
+        # Chat templates write their own special tokens (BOS included), as llama-cpp-python assumes too.
+        return self.model.add_bos and not self.formatter.uses_chat_template
+
+    @property
+    def fusion_backend(self) -> str:
+        return "native" if self._native is not None else "numpy"
+
+    # -- public API ---------------------------------------------------------------------------------
+    def generate(self, query: str, instruction: Optional[str] = None, **options) -> GenerationResult:
+        """Generate an answer; see ``stream`` for the options. Returns text, tokens and stats."""
+        stream = self.stream(query, instruction, **options)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream(
+        self,
+        query: str,
+        instruction: Optional[str] = None,
+        *,
+        strength: float = 0.5,
+        max_tokens: int = 256,
+        t0: float = DEFAULT_T0,
+        top_p: float = DEFAULT_TOP_P,
+        temperature_mode: str = "paper",
+        seed: Optional[int] = None,
+        system: Optional[str] = None,
+        k: float = DEFAULT_K,
+        ignore_eos: bool = False,
+        stop: Sequence[str] = (),
+        history: Sequence[Tuple[str, str]] = (),
+    ) -> GenerationStream:
+        """Generate, yielding text pieces as they are decoded.
+
+        ``instruction``: a preset name (helpfulness, harmlessness, honesty, empathy, summarization), any
+        instruction text, or None for plain generation (one stream at temperature ``t0`` with top-p).
+        ``strength`` is the amplifier a of SPEC.md (0 = prompting with the instruction). ``history``: earlier
+        (user, assistant) turns of a conversation. ``stop``: strings that end the answer. A slot's cache
+        keeps what earlier calls left, and a prompt that extends it prefills only its new tokens; the
+        result is the same as from an empty cache (layout.py), so it depends on the arguments alone.
+        """
+        if self.model is None:
+            raise ModelError("the engine is closed")
+        check_text("query", query)
+        alignment = resolve_alignment(check_text("instruction", instruction), system) if instruction is not None else None
+        if system is not None:
+            check_text("system prompt", system)
+        history = [(check_text("history user turn", u), str(a)) for u, a in history]
+        if alignment is not None:
+            prompt_with, prompt_without = self.formatter.pair(query, alignment, history)
+        else:
+            prompt_with, prompt_without = self.formatter.render(system or QUESTION_SYSTEM, query, history), None
+        return GenerationStream(self, self.request(
+            prompt_with, prompt_without, strength=strength, max_tokens=max_tokens, t0=t0, top_p=top_p,
+            temperature_mode=temperature_mode, seed=seed, k=k, ignore_eos=ignore_eos, stop=stop))
+
+    def request(self, prompt_with: str, prompt_without: Optional[str] = None, *, strength: float = 0.5,
+                max_tokens: int = 256, t0: float = DEFAULT_T0, top_p: float = DEFAULT_TOP_P,
+                temperature_mode: str = "paper", seed: Optional[int] = None, k: float = DEFAULT_K,
+                ignore_eos: bool = False, stop: Sequence[str] = (), grammar: Optional[str] = None,
+                capture_logits: bool = False) -> GenerationRequest:
+        """A validated, tokenized request from rendered prompts (``prompt_without`` None: plain)."""
+        if self.model is None:
+            raise ModelError("the engine is closed")
+        check_fusion_params(strength, k, t0, temperature_mode)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and MIN_TOP_P <= top_p <= 1.0):
+            raise InputError(f"top_p must be in [{MIN_TOP_P:g}, 1], got {top_p!r}")
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not all(isinstance(s, str) for s in stop):
+            raise InputError("stop must be a string or a list of strings")
+        seed = secrets.randbelow(2**31) if seed is None else check_seed(seed)
+        return GenerationRequest(
+            tokens_with=self.tokenize_prompt(prompt_with),
+            tokens_without=self.tokenize_prompt(prompt_without) if prompt_without is not None else None,
+            max_tokens=max_tokens, seed=seed, strength=float(strength), k=float(k), t0=float(t0),
+            top_p=float(top_p), temperature_mode=temperature_mode, ignore_eos=ignore_eos, grammar=grammar,
+            stop=tuple(stop), capture_logits=capture_logits, prompt_with=prompt_with, prompt_without=prompt_without)
+
+    def submit(self, request: GenerationRequest, *, listener=None) -> Job:
+        """Queue a request in the scheduler; follow it with ``scheduler.pieces(job)`` or ``scheduler.wait``,
+        or give a ``listener(job)``, which the scheduler calls after each step that gave the job text, and
+        once when it ends (from the scheduler's thread: keep it short)."""
+        if self.model is None:
+            raise ModelError("the engine is closed")
+        steered = request.steered
+        injection = next((i for i in self._injections()
+                          if i.seed in (None, request.seed) and (steered or i.row == "with")), None)
+        if request.grammar is not None:  # the judge's completions: only seedless injections reach them
+            injection = next((i for i in self._injections() if i.seed is None and i.row == "with"), None)
+        sampler = RequestSampler(self.model, self._native, request, injection)
+        stats = GenerationStats(
+            mode="sda" if steered else "plain", streams=self.streams_mode, fusion_backend=sampler.backend,
+            strength=request.strength if steered else None,
+            temperature_mode=request.temperature_mode if steered else None, t0=request.t0, top_p=request.top_p,
+            seed=request.seed, prompt_tokens_with=len(request.tokens_with),
+            prompt_tokens_without=len(request.tokens_without) if steered else None,
+            shared_prefix_tokens=common_prefix_length(request.tokens_with, request.tokens_without) if steered else 0,
+        )
+        job = Job(request, sampler, stats)
+        job.listener = listener
+        return self.scheduler.submit(job)
+
+    def prompt_lengths(self, query: str, instruction: Optional[str], history: Sequence[Tuple[str, str]] = (), *,
+                       system: Optional[str] = None) -> Tuple[int, int]:
+        """Prompt tokens of (with-instruction, without-instruction) streams; equal without an instruction."""
+        alignment = resolve_alignment(instruction, system) if instruction is not None else None
+        if alignment is None:
+            n = len(self.model.tokenize(self.formatter.render(system or QUESTION_SYSTEM, query, history),
+                                        add_bos=self._add_bos))
+            return n, n
+        prompts = self.formatter.pair(query, alignment, history)
+        return tuple(len(self.model.tokenize(p, add_bos=self._add_bos)) for p in prompts)
+
+    def logits(self, query: str, instruction: Optional[str], *, system: Optional[str] = None,
+               history: Sequence[Tuple[str, str]] = ()):
+        """Raw next-token logits of the first answer token: (with instruction, without instruction), copies."""
+        alignment = resolve_alignment(check_text("instruction", instruction), system)
+        if alignment is None:
+            raise InputError("logits() needs an instruction")
+        prompt_with, prompt_without = self.formatter.pair(check_text("query", query), alignment, history)
+        job = self.submit(self.request(prompt_with, prompt_without, max_tokens=1, seed=0, capture_logits=True))
+        self.scheduler.wait(job)
+        if job.error is not None:
+            raise job.error
+        return job.first_logits
+
+    def forcing(self):
+        """The teacher-forcing context on this engine's weights (forcing.ForcingContext), made on first use.
+        Use it as a context manager (``with engine.forcing() as forcing:``): one thread at a time."""
+        if self.model is None:
+            raise ModelError("the engine is closed")
+        with self._forcing_guard:
+            if self._forcing is None:
+                from .forcing import ForcingContext
+
+                self._forcing = ForcingContext(self.model, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                                               compute_lock=self.compute_lock)
+                self._forcing.injection = next((i for i in self._injections() if i.seed is None and i.row == "with"),
+                                               None)
+        return self._forcing
+
+    def reset_caches(self) -> None:
+        """Empty every slot's KV cache (results do not depend on it; this frees nothing but the reuse)."""
+        self.scheduler.clear_caches()
+
+    def close(self) -> None:
+        if getattr(self, "_forcing", None) is not None:
+            self._forcing.close()
+            self._forcing = None
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.close()
+            self.scheduler = None
+        if getattr(self, "model", None) is not None:
+            self.model.close()
+            self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def render(self, system: Optional[str], user: str, history: Sequence[Tuple[str, str]] = ()) -> str:
+        return self.formatter.render(system, user, history)
+
+    def tokenize_prompt(self, prompt: str) -> List[int]:
+        """A rendered prompt's tokens (special tokens parsed); refuses one that fills the context."""
+        tokens = self.model.tokenize(prompt, add_bos=self._add_bos, special=True)
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx} (raise --n-ctx)"
+            )
+        return tokens
+
+    def _injections(self):
+        if self._logit_injections is None:
+            self._logit_injections = logit_injection_from_env()
+        return self._logit_injections
+

@@ -1,0 +1,160 @@
+"""Where every slot's streams live in llama.cpp: contexts, sequence ids, and the batches that decode them.
+
+A slot holds one request at a time; its two streams (with and without the instruction) are two sequences.
+Two layouts, one interface:
+
+* ``batched``  - one llama_context; slot i's streams are sequences 2i and 2i+1. Every step decodes every
+  active stream of every slot in one ``llama_decode``.
+* ``contexts`` - two llama_contexts on the same weights (the old llama.cpp CFG design); slot i's with-stream
+  is sequence i of the first, its without-stream sequence i of the second. A step is one decode in each.
+
+Each sequence has its own KV stream (``kv_unified = false``) of ``n_ctx`` cells. That is what keeps a
+request's tokens independent of everything else in the batch: llama.cpp's CPU flash attention sums over a
+sequence's cells in cell order, skipping the masked ones, so a sequence computes bit for bit the same as
+long as its cells stay in position order. In a unified cache they do not: once another request frees
+cells below, llama.cpp's slot search starts again from cell 0 and the running sequence's next tokens land
+before its earlier ones (measured: logits move by ~0.6 on SmolLM2-135M). In its own stream a sequence
+always grows from cell 0 in order, also after a truncation, so reusing a cached prefix is exact too.
+The price: the two prompts' common prefix is decoded in both sequences (two rows of the same ubatch)
+instead of once, because llama.cpp copies across KV streams only whole buffers.
+
+llama.cpp takes sequences of different KV streams into one ubatch only when their ids are consecutive, so
+a step over slots {0, 2} costs two graph computations (about 1.5x one); the scheduler fills the lowest
+free slot first.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import List, Sequence, Tuple
+
+import llama_cpp
+
+from ..errors import InputError, ModelError
+from ..gguf_model import GGUFModel
+
+STREAM_MODES = ("batched", "contexts")
+N_BATCH = 512  # rows per llama_decode at most
+# llama.cpp's CPU matmul takes another kernel from 64 rows per ubatch on, with visibly different rounding
+# (logits move by ~0.5 on SmolLM2-135M Q4_1). Below that, each row's result is bit-identical to decoding
+# it alone, so a stream's KV cache does not depend on how its prompt was split into batches nor on the
+# other rows of the batch: batched, contexts, prefill chunking, cache reuse and concurrent requests all
+# see the same logits, and a = 0 is exactly prompting.
+N_UBATCH = 32
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
+
+WITH, WITHOUT = 0, 1  # stream indices
+
+Location = Tuple[int, int]  # (context index, sequence id)
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Batch:
+    """A reusable llama_batch; tokens are appended with their position, sequence and logits flag."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.n_outputs = 0
+
+    def clear(self) -> None:
+        self.batch.n_tokens = 0
+        self.n_outputs = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append a token; returns its output index (for ``llama_get_logits_ith``) when ``logits``, else -1."""
+        b = self.batch
+        i = b.n_tokens
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+        b.n_tokens = i + 1
+        if logits:
+            self.n_outputs += 1
+            return i
+        return -1
+
+    @property
+    def n_tokens(self) -> int:
+        return self.batch.n_tokens
+
+    @property
+    def room(self) -> int:
+        return self.capacity - self.batch.n_tokens
+
+    def free(self) -> None:
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+
+class KVLayout:
+    """The llama.cpp contexts of ``n_slots`` slots, each with two streams of ``n_ctx`` cells."""
+
+    def __init__(self, mode: str, model: GGUFModel, *, n_slots: int, n_ctx: int, n_threads: int):
+        if mode not in STREAM_MODES:
+            raise InputError(f"unknown streams mode {mode!r} (choose from {', '.join(STREAM_MODES)})")
+        per_context = 2 * n_slots if mode == "batched" else n_slots
+        if per_context > MAX_SEQUENCES:
+            raise InputError(f"at most {MAX_SEQUENCES // 2} parallel slots, got {n_slots}")
+        self.mode, self.n_slots, self.n_ctx = mode, n_slots, n_ctx
+        # Contexts this layout owns: freed by close(), or when it is collected or the interpreter exits
+        # without close() (finalizers run newest first: before the model they were made on).
+        self.contexts: List[object] = []
+        self._finalizer = weakref.finalize(self, _free_contexts, self.contexts)
+        for _ in range(1 if mode == "batched" else 2):
+            self.contexts.append(model.new_context(n_ctx=per_context * n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH,
+                                                   n_threads=n_threads, n_seq_max=per_context, kv_unified=False))
+        self._memories = [llama_cpp.llama_get_memory(ctx) for ctx in self.contexts]
+        self.batches = [Batch(N_BATCH) for _ in self.contexts]
+
+    def location(self, slot: int, stream: int) -> Location:
+        if self.mode == "batched":
+            return 0, 2 * slot + stream
+        return stream, slot
+
+    def forget(self, location: Location, keep: int) -> None:
+        """Drop a sequence's cache positions >= keep."""
+        ctx_index, seq = location
+        llama_cpp.llama_memory_seq_rm(self._memories[ctx_index], seq, keep, -1)
+
+    def cached_length(self, location: Location) -> int:
+        """Positions a sequence holds according to llama.cpp (to re-check after an interrupted decode)."""
+        ctx_index, seq = location
+        return llama_cpp.llama_memory_seq_pos_max(self._memories[ctx_index], seq) + 1
+
+    def clear(self) -> None:
+        for memory in self._memories:
+            llama_cpp.llama_memory_clear(memory, True)
+
+    def decode(self, ctx_index: int) -> None:
+        batch = self.batches[ctx_index]
+        if batch.n_tokens == 0:
+            return
+        rc = llama_cpp.llama_decode(self.contexts[ctx_index], batch.batch)
+        if rc != 0:
+            raise ModelError(f"llama_decode failed (code {rc}): out of context or memory")
+
+    def logits_row(self, ctx_index: int, output: int):
+        """A pointer to the logits of a batch row (valid until the context's next decode)."""
+        return llama_cpp.llama_get_logits_ith(self.contexts[ctx_index], output)
+
+    def close(self) -> None:
+        for batch in self.batches:
+            batch.free()
+        self._finalizer()
+        self._memories = []
+
+
+def _free_contexts(contexts: List[object]) -> None:
+    while contexts:
+        llama_cpp.llama_free(contexts.pop())

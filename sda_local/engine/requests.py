@@ -1,0 +1,86 @@
+"""What a generation asks for (GenerationRequest) and what it gives back (GenerationResult, GenerationStats).
+
+A request is validated and tokenized before it reaches the scheduler: the scheduler only decodes and samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Tuple
+
+from .fusion import DEFAULT_K, DEFAULT_T0, DEFAULT_TOP_P
+
+
+@dataclass
+class GenerationRequest:
+    """One generation. ``tokens_without`` None is plain generation (one stream, temperature ``t0`` and top-p);
+    otherwise SDA with amplifier ``strength``. ``grammar`` (plain only): greedy decoding constrained by a
+    GBNF grammar. ``stop``: strings that end the answer (not included in it). ``capture_logits``: keep
+    copies of the first step's raw rows (``Job.first_logits``)."""
+
+    tokens_with: List[int]
+    tokens_without: Optional[List[int]] = None
+    max_tokens: int = 256
+    seed: int = 0
+    strength: float = 0.5
+    k: float = DEFAULT_K
+    t0: float = DEFAULT_T0
+    top_p: float = DEFAULT_TOP_P
+    temperature_mode: str = "paper"
+    ignore_eos: bool = False
+    grammar: Optional[str] = None
+    stop: Tuple[str, ...] = ()
+    capture_logits: bool = False
+    prompt_with: str = field(default="", repr=False)
+    prompt_without: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def steered(self) -> bool:
+        return self.tokens_without is not None
+
+    @property
+    def prompts(self) -> List[List[int]]:
+        return [self.tokens_with] if self.tokens_without is None else [self.tokens_with, self.tokens_without]
+
+
+@dataclass
+class GenerationStats:
+    """What one generation did. ``fusion_backend`` is "native", "numpy" or None (plain generation)."""
+
+    mode: str  # "sda" or "plain"
+    streams: str
+    fusion_backend: Optional[str]
+    strength: Optional[float]
+    temperature_mode: Optional[str]
+    t0: float
+    top_p: float
+    seed: int
+    prompt_tokens_with: int
+    prompt_tokens_without: Optional[int]
+    shared_prefix_tokens: int
+    prefill_tokens_with: int = 0  # prompt tokens actually decoded (the rest was already in the slot's cache)
+    prefill_tokens_without: Optional[int] = None
+    cached_tokens: int = 0  # prompt tokens reused from the slot's cache, over both streams
+    generated_tokens: int = 0
+    queued_seconds: float = 0.0  # waiting for a free slot
+    prefill_seconds: float = 0.0  # from taking a slot to the first sampled token
+    decode_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    mean_js: Optional[float] = None
+    mean_temperature: Optional[float] = None
+    fusion_us_per_token: Optional[float] = None
+    # "stop" (end-of-generation token or stop string), "length" (max_tokens), "context" (the slot is full),
+    # "cancelled" (the caller went away), "error" (the job failed: the error is raised to the caller)
+    finish_reason: str = "length"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: List[int]
+    stats: GenerationStats
+    prompt_with: str = field(repr=False, default="")
+    prompt_without: Optional[str] = field(repr=False, default=None)

@@ -1,0 +1,138 @@
+"""The scheduler on the real default model: concurrent requests in one batched decode give each request
+exactly the tokens it gets alone; chunked prefill, the queue, cancellation, the prompt cache, stop strings."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from sda_local import SDAEngine
+from sda_local.engine.text import TextAssembler
+
+LONG = ("Here is some background about bicycles, their history and their parts, written at length so that the "
+        "prompt needs several prefill chunks. " * 6)
+REQUESTS = [  # (query, instruction, options)
+    ("How do I fix a flat bike tyre?", "helpfulness", dict(strength=0.5, seed=1)),
+    ("Name three fruits.", None, dict(seed=2)),
+    (LONG + "Which part should I oil first?", "Answer in one short sentence.", dict(strength=1.0, seed=3)),
+    ("Is it safe to eat raw cookie dough?", "honesty", dict(strength=0.0, seed=4, temperature_mode="fixed")),
+    ("Write a haiku about rain.", None, dict(seed=5, t0=1.0)),
+]
+
+
+@pytest.fixture(scope="module")
+def alone(model_path):
+    """Each request run by itself, on an engine with one slot."""
+    with SDAEngine(str(model_path), n_ctx=1024, n_threads=2) as engine:
+        return [engine.generate(q, i, max_tokens=24, **o).tokens for q, i, o in REQUESTS]
+
+
+@pytest.fixture(scope="module")
+def parallel_engine(model_path):
+    with SDAEngine(str(model_path), n_ctx=1024, n_threads=2, parallel=3) as engine:
+        yield engine
+
+
+def submit_all(engine):
+    return [engine.submit(engine.request(*_prompts(engine, q, i, o.get("system")), max_tokens=24,
+                                         **{k: v for k, v in o.items() if k != "system"}))
+            for q, i, o in REQUESTS]
+
+
+def _prompts(engine, query, instruction, system=None):
+    stream = engine.stream(query, instruction, system=system)
+    return stream.request.prompt_with, stream.request.prompt_without
+
+
+def test_concurrent_requests_get_exactly_their_tokens_alone(parallel_engine, alone):
+    engine = parallel_engine
+    engine.scheduler.prefill_chunk = 16  # the long prompt is prefilled over many steps, between decodes
+    try:
+        jobs = submit_all(engine)  # 5 jobs for 3 slots: two wait in the queue, then take freed slots
+        for job in jobs:
+            engine.scheduler.wait(job)
+    finally:
+        engine.scheduler.prefill_chunk = 512
+    assert [job.error for job in jobs] == [None] * len(jobs)
+    assert [job.tokens for job in jobs] == alone
+    assert max(job.stats.queued_seconds for job in jobs) > 0
+    steps = list(engine.scheduler.timings)
+    assert max(rows for _, _, rows in steps) > 3  # some steps really decoded several requests together
+
+
+def test_threads_share_the_decode_and_a_late_request_is_exact(parallel_engine, alone):
+    engine = parallel_engine
+    results = [None] * len(REQUESTS)
+    started = threading.Event()
+
+    def run(i):
+        q, instruction, options = REQUESTS[i]
+        stream = engine.stream(q, instruction, max_tokens=24, **options)
+        for n, _ in enumerate(stream):
+            if i == 0 and n == 3:
+                started.set()
+        results[i] = stream.result.tokens
+
+    first = threading.Thread(target=run, args=(0,))
+    first.start()
+    started.wait(60)  # the others arrive while request 0 is decoding
+    others = [threading.Thread(target=run, args=(i,)) for i in range(1, len(REQUESTS))]
+    for t in others:
+        t.start()
+    for t in [first] + others:
+        t.join(120)
+    assert results == alone
+
+
+def test_cancel_frees_the_slot_at_the_next_step(model_path):
+    with SDAEngine(str(model_path), n_ctx=512, n_threads=2, parallel=1) as engine:
+        stream = engine.stream("Tell me a long story about a dragon.", "helpfulness", max_tokens=200, seed=1)
+        pieces = iter(stream)
+        next(pieces)
+        pieces.close()  # the caller went away
+        job = stream.job
+        assert job.done and job.stats.finish_reason == "cancelled" and engine.scheduler.busy_slots == 0
+        after = engine.generate("Name a colour.", None, max_tokens=4, seed=1)
+        assert after.stats.generated_tokens >= 1
+
+
+def test_prompt_cache_reuse_is_exact(model_path, parallel_engine):
+    history = [("How do I fix a flat bike tyre?", "Find the hole, patch it, and pump the tyre up again.")]
+    engine = parallel_engine
+    engine.generate("How do I fix a flat bike tyre?", "helpfulness", strength=0.5, seed=1, max_tokens=8)
+    reused = engine.generate("And how do I find the hole?", "helpfulness", history=history, strength=0.5, seed=7,
+                             max_tokens=24)
+    assert reused.stats.cached_tokens > 20  # the system prompt and the first turn came from the slot's cache
+    with SDAEngine(str(model_path), n_ctx=1024, n_threads=2) as fresh:
+        anew = fresh.generate("And how do I find the hole?", "helpfulness", history=history, strength=0.5, seed=7,
+                              max_tokens=24)
+    assert anew.stats.cached_tokens == 0 and anew.tokens == reused.tokens
+
+
+def test_stop_strings_end_the_answer_and_are_not_shown(engine):
+    full = engine.generate("Count from 1 to 20, separated by commas.", None, seed=3, max_tokens=48, t0=0.001)
+    assert "5" in full.text
+    cut = full.text.index("5")
+    stopped = engine.generate("Count from 1 to 20, separated by commas.", None, seed=3, max_tokens=48, t0=0.001,
+                              stop=["5"])
+    assert stopped.text == full.text[:cut] and stopped.stats.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("pieces,stops,shown,text", [
+    (["Hello", " wor", "ld"], ["world"], ["Hello", " "], "Hello "),
+    (["a<", "/s", "> b"], ["</s>"], ["a"], "a"),
+    (["ab", "c"], ["x"], ["ab", "c"], "abc"),
+    (["a", "b"], ["bc"], ["a"], "ab"),  # the held "b" comes out at the end
+])
+def test_text_assembler_holds_back_possible_stops(pieces, stops, shown, text):
+    t = TextAssembler(stops)
+    out = [t.feed(p.encode()) for p in pieces]
+    out.append(t.finish())
+    assert [o for o in out if o][:len(shown)] == shown and t.text == text and "".join(out) == text
+
+
+def test_text_assembler_joins_split_utf8():
+    t = TextAssembler()
+    data = "né".encode()
+    assert t.feed(data[:2]) == "n" and t.feed(data[2:]) == "é" and t.finish() == "" and t.text == "né"
