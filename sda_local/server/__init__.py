@@ -1,0 +1,92 @@
+"""``sda-local serve``: an OpenAI-compatible HTTP server with per-request SDA (needs ``sda-local[server]``).
+
+    schemas.py   the request bodies (OpenAI's fields and the ``sda`` object)
+    service.py   requests -> prompts -> jobs in the engine's scheduler, and the SDA pipeline's judge
+    app.py       FastAPI routes, errors in OpenAI's format, server-sent events
+    metrics.py   Prometheus counters for /metrics
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import signal
+import socket
+import sys
+import threading
+from typing import Callable, Optional
+
+from ..errors import InputError
+
+DEFAULT_PORT = 8080
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _import_stack():
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise InputError(f"the server needs its extra: pip install 'sda-local[server]' ({exc.name} is missing)") from None
+    return uvicorn
+
+
+def _server_class(uvicorn):
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that SIGTERM/SIGINT end it with exit status 0: uvicorn raises the signal
+        again once it has shut down, so the process would die of it."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+def run_server(load: Callable[[], tuple], *, model_id: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+               api_key: Optional[str] = None, queue_size: int = 16, max_body: int = 1 << 20,
+               on_listening: Callable[[str], None] = lambda url: None) -> None:
+    """Serve until SIGTERM/SIGINT. ``load()`` -> (engine, judge) runs in the background while /health
+    answers 503. ``port`` 0 picks a free port; ``on_listening`` gets the URL once the socket is bound."""
+    uvicorn = _import_stack()
+    from .app import ServerConfig, create_app
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    app = create_app(ServerConfig(model_id=model_id, api_key=api_key, max_body=max_body, queue_size=queue_size),
+                     load)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                            lifespan="on")
+    server = _server_class(uvicorn)(config)
+    on_listening(f"http://{shown}:{bound}")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    sys.stdout.flush()

@@ -1,0 +1,382 @@
+"""The OpenAI-compatible HTTP API (FastAPI): routes, request reading, errors, streaming.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``,
+``GET /metrics``. Every error is OpenAI's ``{"error": {"message", "type", "code", "param"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import ContextOverflowError, InputError, SDAError
+from ..judging import JudgeError
+from .metrics import Metrics
+from .schemas import ChatCompletionRequest, CompletionRequest
+from .service import GenerationService, Overloaded, Plan
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop", "error": "stop"}
+
+
+@dataclass
+class ServerConfig:
+    model_id: str
+    api_key: Optional[str] = None
+    max_body: int = 1 << 20
+    queue_size: int = 16
+    retry_after: int = 1  # seconds, for 429
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+                 code: Optional[str] = None, param: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers
+
+
+def error_body(message: str, type_: str, code: Optional[str] = None, param: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": type_, "code": code, "param": param}}
+
+
+def _error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status,
+                        headers=exc.headers)
+
+
+def api_error_of(exc: BaseException) -> ApiError:
+    """The HTTP error for an exception raised while planning or running a request."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, Overloaded):
+        return ApiError(429, "the server is busy: every slot is taken and the queue is full; retry later",
+                        type_="rate_limit_error", code="server_busy")
+    if isinstance(exc, ContextOverflowError):
+        return ApiError(400, str(exc), code="context_length_exceeded", param="messages")
+    if isinstance(exc, InputError):
+        return ApiError(400, str(exc))
+    if isinstance(exc, JudgeError):
+        return ApiError(502, f"the judge failed: {exc}", type_="server_error", code="judge_failed")
+    if isinstance(exc, SDAError):
+        return ApiError(500, str(exc), type_="server_error")
+    return ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error")
+
+
+class ServerState:
+    """What the routes share: the service once the model has loaded, or why it has not."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.service: Optional[GenerationService] = None
+        self.load_error: Optional[str] = None
+        self.metrics: Optional[Metrics] = None
+        self.closing = False
+
+
+def create_app(config: ServerConfig, load: Callable[[], tuple]) -> FastAPI:
+    """The app. ``load()`` -> (engine, judge) runs in a thread at startup; until it returns, /health and
+    every API route answer 503."""
+    state = ServerState(config)
+
+    def load_in_background():
+        try:
+            engine, judge = load()
+        except BaseException as exc:  # shown by /health and every route; the process stays up to say so
+            state.load_error = str(exc) or type(exc).__name__
+            return
+        scheduler = engine.scheduler
+        metrics = Metrics({
+            "queue_length": ("Requests waiting for a slot.", lambda: scheduler.queue_length),
+            "slots_busy": ("Slots generating.", lambda: scheduler.busy_slots),
+            "slots_total": ("Slots (--parallel).", lambda: len(scheduler.slots)),
+        })
+        scheduler.start()
+        state.metrics = metrics
+        state.service = GenerationService(engine, judge, model_id=config.model_id, queue_size=config.queue_size,
+                                          metrics=metrics)
+        if state.closing:
+            _shutdown(state)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loader = threading.Thread(target=load_in_background, name="sda-load", daemon=True)
+        loader.start()
+        yield
+        state.closing = True
+        await asyncio.get_running_loop().run_in_executor(None, _shutdown, state)
+
+    app = FastAPI(title="sda-local", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.sda = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        _count(state, request, exc.status)
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        _count(state, request, exc.status_code)
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return JSONResponse(error_body(message, "invalid_request_error", "not_found" if exc.status_code == 404 else None),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):
+        _count(state, request, 500)
+        return _error_response(api_error_of(exc))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        key = config.api_key
+        if key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+                _count(state, request, 401)
+                return _error_response(ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                                code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if state.load_error is not None:
+            return JSONResponse(error_body(f"the model failed to load: {state.load_error}", "server_error"),
+                                status_code=503)
+        if state.service is None:
+            return JSONResponse(error_body("loading model", "unavailable_error", "loading"), status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _ready(state)
+        _count(state, request, 200)
+        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": 0,
+                                            "owned_by": "sda-local"}]}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        _ready(state)
+        _count(state, request, 200)
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _complete(state, request, ChatCompletionRequest, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _complete(state, request, CompletionRequest, "text")
+
+    return app
+
+
+def _shutdown(state: ServerState) -> None:
+    service = state.service
+    if service is None:
+        return
+    state.service = None
+    service.engine.scheduler.stop(timeout=5.0)
+    if service.judge is not None:
+        service.judge.close()
+    service.engine.close()
+
+
+def _count(state: ServerState, request: Request, status: int) -> None:
+    if state.metrics is not None:
+        state.metrics.observe_request(request.url.path, status)
+
+
+def _ready(state: ServerState) -> GenerationService:
+    if state.load_error is not None:
+        raise ApiError(503, f"the model failed to load: {state.load_error}", type_="server_error")
+    if state.service is None:
+        raise ApiError(503, "loading model", type_="unavailable_error", code="loading")
+    return state.service
+
+
+async def _read_json(request: Request, max_body: int) -> dict:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ApiError(415, f"the body must be JSON (Content-Type: application/json), got {content_type or 'none'!r}",
+                       code="unsupported_media_type")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body:
+        raise ApiError(413, f"the body is over {max_body} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:
+            raise ApiError(413, f"the body is over {max_body} bytes", code="request_too_large")
+        chunks.append(chunk)
+    try:
+        text = b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "the body is not valid UTF-8", code="invalid_encoding") from None
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {str(exc)[:120]}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    message = first.get("msg", "invalid value")
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    if first.get("type") == "extra_forbidden":
+        message = "unknown field"
+    return ApiError(400, f"{where}: {message}" if where else message, param=where or None)
+
+
+async def _complete(state: ServerState, request: Request, schema, kind: str):
+    service = _ready(state)
+    raw = await _read_json(request, state.config.max_body)
+    try:
+        body = schema.model_validate(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    try:
+        service.admit()
+    except Overloaded as exc:
+        error = api_error_of(exc)
+        error.headers = {"Retry-After": str(state.config.retry_after)}
+        raise error from None
+    try:
+        plan = service.plan_chat(body) if kind == "chat" else service.plan_completion(body)
+    except BaseException as exc:
+        service.release()
+        raise api_error_of(exc) from None
+    response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        _count(state, request, 200)
+        return _EventStream(_stream(service, plan, kind, response_id, include_usage), service.release)
+    try:
+        text = await _collect(service, plan, request)
+    except BaseException as exc:
+        raise api_error_of(exc) from None
+    finally:
+        service.release()
+    _count(state, request, 200)
+    return _response(service, plan, kind, response_id, text)
+
+
+async def _collect(service: GenerationService, plan: Plan, request: Request) -> str:
+    """The whole answer; stops the generation if the client disconnects meanwhile."""
+    async def gather():
+        return "".join([piece async for piece in service.run(plan)])
+
+    task = asyncio.ensure_future(gather())
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if not done and await request.is_disconnected():
+            task.cancel()
+            break
+    return await task
+
+
+def _usage(plan: Plan) -> dict:
+    s = plan.job.stats if plan.job is not None else None
+    prompt = s.prompt_tokens_with if s else 0
+    completion = s.generated_tokens if s else 0
+    cached = 0
+    if s:  # the with-stream's reuse: the prompt the client sent (plus the instruction)
+        cached = s.prompt_tokens_with - s.prefill_tokens_with
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _sda_report(plan: Plan) -> Optional[dict]:
+    if plan.sda is None:
+        return None
+    return dict(plan.report)
+
+
+def _finish_reason(plan: Plan) -> str:
+    return FINISH_REASONS.get(plan.job.stats.finish_reason, "stop") if plan.job is not None else "stop"
+
+
+def _response(service: GenerationService, plan: Plan, kind: str, response_id: str, text: str) -> dict:
+    created = int(time.time())
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": _finish_reason(plan)}
+        out = {"id": response_id, "object": "chat.completion", "created": created, "model": service.model_id,
+               "choices": [choice], "usage": _usage(plan)}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(plan)}
+        out = {"id": response_id, "object": "text_completion", "created": created, "model": service.model_id,
+               "choices": [choice], "usage": _usage(plan)}
+    if plan.sda is not None:
+        out["sda"] = _sda_report(plan)
+    return out
+
+
+def _sse(data) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(service: GenerationService, plan: Plan, kind: str, response_id: str, include_usage: bool):
+    created = int(time.time())
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def chunk(delta: Optional[dict] = None, text: Optional[str] = None, finish: Optional[str] = None, **extra):
+        if kind == "chat":
+            choices = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]
+        else:
+            choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+        return {"id": response_id, "object": obj, "created": created, "model": service.model_id,
+                "choices": choices, **extra}
+
+    if kind == "chat":
+        yield _sse(chunk({"role": "assistant", "content": ""}))
+    try:
+        async for piece in service.run(plan):
+            yield _sse(chunk({"content": piece}, text=piece))
+    except (SDAError, ApiError) as exc:  # the status is sent already: the error goes in the stream
+        error = api_error_of(exc)
+        yield _sse(error_body(error.message, error.type, error.code))
+        yield "data: [DONE]\n\n"
+        return
+    extra = {"sda": _sda_report(plan)} if plan.sda is not None else {}
+    yield _sse(chunk(finish=_finish_reason(plan), **extra))
+    if include_usage:
+        usage = chunk(usage=_usage(plan))
+        usage["choices"] = []
+        yield _sse(usage)
+    yield "data: [DONE]\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that release the request's place when the response ends in any way: finished,
+    failed, or cut by a client that went away (then the generation is cancelled at the next step)."""
+
+    def __init__(self, events, on_close: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._events, self._on_close = events, on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self._events.aclose()  # runs the generator's cleanup (cancels its job) if it started
+            finally:
+                self._on_close()

@@ -1,0 +1,211 @@
+"""Between HTTP and the engine: a validated request becomes prompts, then jobs in the engine's scheduler.
+
+The scheduler runs in its own thread (``Scheduler.start``); the event loop only submits jobs and awaits
+their pieces, which the scheduler thread hands over through ``loop.call_soon_threadsafe``. The judge of
+the SDA pipeline (teacher forcing, or a remote call) runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, List, Optional, Tuple
+
+from ..engine import SDAEngine
+from ..engine.fusion import DEFAULT_T0, DEFAULT_TOP_P, MIN_T0
+from ..engine.requests import GenerationRequest
+from ..engine.scheduler import Job
+from ..errors import InputError
+from ..judging import JudgeError
+from ..pipeline import DEFAULT_STRENGTH, amplifier_of, parse_failure_policy
+from ..prompts import Alignment, check_text, resolve_alignment
+from ..rubrics import rubric_for
+from .metrics import Metrics
+from .schemas import ChatCompletionRequest, CompletionRequest, SDAOptions
+
+
+class Overloaded(Exception):
+    """Every slot is busy and the queue is full."""
+
+
+@dataclass
+class Conversation:
+    system: Optional[str]
+    history: List[Tuple[str, str]]
+    query: str
+
+
+@dataclass
+class Plan:
+    """What one HTTP request will run."""
+
+    request: GenerationRequest  # the answer's (SDA or plain); its strength is set once the judge has spoken
+    sda: Optional[SDAOptions]
+    conversation: Optional[Conversation]
+    alignment: Optional[Alignment] = None
+    initial: Optional[GenerationRequest] = None  # the first answer the judge scores
+    report: dict = field(default_factory=dict)  # the response's "sda" object
+    job: Optional[Job] = None  # the answer's, once it started
+
+
+def conversation_of(messages) -> Conversation:
+    """OpenAI messages -> system prompt, (user, assistant) turns, and the last user message. System (and
+    developer) messages are joined; consecutive messages of one role are joined."""
+    system_parts, turns = [], []
+    for message in messages:
+        role = "system" if message.role == "developer" else message.role
+        if role in ("tool", "function") or message.tool_calls:
+            raise InputError("tool and function messages are not supported")
+        text = message.text()
+        if role == "system":
+            system_parts.append(text)
+            continue
+        if turns and turns[-1][0] == role:
+            turns[-1][1] += "\n\n" + text
+        else:
+            turns.append([role, text])
+    if not turns or turns[-1][0] != "user":
+        raise InputError("the last message must be a user message")
+    if turns[0][0] != "user":
+        raise InputError("the first message after the system messages must be a user message")
+    history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+    query = check_text("the last user message", turns[-1][1])
+    for user, _ in history:
+        check_text("a user message", user)
+    system = "\n\n".join(system_parts) if system_parts else None
+    return Conversation(system, history, query)
+
+
+class GenerationService:
+    def __init__(self, engine: SDAEngine, judge, *, model_id: str, queue_size: int, metrics: Metrics):
+        self.engine, self.judge, self.model_id = engine, judge, model_id
+        self.metrics = metrics
+        self.capacity = engine.parallel + queue_size
+        self.in_flight = 0
+
+    # -- admission ------------------------------------------------------------------------------------
+    def admit(self) -> None:
+        if self.in_flight >= self.capacity:
+            raise Overloaded()
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    # -- planning -------------------------------------------------------------------------------------
+    def plan_chat(self, body: ChatCompletionRequest) -> Plan:
+        conv = conversation_of(body.messages)
+        engine, f = self.engine, self.engine.formatter
+        sda = body.sda
+        options = self._options(body, sda)
+        if sda is None:
+            prompt = f.render(conv.system, conv.query, conv.history)
+            return Plan(engine.request(prompt, None, **options), None, conv)
+        alignment = resolve_alignment(sda.align, conv.system)
+        if alignment is None:
+            raise InputError('sda.align is "none": leave the sda object out for plain generation')
+        prompt_with, prompt_without = f.pair(conv.query, alignment, conv.history)
+        return self._sda_plan(prompt_with, prompt_without, options, sda, conv, alignment)
+
+    def plan_completion(self, body: CompletionRequest) -> Plan:
+        engine, sda = self.engine, body.sda
+        options = self._options(body, sda)
+        prompt = check_text("prompt", body.prompt)
+        if sda is None:
+            return Plan(engine.request(prompt, None, **options), None, None)
+        # A raw prompt has no user turn: the with-stream reads the instruction first, then the prompt.
+        alignment = resolve_alignment(sda.align)
+        if alignment is None:
+            raise InputError('sda.align is "none": leave the sda object out for plain generation')
+        conv = Conversation(None, [], prompt)
+        return self._sda_plan(f"{alignment.instruction}\n\n{prompt}", prompt, options, sda, conv, alignment)
+
+    def _options(self, body, sda: Optional[SDAOptions]) -> dict:
+        t0 = sda.t0 if sda is not None and sda.t0 is not None else body.temperature
+        t0 = DEFAULT_T0 if t0 is None else max(t0, MIN_T0)  # temperature 0: as good as greedy
+        options = dict(max_tokens=body.token_limit, t0=t0, top_p=body.top_p or DEFAULT_TOP_P, seed=body.seed,
+                       stop=tuple(body.stop or ()))
+        if sda is not None:
+            options.update(k=sda.k, temperature_mode=sda.temperature_mode)
+        return options
+
+    def _sda_plan(self, prompt_with, prompt_without, options, sda: SDAOptions, conv, alignment) -> Plan:
+        engine = self.engine
+        judged = sda.strength is None and sda.judge == "server" and self.judge is not None
+        strength = sda.strength if sda.strength is not None else DEFAULT_STRENGTH
+        request = engine.request(prompt_with, prompt_without, strength=strength, **options)
+        plan = Plan(request, sda, conv, alignment)
+        plan.report = {"amplifier": strength, "score": None, "judge": None, "rubric_version": None,
+                       "amplifier_source": "strength" if sda.strength is not None else "default"}
+        if judged:
+            plain = {k: v for k, v in options.items() if k not in ("k", "temperature_mode")}
+            plan.initial = engine.request(prompt_without, None, **plain)
+        return plan
+
+    # -- running --------------------------------------------------------------------------------------
+    async def run(self, plan: Plan) -> AsyncIterator[str]:
+        """The answer's text pieces; ``plan.report`` and the job's stats are complete when it ends."""
+        if plan.initial is not None:
+            await self._judge(plan)
+        plan.job, pieces = self._start(plan.request)
+        try:
+            async for piece in pieces:
+                yield piece
+        finally:
+            self._account(plan, plan.job)
+
+    async def _judge(self, plan: Plan) -> None:
+        job, pieces = self._start(plan.initial)
+        async for _ in pieces:
+            pass
+        rubric = rubric_for(plan.alignment)
+        report = plan.report
+        report.update(judge=self.judge.identity, rubric_version=rubric.version)
+        loop = asyncio.get_running_loop()
+        try:
+            judgement = await loop.run_in_executor(None, self.judge.score, plan.conversation.query, job.text, rubric)
+            a = amplifier_of(judgement, plan.sda.amplifier_map)
+            report.update(amplifier=a, score=judgement.score, amplifier_source="judge",
+                          rubric_version=judgement.rubric_version)
+        except JudgeError as exc:
+            kind, value = parse_failure_policy(plan.sda.on_judge_failure)
+            if kind == "error":
+                raise
+            if kind == "fixed":
+                a = value
+            else:
+                a = 0.0
+                plan.request.temperature_mode = "fixed"
+            report.update(amplifier=a, amplifier_source="judge-failure", judge_failure=str(exc))
+        plan.request.strength = float(a)
+        self.metrics.observe_amplifier(a)
+
+    def _start(self, request: GenerationRequest):
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        job = self.engine.submit(request, listener=lambda _: loop.call_soon_threadsafe(wake.set))
+        return job, self._pieces(job, wake)
+
+    async def _pieces(self, job: Job, wake: asyncio.Event) -> AsyncIterator[str]:
+        try:
+            while True:
+                while job.pieces:
+                    yield job.pieces.popleft()
+                if job.done:
+                    if job.error is not None:
+                        raise job.error
+                    return
+                await wake.wait()
+                wake.clear()
+        finally:
+            if not job.done:  # the client went away, or the server is stopping
+                self.engine.scheduler.cancel(job)
+
+    def _account(self, plan: Plan, job: Job) -> None:
+        s = job.stats
+        self.metrics.observe_generation(s)
+        if plan.sda is not None:
+            plan.report.update(mean_js=s.mean_js, mean_temperature=s.mean_temperature)
+            if plan.initial is None:
+                self.metrics.observe_amplifier(plan.request.strength)

@@ -1,0 +1,71 @@
+"""A real ``sda-local serve`` process on 127.0.0.1 for the tests: started as a user would, on a free port."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import List, Optional
+
+import requests
+
+
+class ServerProcess:
+    def __init__(self, *args: str, env: Optional[dict] = None, ready_timeout: float = 120.0):
+        exe = os.path.join(os.path.dirname(sys.executable), "sda-local")
+        self.proc = subprocess.Popen([exe, "serve", "--port", "0", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=dict(os.environ, **(env or {})), text=True)
+        self.stderr_lines: List[str] = []
+        self.url = None
+        listening = threading.Event()
+
+        def read_stderr():
+            for line in self.proc.stderr:
+                self.stderr_lines.append(line)
+                found = re.search(r"listening on (http://\S+)", line)
+                if found:
+                    self.url = found.group(1)
+                    listening.set()
+            listening.set()
+
+        threading.Thread(target=read_stderr, daemon=True).start()
+        if not listening.wait(ready_timeout) or self.url is None:
+            self.stop()
+            raise RuntimeError("the server did not start: " + "".join(self.stderr_lines))
+        self.base = self.url + "/v1"
+        deadline = time.time() + ready_timeout
+        while time.time() < deadline:
+            try:
+                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the server never became healthy: " + "".join(self.stderr_lines))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
