@@ -18,7 +18,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 from .. import hardware, models
 from ..errors import ContextOverflowError, InputError, ModelError
 from ..gguf_model import GGUFModel
-from ..prompts import QUESTION_SYSTEM, Alignment, PromptFormatter, check_text, resolve_alignment
+from ..prompts import QUESTION_SYSTEM, PromptFormatter, check_text, resolve_alignment
 from ..seeds import check_seed
 from . import native
 from .fusion import DEFAULT_K, DEFAULT_T0, DEFAULT_TOP_P, MIN_TOP_P, check_fusion_params, logit_injection_from_env

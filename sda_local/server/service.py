@@ -8,7 +8,6 @@ the SDA pipeline (teacher forcing, or a remote call) runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, List, Optional, Tuple
 

@@ -1,0 +1,137 @@
+"""``sda-local eval``: the paper's evaluation protocol and the verifiable instructions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ..errors import InputError
+from ..judging.factory import DEFAULT_JUDGE
+from .common import (
+    engine_options, is_remote, judge_from_cli, judge_options, main, make_engine, remote_judge_options,
+    seed_callback, verify_strength
+)
+
+
+def _eval_judge(config, judge_url: Optional[str]):
+    """The judge spec and remote options of an eval run: the recorded ones, except that a --judge-url given
+    again on --resume brings back the user:pass@ the run file leaves out, and judge options on this command
+    line (--judge-timeout, ...) win over the recorded ones."""
+    from ..judging import redact_url
+
+    url = config.judge_url
+    if judge_url is not None:
+        if redact_url(judge_url).rstrip("/") != (url or "").rstrip("/"):
+            raise InputError(f"--judge-url differs from the judge URL of this run ({url or 'none'}): a resumed run "
+                             "keeps its judge")
+        url = judge_url
+    return (config.judge, url), {**(config.judge_options or {}), **remote_judge_options()}
+
+
+@main.command("eval")
+@click.option("--dataset", "-d", "datasets", multiple=True, type=click.Path(path_type=Path),
+              help="JSONL data set (repeatable): one of the paper's five (detected) or any file with --query-field.")
+@click.option("--query-field", default=None, help="Query field of a user data set.")
+@click.option("--dimension", "dimensions", multiple=True,
+              help="Dimension(s) for a user data set: a preset or an instruction (repeatable).")
+@click.option("--arms", default=",".join(("base", "prompt-only", "steering-only", "sda")), show_default=True,
+              help="Comma-separated arms; SDA is always run and compared with the others (so name at least one).")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Items per data set.")
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--sample", default=None, type=click.IntRange(1), help="Draw this many items at random (seeded).")
+@click.option("--seed", default=0, show_default=True, type=int, callback=seed_callback,
+              help="Sampling, generation and order seed, 0..4294967294 (item i uses seed + i, wrapping).")
+@click.option("--max-tokens", "-n", default=128, show_default=True, type=click.IntRange(1))
+@judge_options
+@click.option("--verify", default=None, help="Verifiable instructions to run: 'all' or comma-separated ids.")
+@click.option("--verify-limit", default=30, show_default=True, type=click.IntRange(1),
+              help="Queries (from the first data set) per verifiable instruction.")
+@click.option("--verify-strength", default="0.5", show_default=True, callback=verify_strength,
+              help="a of the steered arms in the verifiable metric: a number, or judge (the full pipeline: the "
+                   "judge scores the base answer and sets a; an sda-fixed arm at a = 0.5 runs beside it).")
+@click.option("--verify-only", is_flag=True, help="Only the verifiable instructions, no pairwise judging.")
+@click.option("--run", "run_path", default=None, type=click.Path(path_type=Path),
+              help="Run file to create (default: sda-eval-<time>.jsonl).")
+@click.option("--resume", "resume_path", default=None, type=click.Path(path_type=Path),
+              help="Continue the run in this file (its settings are used).")
+@click.option("--parallel", "-np", "parallel", default=1, show_default=True, type=click.IntRange(1, 128),
+              help="Units run at once, sharing one batched decode (same answers as 1).")
+@engine_options
+def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample, seed, max_tokens, judge, judge_url,
+                 amplifier_map, verify, verify_limit, verify_strength, verify_only, run_path, resume_path, parallel,
+                 model, n_ctx, n_threads, n_gpu_layers, streams, verbose):
+    """Evaluate SDA as the paper does (pairwise judging, gain omega) and with verifiable instructions.
+
+    The paper's data sets are not shipped: see README for their sources and licences.
+    """
+    import time as _time
+
+    from ..evaluation import (EvalConfig, Evaluation, RunFile, judged_units, summarize, summary_markdown,
+                             verify_units, write_chart)
+    from ..judging import make_judge, redact_url
+    from ..verifiable import VERIFIABLE
+
+    if resume_path is not None:
+        if datasets or run_path:
+            raise InputError("--resume continues a run with its own settings: give no --dataset or --run")
+        run = RunFile(resume_path)
+    else:
+        verify_ids = [] if not verify else (list(VERIFIABLE) if verify.strip() == "all"
+                                            else [v.strip() for v in verify.split(",") if v.strip()])
+        config = EvalConfig(
+            # Resolved: a resumed run finds its files from any directory, and unit keys hash the resolved path.
+            datasets=[{"path": str(p.resolve()), "query_field": query_field, "dimensions": list(dimensions)}
+                      for p in datasets],
+            arms=[a.strip() for a in arms.split(",") if a.strip()], offset=offset, limit=limit, sample=sample,
+            seed=seed, max_tokens=max_tokens,
+            # The pairwise protocol needs a judge that compares two answers; --verify-only takes the default.
+            judge=judge or ("openai" if judge_url else (DEFAULT_JUDGE if verify_only else "local")),
+            judge_url=redact_url(judge_url) if judge_url else None, judge_options=remote_judge_options(),
+            amplifier_map=amplifier_map, verify=verify_ids, verify_limit=verify_limit,
+            verify_strength=verify_strength, model=model, verify_only=verify_only)
+        config.check()
+        if "sda" not in config.arms:
+            config.arms.append("sda")
+        run_path = run_path or Path(_time.strftime("sda-eval-%Y%m%d-%H%M%S.jsonl"))
+        judged_units(config)  # bad data fails here, before the model loads or the run file is created
+        verify_units(config)
+        if is_remote((config.judge, judge_url)):  # so does a refused judge URL or key (making one contacts nothing)
+            make_judge(config.judge, None, url=judge_url, **config.judge_options).close()
+        run = RunFile(run_path, config)
+    config = run.config
+    judge_spec, judge_options = _eval_judge(config, judge_url)  # before the model loads
+    engine = make_engine(config.model, n_ctx, n_threads, n_gpu_layers, streams, verbose, parallel=parallel)
+    judge_obj = None
+    try:
+        judge_obj = judge_from_cli(judge_spec, engine, options=judge_options)
+        if judge_obj is None:
+            raise InputError("the evaluation needs a judge (--judge none is not possible here)")
+        evaluation = Evaluation(engine, judge_obj, run, on_event=lambda m: click.echo(m, err=True))
+        started = _time.monotonic()
+        evaluation.execute(parallel=parallel)
+        elapsed = _time.monotonic() - started
+    finally:
+        if judge_obj is not None:
+            judge_obj.close()
+        run.close()
+        engine.close()
+    summary = summarize(run.records)
+    summary["run"] = str(run.path)
+    summary["elapsed_seconds_this_session"] = elapsed
+    base = run.path.with_suffix("")
+    Path(f"{base}.summary.json").write_text(json.dumps(summary, indent=2))
+    markdown = summary_markdown(summary)
+    Path(f"{base}.summary.md").write_text(markdown + "\n")
+    chart = Path(f"{base}.png")
+    drew = write_chart(summary, chart)
+    click.echo(markdown)
+    click.echo(f"\nrun: {run.path}; summary: {base}.summary.md, {base}.summary.json"
+               + (f", chart: {chart}" if drew else " (pip install 'sda-local[plot]' for the chart)")
+               + f"; {elapsed:.0f} s")
+    if evaluation.failed_units:  # as batch does: the summary is written, the exit code says work is left
+        click.echo(f"{evaluation.failed_units} unit(s) failed; --resume {run.path} retries them", err=True)
+        sys.exit(1)
