@@ -1,13 +1,16 @@
 // The SDA llama_sampler and the guard sampler (vtable implementations in the style of llama.cpp's
 // src/llama-sampler.cpp) and the C entry points of sda.h.
 #include "fusion.hpp"
+#include "nucleus.hpp"
 #include "sda.h"
 
 #include "llama.h"
 
 #include <chrono>
+#include <cmath>
 #include <limits>
 #include <new>
+#include <random>
 
 namespace {
 
@@ -188,6 +191,59 @@ llama_sampler * guard_sampler_clone(const llama_sampler * smpl) {
     return g ? llama_sampler_init(guard_sampler_iface(), g) : nullptr;
 }
 
+// The nucleus sampler: top-p and the seeded draw (nucleus.hpp).
+struct nucleus_state {
+    float top_p;
+    uint32_t seed;
+    std::mt19937 rng;
+    sda::nucleus_workspace workspace;
+};
+
+nucleus_state * nucleus_of(const llama_sampler * smpl) {
+    return static_cast<nucleus_state *>(smpl->ctx);
+}
+
+const char * nucleus_sampler_name(const llama_sampler * /*smpl*/) {
+    return "sda-nucleus";
+}
+
+void nucleus_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
+    nucleus_state & st = *nucleus_of(smpl);
+    if (cur_p->size == 0) return;
+    sda::nucleus_select(cur_p, st.top_p, st.workspace);
+    sda::nucleus_draw(cur_p, st.rng);
+}
+
+void nucleus_sampler_reset(llama_sampler * smpl) {
+    nucleus_state & st = *nucleus_of(smpl);
+    st.rng.seed(st.seed);
+}
+
+llama_sampler * nucleus_sampler_clone(const llama_sampler * smpl);
+
+void nucleus_sampler_free(llama_sampler * smpl) {
+    delete nucleus_of(smpl);
+}
+
+llama_sampler_i * nucleus_sampler_iface() {
+    static llama_sampler_i iface = [] {
+        llama_sampler_i i{};
+        i.name = nucleus_sampler_name;
+        i.apply = nucleus_sampler_apply;
+        i.reset = nucleus_sampler_reset;
+        i.clone = nucleus_sampler_clone;
+        i.free = nucleus_sampler_free;
+        return i;
+    }();
+    return &iface;
+}
+
+llama_sampler * nucleus_sampler_clone(const llama_sampler * smpl) {
+    const nucleus_state & st = *nucleus_of(smpl);
+    auto * copy = new (std::nothrow) nucleus_state{st.top_p, st.seed, st.rng, {}};
+    return copy ? llama_sampler_init(nucleus_sampler_iface(), copy) : nullptr;
+}
+
 // The fault_guard of either kind of sampler this library makes; nullptr for any other sampler.
 fault_guard * any_guard(const llama_sampler * smpl) {
     if (smpl == nullptr) return nullptr;
@@ -248,6 +304,12 @@ void sda_sampler_get_stats(const llama_sampler * smpl, sda_stats * out) {
 llama_sampler * sda_guard_sampler_init(void) {
     auto * g = new (std::nothrow) fault_guard{};
     return g ? llama_sampler_init(guard_sampler_iface(), g) : nullptr;
+}
+
+llama_sampler * sda_nucleus_sampler_init(float top_p, uint32_t seed) {
+    if (!(top_p > 0.0f) || !std::isfinite(top_p)) return nullptr;
+    auto * st = new (std::nothrow) nucleus_state{top_p, seed, std::mt19937(seed), {}};
+    return st ? llama_sampler_init(nucleus_sampler_iface(), st) : nullptr;
 }
 
 int32_t sda_sampler_get_fault(const llama_sampler * smpl, int32_t * out_step) {

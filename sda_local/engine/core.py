@@ -107,7 +107,8 @@ class SDAEngine:
         self.n_threads = n_threads or _default_threads()
         self.streams_mode = streams
         self.formatter = PromptFormatter(self.model.chat_template, self.model.bos_token, self.model.eos_token)
-        self._native = None if fusion_backend == "numpy" else native.library()
+        self._native = native.library()  # also the guard and nucleus samplers, whatever fuses
+        self._numpy_fusion = fusion_backend == "numpy" or self._native is None
         if fusion_backend == "native" and self._native is None:
             raise InputError(f"the native fusion library is not loaded: {native.load_error()}")
         # One computation at a time on these weights: the scheduler's decodes and the judges' teacher
@@ -127,7 +128,7 @@ class SDAEngine:
 
     @property
     def fusion_backend(self) -> str:
-        return "native" if self._native is not None else "numpy"
+        return "numpy" if self._numpy_fusion else "native"
 
     # -- public API ---------------------------------------------------------------------------------
     def generate(self, query: str, instruction: Optional[str] = None, **options) -> GenerationResult:
@@ -214,7 +215,7 @@ class SDAEngine:
                           if i.seed in (None, request.seed) and (steered or i.row == "with")), None)
         if request.grammar is not None:  # the judge's completions: only seedless injections reach them
             injection = next((i for i in self._injections() if i.seed is None and i.row == "with"), None)
-        sampler = RequestSampler(self.model, self._native, request, injection)
+        sampler = RequestSampler(self.model, self._native, request, injection, numpy_fusion=self._numpy_fusion)
         stats = GenerationStats(
             mode="sda" if steered else "plain", streams=self.streams_mode, fusion_backend=sampler.backend,
             strength=request.strength if steered else None,

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import llama_cpp  # noqa: F401  (must be loaded first, see above)
 import numpy as np
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 # enum sda_status of sda.h: the non-finite codes, as (value, row).
 NONFINITE_CODES = {-2: ("NaN", "with"), -3: ("+inf", "with"), -4: ("NaN", "without"), -5: ("+inf", "without")}
 ROWS = {"with": 0, "without": 1}  # enum sda_row
@@ -76,6 +76,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sda_sampler_get_fault.restype = ctypes.c_int32
     lib.sda_sampler_inject_fault.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
     lib.sda_sampler_inject_fault.restype = ctypes.c_int32
+    lib.sda_nucleus_sampler_init.argtypes = [ctypes.c_float, ctypes.c_uint32]
+    lib.sda_nucleus_sampler_init.restype = ctypes.c_void_p
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -165,6 +167,14 @@ def guard_sampler_init(lib: ctypes.CDLL) -> int:
     ptr = lib.sda_guard_sampler_init()
     if not ptr:
         raise MemoryError("sda_guard_sampler_init")
+    return ptr
+
+
+def nucleus_sampler_init(lib: ctypes.CDLL, top_p: float, seed: int) -> int:
+    """A new nucleus llama_sampler (top-p and the seeded draw, raw pointer); the chain it is added to owns it."""
+    ptr = lib.sda_nucleus_sampler_init(top_p, seed)
+    if not ptr:
+        raise ValueError("sda_nucleus_sampler_init rejected its parameters")
     return ptr
 
 

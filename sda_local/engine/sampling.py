@@ -1,10 +1,12 @@
 """One request's sampler: a llama.cpp sampler chain, and how it reads the request's logit rows.
 
-* SDA, native: [sda (fusion + temperature, libsda), (EOG ban), top-p, dist]; the sda sampler reads the
-  without-instruction row itself (``sda_sampler_set_source``), so sampling is one C call.
-* SDA, numpy fallback (libsda not loaded): fusion in numpy, then the same llama.cpp [(EOG ban), top-p, dist].
-* Plain: [guard (refuses NaN/+inf rows, libsda), (EOG ban), temp(t0), top-p, dist]; without libsda the row
-  is checked in numpy.
+* SDA, native: [sda (fusion + temperature, libsda), (EOG ban), nucleus (top-p + seeded draw, libsda)]; the
+  sda sampler reads the without-instruction row itself (``sda_sampler_set_source``), so sampling is one C
+  call. The nucleus sampler keeps the set llama.cpp's top-p keeps without sorting the vocabulary.
+* SDA, numpy fusion (``fusion_backend="numpy"``): fusion in numpy, then the same [(EOG ban), nucleus].
+* Plain: [guard (refuses NaN/+inf rows, libsda), (EOG ban), temp(t0), nucleus].
+* Without libsda at all: llama.cpp's own top-p and dist in place of the nucleus, and the rows are checked in
+  numpy.
 * Grammar (the local judge): [grammar, greedy], the row checked in numpy (the grammar sampler indexes
   tokens by id, so the guard, which hands the chain a -1 candidate, cannot go in front of it).
 
@@ -46,10 +48,11 @@ RowPointer = Tuple[object, int]  # (llama_context, output index) for llama_get_l
 class RequestSampler:
     """Samples one request's tokens. ``sample(with_row, without_row)`` takes the rows' (context, output
     index); ``without_row`` is None for plain generation. Raises NonFiniteLogitsError (a ModelError) on a
-    NaN/+inf row. ``injection``: TEST ONLY (fusion.logit_injection_from_env)."""
+    NaN/+inf row. ``lib``: libsda, or None when it is not loaded; ``numpy_fusion``: fuse in numpy even so.
+    ``injection``: TEST ONLY (fusion.logit_injection_from_env)."""
 
     def __init__(self, model: GGUFModel, lib: Optional[ctypes.CDLL], request: GenerationRequest,
-                 injection: Optional[LogitInjection] = None):
+                 injection: Optional[LogitInjection] = None, *, numpy_fusion: bool = False):
         self.model, self.lib, self.request, self.injection = model, lib, request, injection
         self.steps = 0
         self.first_logits: Optional[Tuple[np.ndarray, Optional[np.ndarray]]] = None
@@ -69,8 +72,9 @@ class RequestSampler:
             self._sample = self._sample_row_checked
             return
         if r.steered:
-            self.backend = "native" if lib is not None else "numpy"
-            if lib is not None:
+            native_fusion = lib is not None and not numpy_fusion
+            self.backend = "native" if native_fusion else "numpy"
+            if native_fusion:
                 params = native.make_params(r.strength, r.k, r.t0, TEMPERATURE_MODES[r.temperature_mode])
                 self._sda = self._head = native.sampler_init(lib, params, model.n_vocab, None, -1)
                 self._sample = self._sample_native_sda
@@ -89,8 +93,11 @@ class RequestSampler:
             samplers.append(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(eog), biases))
         if not r.steered:
             samplers.append(llama_cpp.llama_sampler_init_temp(r.t0))
-        samplers.append(llama_cpp.llama_sampler_init_top_p(r.top_p, 1))
-        samplers.append(llama_cpp.llama_sampler_init_dist(r.seed))
+        if lib is not None:  # top-p and the draw without sorting the vocabulary (same kept set)
+            samplers.append(native.nucleus_sampler_init(lib, r.top_p, r.seed))
+        else:
+            samplers.append(llama_cpp.llama_sampler_init_top_p(r.top_p, 1))
+            samplers.append(llama_cpp.llama_sampler_init_dist(r.seed))
         self.chain = _chain(samplers)
         if injection is not None and self._head is not None:
             native.inject_fault(lib, self._head, INJECTION_VALUES[injection.value], injection.step, injection.row)

@@ -1,0 +1,36 @@
+// Nucleus (top-p) selection and a seeded draw in one pass family, without sorting the vocabulary.
+//
+// llama.cpp's top-p computes a softmax over every candidate and partially sorts them; over 49,152 to 262,144
+// candidates that costs more than the SDA fusion itself. Here: one pass computes w_i = exp(x_i - max) and
+// files each weight in a bucket by its binary exponent (w in (0, 1], so 127 buckets cover every normal
+// float); the bucket masses, summed from the top, give the bucket where the cumulative mass crosses
+// p * sum. Every token of the nucleus lies at or above that bucket (a token below it would come after all
+// of them, whose mass already reaches p * sum), so only those few candidates are gathered and sorted.
+// The kept set is the one llama.cpp's top-p keeps: the smallest prefix of the candidates by decreasing
+// probability whose mass reaches p (ties broken by token id), up to float rounding at the boundary.
+#pragma once
+
+#include "llama.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace sda {
+
+struct nucleus_workspace {
+    std::vector<float> w;           // exp(x_i - max)
+    std::vector<uint32_t> kept;     // indices of the candidates at or above the crossing bucket
+    std::vector<llama_token_data> front;  // the kept candidates, in order
+};
+
+// Keep cur_p's nucleus: cur_p->data becomes the kept candidates by decreasing probability (p filled, summing
+// to 1), cur_p->size their number, cur_p->sorted true. top_p >= 1 keeps every candidate of non-zero
+// probability. Returns the kept mass as a fraction of the whole (for tests).
+double nucleus_select(llama_token_data_array * cur_p, float top_p, nucleus_workspace & ws);
+
+// Draw one of the kept candidates by probability with rng; sets cur_p->selected.
+void nucleus_draw(llama_token_data_array * cur_p, std::mt19937 & rng);
+
+}  // namespace sda
