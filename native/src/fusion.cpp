@@ -119,7 +119,7 @@ bool params_valid(const sda_params & params) {
 }
 
 fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,
-                          fusion_workspace & ws, float * out) {
+                          fusion_workspace & ws, float * out, size_t out_stride) {
     ws.reserve(n);
     float * p = ws.p.data();
     float * q = ws.q.data();
@@ -128,7 +128,7 @@ fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t 
     const shifted_exp_sum without = exp_shifted(z_without, n, q);
     if (without.fault != SDA_OK) return {params.t0, 0.0f, without.fault - 2};
     if (!(with.max > kNegInf)) {  // nothing can be sampled: leave it to the rest of the chain
-        std::fill(out, out + n, kNegInf);
+        for (size_t i = 0; i < n; ++i) out[i * out_stride] = kNegInf;
         return {params.t0, 0.0f, SDA_OK};
     }
     // A without-stream with no finite logit is treated as "no steering signal": log Q = -inf everywhere.
@@ -185,7 +185,11 @@ fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t 
     for (size_t j = 0; j < kLanes; ++j) top = std::max(top, lanes[j]);
 
     const double inv_t = 1.0 / temperature;
-    for (size_t k = 0; k < n; ++k) out[k] = static_cast<float>((steered(k) - top) * inv_t);
+    if (out_stride == 1) {
+        for (size_t k = 0; k < n; ++k) out[k] = static_cast<float>((steered(k) - top) * inv_t);
+    } else {
+        for (size_t k = 0; k < n; ++k) out[k * out_stride] = static_cast<float>((steered(k) - top) * inv_t);
+    }
     return {temperature, static_cast<float>(js), SDA_OK};
 }
 

@@ -54,8 +54,9 @@ inline int32_t classify_row(size_t n, Load load) {
 // out[i] = (l_i - max l) / T with l = l_with + k a (l_with - l_without): unnormalised fused logits, what a
 // sampler chain wants (softmax(out) is the fused distribution). A NaN or +inf in either row gives status
 // SDA_ERR_NAN_* / SDA_ERR_INF_* (NaN first, the with-row first), found inside passes the fusion makes anyway.
+// ``out_stride``: out[i * out_stride] is written, so a sampler can write straight into llama_token_data.
 fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,
-                          fusion_workspace & ws, float * out);
+                          fusion_workspace & ws, float * out, size_t out_stride = 1);
 
 // x <- log_softmax(x), in place.
 void log_softmax_inplace(float * x, size_t n, fusion_workspace & ws);

@@ -3,22 +3,31 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 namespace sda {
 
 namespace {
 
-constexpr int kBuckets = 128;  // binary exponents of w in (0, 1]: 2^0 .. 2^-126, then denormals
+// Weight floors tried, as fractions of the top weight: the first whose candidates already hold p of the
+// mass bounds the nucleus. 0 keeps every candidate of non-zero weight.
+constexpr float kFloors[] = {1.0f / 256, 1e-7f, 0.0f};
 
-// The bucket of a weight w in (0, 1]: minus its binary exponent, read from the float's bits.
-inline int bucket_of(float w) {
-    uint32_t bits;
-    std::memcpy(&bits, &w, sizeof bits);
-    const int biased = static_cast<int>((bits >> 23) & 0xff);  // 127 for [1, 2), 0 for denormals
-    const int b = 127 - biased;                                // 0 for w = 1, 126 for the smallest normal
-    return b < kBuckets - 1 ? b : kBuckets - 1;
+// The sum of the weights >= floor_w, in double lanes (a single running sum would not vectorise).
+double mass_at_or_above(const float * w, size_t n, float floor_w) {
+    constexpr size_t kLanes = 16;
+    double lanes[kLanes] = {};
+    size_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+        for (size_t j = 0; j < kLanes; ++j) {
+            const float v = w[i + j];
+            lanes[j] += static_cast<double>(v >= floor_w ? v : 0.0f);
+        }
+    }
+    double sum = 0.0;
+    for (; i < n; ++i) sum += static_cast<double>(w[i] >= floor_w ? w[i] : 0.0f);
+    for (double v : lanes) sum += v;
+    return sum;
 }
 
 }  // namespace
@@ -27,37 +36,45 @@ double nucleus_select(llama_token_data_array * cur_p, float top_p, nucleus_works
     const size_t n = cur_p->size;
     if (n == 0) return 0.0;
     llama_token_data * data = cur_p->data;
+    if (ws.w.size() < n) ws.w.resize(n);
+    float * w = ws.w.data();
+    // Contiguous first: the strided logits of llama_token_data do not vectorise well.
+    for (size_t i = 0; i < n; ++i) w[i] = data[i].logit;
     float max = -std::numeric_limits<float>::infinity();
-    for (size_t i = 0; i < n; ++i) max = std::max(max, data[i].logit);
+    {
+        constexpr size_t kLanes = 16;  // independent lanes: a single running max does not vectorise
+        float lanes[kLanes];
+        std::fill(lanes, lanes + kLanes, max);
+        size_t i = 0;
+        for (; i + kLanes <= n; i += kLanes)
+            for (size_t j = 0; j < kLanes; ++j) lanes[j] = w[i + j] > lanes[j] ? w[i + j] : lanes[j];
+        for (; i < n; ++i) max = w[i] > max ? w[i] : max;
+        for (float v : lanes) max = v > max ? v : max;
+    }
     if (!(max > -std::numeric_limits<float>::infinity())) {  // every candidate masked: keep the first
         data[0].p = 1.0f;
         cur_p->size = 1;
         cur_p->sorted = true;
         return 1.0;
     }
-    if (ws.w.size() < n) ws.w.resize(n);
-    float * w = ws.w.data();
-    for (size_t i = 0; i < n; ++i) w[i] = exp_nonpositive(data[i].logit - max);
-    double mass[kBuckets] = {};
-    double total = 0.0;
-    for (size_t i = 0; i < n; ++i) {
-        if (w[i] > 0.0f) mass[bucket_of(w[i])] += w[i];
-    }
-    for (double m : mass) total += m;
+    for (size_t i = 0; i < n; ++i) w[i] = exp_nonpositive(w[i] - max);  // in (0, 1], 1 at the top
+    const double total = mass_at_or_above(w, n, 0.0f);
     const double target = top_p >= 1.0f ? total : static_cast<double>(top_p) * total;
-    int crossing = kBuckets - 1;
-    double above = 0.0;
-    for (int b = 0; b < kBuckets; ++b) {
-        above += mass[b];
-        if (above >= target) {
-            crossing = b;
-            break;
+    float floor_w = 0.0f;
+    if (top_p < 1.0f) {
+        for (float f : kFloors) {
+            if (f == 0.0f || mass_at_or_above(w, n, f) >= target) {
+                floor_w = f;
+                break;
+            }
         }
     }
+    // Every token of the nucleus weighs at least the floor: one below it would come after all those above,
+    // whose mass already reaches the target.
     auto & kept = ws.kept;
     kept.clear();
     for (size_t i = 0; i < n; ++i) {
-        if (w[i] > 0.0f && bucket_of(w[i]) <= crossing) kept.push_back(static_cast<uint32_t>(i));
+        if (w[i] >= floor_w && w[i] > 0.0f) kept.push_back(static_cast<uint32_t>(i));
     }
     std::sort(kept.begin(), kept.end(), [w, data](uint32_t a, uint32_t b) {
         return w[a] != w[b] ? w[a] > w[b] : data[a].id < data[b].id;

@@ -1,11 +1,11 @@
 // Nucleus (top-p) selection and a seeded draw in one pass family, without sorting the vocabulary.
 //
 // llama.cpp's top-p computes a softmax over every candidate and partially sorts them; over 49,152 to 262,144
-// candidates that costs more than the SDA fusion itself. Here: one pass computes w_i = exp(x_i - max) and
-// files each weight in a bucket by its binary exponent (w in (0, 1], so 127 buckets cover every normal
-// float); the bucket masses, summed from the top, give the bucket where the cumulative mass crosses
-// p * sum. Every token of the nucleus lies at or above that bucket (a token below it would come after all
-// of them, whose mass already reaches p * sum), so only those few candidates are gathered and sorted.
+// candidates that costs more than the SDA fusion itself. Here: vectorised passes compute w_i =
+// exp(x_i - max), the total, and the mass at or above a floor (a fraction of the top weight, 1/256 first);
+// the first floor whose mass reaches p * total bounds the nucleus (a token below it would come after all
+// those above, whose mass already reaches p * total), so only the candidates above it are gathered and
+// sorted.
 // The kept set is the one llama.cpp's top-p keeps: the smallest prefix of the candidates by decreasing
 // probability whose mass reaches p (ties broken by token id), up to float rounding at the boundary.
 #pragma once
@@ -21,7 +21,7 @@ namespace sda {
 
 struct nucleus_workspace {
     std::vector<float> w;           // exp(x_i - max)
-    std::vector<uint32_t> kept;     // indices of the candidates at or above the crossing bucket
+    std::vector<uint32_t> kept;     // indices of the candidates at or above the threshold
     std::vector<llama_token_data> front;  // the kept candidates, in order
 };
 

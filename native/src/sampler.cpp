@@ -61,8 +61,7 @@ struct sda_sampler_state {
     llama_context * source_ctx;
     int32_t source_idx;
     std::vector<float> with_logits;     // cur_p's logits gathered contiguously
-    std::vector<float> without_logits;  // the other stream's logits, in cur_p's token order
-    std::vector<float> fused;
+    std::vector<float> without_logits;  // the other stream's logits in cur_p's order, when that is not id order
     sda::fusion_workspace workspace;
     sda_stats stats;
     fault_guard guard;
@@ -91,23 +90,32 @@ void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
     if (st.with_logits.size() < n) {
         st.with_logits.resize(n);
         st.without_logits.resize(n);
-        st.fused.resize(n);
     }
-    // Index the other stream by token id: samplers before this one may have reordered or truncated cur_p.
+    // cur_p is normally the whole vocabulary in id order (this sampler comes first): then the other row is
+    // read in place. Samplers before this one may have reordered or truncated it: then it is gathered by id.
+    bool in_id_order = true;
     for (size_t j = 0; j < n; ++j) {
         st.with_logits[j] = cur_p->data[j].logit;
-        st.without_logits[j] = without_row[cur_p->data[j].id];
+        in_id_order &= cur_p->data[j].id == static_cast<llama_token>(j);
     }
-    if (st.guard.inject_step == st.guard.step && n > 0) {
+    const float * z_without = without_row;
+    const bool inject = st.guard.inject_step == st.guard.step && n > 0;
+    if (!in_id_order || (inject && st.guard.inject_row == SDA_ROW_WITHOUT)) {
+        for (size_t j = 0; j < n; ++j) st.without_logits[j] = without_row[cur_p->data[j].id];
+        z_without = st.without_logits.data();
+    }
+    if (inject) {
         (st.guard.inject_row == SDA_ROW_WITH ? st.with_logits : st.without_logits)[0] = st.guard.inject_value;
     }
-    const sda::fusion_result r = sda::fuse_scaled(st.with_logits.data(), st.without_logits.data(), n, st.params,
-                                                  st.workspace, st.fused.data());
+    // Written straight into the candidates' logits (llama_token_data is {id, logit, p}).
+    constexpr size_t stride = sizeof(llama_token_data) / sizeof(float);
+    static_assert(sizeof(llama_token_data) % sizeof(float) == 0, "llama_token_data is not a float multiple");
+    const sda::fusion_result r = sda::fuse_scaled(st.with_logits.data(), z_without, n, st.params, st.workspace,
+                                                  &cur_p->data[0].logit, stride);
     if (r.status != SDA_OK) {
         refuse(cur_p, st.guard, r.status);
         return;
     }
-    for (size_t j = 0; j < n; ++j) cur_p->data[j].logit = st.fused[j];
 
     const std::chrono::duration<double> spent = std::chrono::steady_clock::now() - start;
     st.stats.n_steps += 1;
@@ -287,7 +295,6 @@ llama_sampler * sda_sampler_init(const sda_params * params, int32_t n_vocab, lla
     const size_t n = static_cast<size_t>(n_vocab);
     st->with_logits.resize(n);
     st->without_logits.resize(n);
-    st->fused.resize(n);
     st->workspace.reserve(n);
     return llama_sampler_init(sda_sampler_iface(), st);
 }
