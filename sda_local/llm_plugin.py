@@ -67,22 +67,34 @@ def register_commands(cli):
         """sda-local models: register your own GGUF files as llm models."""
 
     @sda_group.command(name="register")
-    @click.argument("path", type=click.Path(path_type=Path))
+    @click.argument("model")
     @click.option("--name", required=True, help="The model becomes sda-NAME.")
-    def register(path: Path, name: str):
-        """Register a GGUF file as the llm model sda-NAME."""
+    def register(model: str, name: str):
+        """Register a GGUF file, or any model sda-local takes (ollama:NAME[:TAG], lmstudio:PUB/REPO/FILE, a
+        name from sda-local models pull), as the llm model sda-NAME."""
+        from . import models as catalogue
+
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise click.ClickException("--name may hold letters, digits, '-', '_' and '.' only")
-        if not path.is_file():
-            raise click.ClickException(f"no such file: {path}")
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise click.ClickException(f"{path} is not a GGUF file")
+        path = Path(model).expanduser()
+        if path.is_file():
+            with open(path, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise click.ClickException(f"{path} is not a GGUF file")
+            spec = str(path.resolve())
+        elif model.lower().endswith(".gguf") or "/" in model and ":" not in model:
+            raise click.ClickException(f"no such file: {model}")
+        else:
+            try:
+                catalogue.resolve(model)
+            except SDAError as exc:
+                raise click.ClickException(str(exc)) from None
+            spec = model
         models = registered_models()
-        models[name] = str(path.resolve())
+        models[name] = spec
         _registry_path().parent.mkdir(parents=True, exist_ok=True)
         _registry_path().write_text(json.dumps(models, indent=2), encoding="utf-8")
-        click.echo(f"registered sda-{name}: {path.resolve()}")
+        click.echo(f"registered sda-{name}: {spec}")
 
     @sda_group.command(name="models")
     def list_models():

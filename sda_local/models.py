@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .errors import ModelError
+from .errors import InputError, ModelError
 from .privacy import OfflineError, require_network
 
 CACHE_ENV = "SDA_LOCAL_CACHE"
@@ -204,13 +204,86 @@ def pull(entry: CatalogueModel, *, quiet: bool = False, force: bool = False) -> 
     return target
 
 
+# -- your own models ----------------------------------------------------------------------------------
+USER_CATALOGUE = "user-models.json"  # in the cache: {name: {"path", "sha256", "size", "source"}}
+
+
+def user_catalogue_path() -> Path:
+    return cache_dir() / USER_CATALOGUE
+
+
+def user_models() -> Dict[str, dict]:
+    path = user_catalogue_path()
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the user catalogue {path}: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _check_new_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise InputError(f"model name {name!r}: use letters, digits, '-', '_' and '.' only")
+    if find(name) is not None or name in user_models():
+        raise InputError(f"a model named {name!r} exists already (choose another --name)")
+
+
+def _save_user_model(name: str, record: dict) -> None:
+    """Adds one entry atomically (a temporary file renamed over the catalogue)."""
+    models = user_models()
+    models[name] = record
+    path = user_catalogue_path()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(models, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def pull_source(source: str, *, name: Optional[str] = None, sha256: Optional[str] = None,
+                quiet: bool = False) -> Path:
+    """Download a GGUF from a URL or ``hf:ORG/REPO/FILE.gguf`` into the cache and register it as ``name``
+    (default: the file name without .gguf). The catalogue is changed only once the file is in place."""
+    from .download import download, file_name, source_url
+
+    url = source_url(source)
+    filename = file_name(url)
+    name = name or filename[: -len(".gguf")]
+    _check_new_name(name)
+    target = cache_dir() / "user" / filename
+    if target.exists():
+        raise InputError(f"{target} exists already (another model has that file name)")
+    _say(f"downloading {url}", quiet)
+    path, digest = download(url, target, sha256=sha256, quiet=quiet)
+    _save_user_model(name, {"path": str(path), "sha256": digest, "size": path.stat().st_size, "source": source})
+    _say(f"{name} ready: {path}", quiet)
+    return path
+
+
 def resolve(model: Optional[str], *, quiet: bool = False) -> Path:
-    """A GGUF path for ``model``: None -> the default model; a catalogue name -> fetched if needed; else a path."""
+    """A GGUF path for ``model``: None -> the default model; ``ollama:NAME[:TAG]``, ``lmstudio:PUB/REPO/FILE``;
+    a name from ``models pull URL``; a catalogue name -> fetched if needed; else a path."""
+    from . import stores
+
     if model is None:
         return pull(lookup(default_model_name()), quiet=quiet)
     spec = str(model)
+    if spec.startswith("ollama:"):
+        return stores.ollama_blob(spec[len("ollama:"):])
+    if spec.startswith("lmstudio:"):
+        return stores.lmstudio_file(spec[len("lmstudio:"):])
     path = Path(spec).expanduser()
     if path.exists() or spec.lower().endswith(".gguf") or os.sep in spec:
         return path
-    return pull(lookup(spec), quiet=quiet)
-
+    user = user_models().get(spec)
+    if user is not None:
+        found = Path(user["path"])
+        if not found.is_file():
+            raise ModelError(f"model {spec!r}: its file {found} is missing (pull it again)")
+        return found
+    entry = find(spec)
+    if entry is None:
+        known = ", ".join([m.name for m in catalogue()] + sorted(user_models()))
+        raise ModelError(f"unknown model {spec!r}: not a file, nor a known name ({known}), nor ollama:NAME[:TAG] "
+                         "or lmstudio:PUBLISHER/REPO/FILE")
+    return pull(entry, quiet=quiet)

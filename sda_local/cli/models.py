@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
 from .. import __version__
+from ..errors import InputError
 from .common import Group, main, offline_option, repack_option
 
 
@@ -17,36 +19,55 @@ def models():
 
 
 @models.command("list")
+@click.option("--all", "show_all", is_flag=True,
+              help="Also the GGUFs of ollama, LM Studio and llama.cpp's cache found on this machine.")
 @click.option("--json", "as_json", is_flag=True)
-def models_list(as_json):
-    """List catalogue models and whether they are cached."""
+def models_list(show_all, as_json):
+    """List catalogue models (cached or not), the models you pulled, and with --all those of other tools."""
     from .. import models as catalogue
+    from .. import stores
 
     default = catalogue.default_model_name()
     rows = [
-        {"name": m.name, "aliases": list(m.aliases), "default": m.name == default, "size_bytes": m.size,
-         "licence": m.licence, "cached": m.is_cached(), "path": str(m.cached_path), "description": m.description}
+        {"name": m.name, "kind": "catalogue", "aliases": list(m.aliases), "default": m.name == default,
+         "size_bytes": m.size, "licence": m.licence, "cached": m.is_cached(), "path": str(m.cached_path),
+         "description": m.description}
         for m in catalogue.catalogue()
     ]
+    for name, record in sorted(catalogue.user_models().items()):
+        rows.append({"name": name, "kind": "pulled", "default": False, "size_bytes": record.get("size", 0),
+                     "cached": Path(record["path"]).is_file(), "path": record["path"],
+                     "description": f"from {record.get('source', '?')}"})
+    if show_all:
+        for found in stores.discovered():
+            rows.append({"name": found.spec, "kind": found.store, "default": False, "size_bytes": found.size,
+                         "cached": True, "path": str(found.path), "description": f"{found.store}: {found.path}"})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
         mark = "*" if r["default"] else " "
         state = "cached" if r["cached"] else "not cached"
-        click.echo(f"{mark} {r['name']:<24} {r['size_bytes'] / 1e6:6.0f} MB  {r['licence']:<18} {state:<10}  "
-                   f"{r['description']}")
+        click.echo(f"{mark} {r['name']:<24} {r['size_bytes'] / 1e6:6.0f} MB  {r.get('licence', r['kind']):<18} "
+                   f"{state:<10}  {r['description']}")
 
 
 @models.command("pull")
-@click.argument("name")
-@click.option("--force", is_flag=True, help="Fetch again even if cached.")
+@click.argument("source")
+@click.option("--name", default=None, help="Register a downloaded model under this name (default: the file name).")
+@click.option("--sha256", default=None, help="Expected sha256 of a downloaded file.")
+@click.option("--force", is_flag=True, help="Catalogue models: fetch again even if cached.")
 @offline_option
-def models_pull(name, force):
-    """Fetch a catalogue model into the cache (sha256 verified)."""
+def models_pull(source, name, sha256, force):
+    """Fetch a catalogue model, or download a GGUF: URL or hf:ORG/REPO/FILE.gguf (resumable, verified)."""
     from .. import models as catalogue
 
-    click.echo(catalogue.pull(catalogue.lookup(name), force=force))
+    if "://" in source or source.startswith("hf:"):
+        click.echo(catalogue.pull_source(source, name=name, sha256=sha256))
+        return
+    if name or sha256:
+        raise InputError("--name and --sha256 apply to a URL or hf: download")
+    click.echo(catalogue.pull(catalogue.lookup(source), force=force))
 
 
 @models.command("path")

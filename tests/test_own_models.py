@@ -1,0 +1,232 @@
+"""Bring your own model: the real default GGUF served from a local HTTP server (Range support, a connection
+dropped mid-file, 404/401/403, a web page), an ollama-style store and an LM Studio-style folder built around
+the real file in a temporary directory, and generation with the model resolved each way."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+
+class GGUFServer:
+    """Serves one file at /org/repo/resolve/main/<name> (Hugging Face's layout) with Range support and the
+    sha256 as ETag. ``drop_after``: the first full-file response stops after that many bytes."""
+
+    def __init__(self, path: Path, *, drop_after=None, etag=True, drop_always=False):
+        self.drop_always = drop_always
+        self.data = path.read_bytes()
+        self.sha256 = hashlib.sha256(self.data).hexdigest()
+        self.name = path.name
+        self.drop_after, self.etag = drop_after, etag
+        self.requests = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+                if self.path.endswith("/missing.gguf"):
+                    return self._plain(404, b"not found")
+                if self.path.endswith("/gated.gguf"):
+                    return self._plain(401, b"unauthorized")
+                if self.path.endswith("/page.gguf"):
+                    body = b"<!doctype html><html><body>Sign in</body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                start = 0
+                rng = self.headers.get("Range")
+                if rng:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(server.data) - 1}/{len(server.data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(server.data) - start))
+                if server.etag:
+                    self.send_header("X-Linked-Etag", f'"{server.sha256}"')
+                self.end_headers()
+                body = server.data[start:]
+                if server.drop_after is not None and (not rng or server.drop_always):
+                    self.wfile.write(body[: server.drop_after])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # a dropped connection, mid-file
+                    return
+                self.wfile.write(body)
+
+            def _plain(self, status, body):
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def file_url(self, name=None):
+        return f"{self.url}/org/repo/resolve/main/{name or self.name}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def cache(tmp_path):
+    """A fresh model cache and empty stores, as environment variables for the CLI."""
+    env = {"SDA_LOCAL_CACHE": str(tmp_path / "cache"), "OLLAMA_MODELS": str(tmp_path / "ollama"),
+           "SDA_LOCAL_LMSTUDIO_MODELS": str(tmp_path / "lmstudio"), "LLAMA_CACHE": str(tmp_path / "llamacpp")}
+    return env
+
+
+def generate(model, env):
+    out = run_cli("generate", "Say hi.", "-m", model, "-n", "4", "--seed", "1", "--json", env=env)
+    assert out.returncode == 0, out.stderr.decode()
+    return json.loads(out.stdout)["text"]
+
+
+def user_catalogue(env):
+    path = Path(env["SDA_LOCAL_CACHE"]) / "user-models.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def no_partial_left(env, name):
+    folder = Path(env["SDA_LOCAL_CACHE"]) / "user"
+    return not (folder / name).exists()
+
+
+def test_hf_pull_resumes_after_a_drop_verifies_and_registers(model_path, cache):
+    server = GGUFServer(model_path, drop_after=10_000_000)
+    try:
+        env = dict(cache, HF_ENDPOINT=server.url, HF_TOKEN="secret-token")
+        out = run_cli("models", "pull", f"hf:org/repo/{model_path.name}", "--name", "mine", env=env)
+        assert out.returncode == 0, out.stderr.decode()
+        ranges = [r for _, r, _ in server.requests]
+        assert ranges[0] is None and ranges[1].startswith("bytes=")  # resumed from what reached the disk
+        assert 0 < int(ranges[1][6:-1]) <= 10_000_000 and len(ranges) == 2
+        assert all(auth == "Bearer secret-token" for _, _, auth in server.requests)  # to HF_ENDPOINT only
+        record = user_catalogue(env)["mine"]
+        assert record["sha256"] == server.sha256 and Path(record["path"]).stat().st_size == len(server.data)
+        listed = run_cli("models", "list", env=env).stdout.decode()
+        assert "mine" in listed
+        assert generate("mine", env)
+        clash = run_cli("models", "pull", f"hf:org/repo/{model_path.name}", "--name", "mine", env=env)
+        assert clash.returncode == 1 and b"exists already" in clash.stderr
+    finally:
+        server.close()
+
+
+def test_url_pull_refusals_leave_nothing_behind(model_path, cache, tmp_path):
+    server = GGUFServer(model_path, etag=False)
+    try:
+        env = dict(cache, HF_ENDPOINT=server.url, HF_TOKEN="t")
+        cases = [
+            (server.file_url("missing.gguf"), [], "not found (HTTP 404)"),
+            (server.file_url("gated.gguf"), [], "set HF_TOKEN"),
+            (server.file_url("page.gguf"), [], "web page, not a GGUF"),
+            (server.file_url(), ["--sha256", "0" * 64], "checksum mismatch"),
+            (server.file_url(), ["--sha256", "xyz"], "64 hexadecimal digits"),
+            ("ftp://example.com/x.gguf", [], "not a URL"),
+        ]
+        for url, extra, fragment in cases:
+            out = run_cli("models", "pull", url, *extra, env=env)
+            err = out.stderr.decode()
+            errors = [line for line in err.splitlines() if line.startswith("error:")]
+            assert out.returncode == 1 and len(errors) == 1 and fragment in errors[0], (url, err)
+            assert "Traceback" not in err
+        assert user_catalogue(env) == {}
+        leftovers = list((Path(env["SDA_LOCAL_CACHE"]) / "user").glob("*")) if (Path(env["SDA_LOCAL_CACHE"]) / "user").exists() else []
+        assert leftovers == []  # no file under a final name, and no partial after a refusal
+    finally:
+        server.close()
+
+
+def test_a_connection_that_keeps_dropping_fails_clearly_and_resumes_later(model_path, cache):
+    server = GGUFServer(model_path, drop_after=3_000_000, drop_always=True)
+    try:
+        out = run_cli("models", "pull", server.file_url(), "--name", "flaky", env=cache)
+        err = out.stderr.decode()
+        assert out.returncode == 1 and "failed after 5 attempts" in err and "run the same command again" in err
+        assert len(server.requests) == 5 and user_catalogue(cache) == {}
+        assert not (Path(cache["SDA_LOCAL_CACHE"]) / "user" / model_path.name).exists()
+        server.drop_always, server.drop_after = False, None  # the network is back: the same command resumes
+        again = run_cli("models", "pull", server.file_url(), "--name", "flaky", env=cache)
+        assert again.returncode == 0, again.stderr.decode()
+        assert server.requests[5][1].startswith("bytes=") and user_catalogue(cache)["flaky"]["sha256"] == server.sha256
+    finally:
+        server.close()
+
+
+def test_a_token_is_never_sent_to_another_host(model_path, cache):
+    server = GGUFServer(model_path)
+    try:
+        env = dict(cache, HF_ENDPOINT="https://huggingface.example", HF_TOKEN="secret-token")
+        out = run_cli("models", "pull", server.file_url(), "--name", "plain", env=env)
+        assert out.returncode == 0, out.stderr.decode()
+        assert all(auth is None for _, _, auth in server.requests)
+        assert user_catalogue(env)["plain"]["sha256"] == server.sha256  # the published X-Linked-Etag held
+    finally:
+        server.close()
+
+
+def test_ollama_and_lmstudio_stores_are_found_and_used_in_place(model_path, cache, tmp_path):
+    env = cache
+    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    blobs = Path(env["OLLAMA_MODELS"]) / "blobs"
+    blobs.mkdir(parents=True)
+    os.link(model_path, blobs / f"sha256-{digest}") if _same_fs(model_path, blobs) else \
+        (blobs / f"sha256-{digest}").write_bytes(model_path.read_bytes())
+    manifest = Path(env["OLLAMA_MODELS"]) / "manifests" / "registry.ollama.ai" / "library" / "smol" / "q4"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"layers": [
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "1" * 64},
+        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}"}]}))
+    broken = manifest.parent.parent / "broken" / "latest"
+    broken.parent.mkdir(parents=True)
+    broken.write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model",
+                                              "digest": "sha256:" + "2" * 64}]}))
+    lm = Path(env["SDA_LOCAL_LMSTUDIO_MODELS"]) / "pub" / "repo"
+    lm.mkdir(parents=True)
+    (lm / "model.gguf").symlink_to(model_path)
+    llamacpp = Path(env["LLAMA_CACHE"])
+    llamacpp.mkdir()
+    (llamacpp / "org_repo_model.gguf").symlink_to(model_path)
+    listed = run_cli("models", "list", "--all", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr.decode()
+    names = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert names["ollama:smol:q4"]["kind"] == "ollama" and names["ollama:smol:q4"]["size_bytes"] > 0
+    assert "lmstudio:pub/repo/model.gguf" in names and "ollama:broken:latest" not in names
+    assert names[str(llamacpp / "org_repo_model.gguf")]["kind"] == "llama.cpp"
+    assert generate("ollama:smol:q4", env) == generate("lmstudio:pub/repo/model.gguf", env) == \
+        generate(str(model_path), env)
+    missing = run_cli("generate", "hi", "-m", "ollama:broken", "-n", "2", env=env)
+    assert missing.returncode == 1 and b"missing blob" in missing.stderr
+    unknown = run_cli("generate", "hi", "-m", "ollama:nothing:7b", "-n", "2", env=env)
+    assert unknown.returncode == 1 and b"not found" in unknown.stderr
+
+
+def test_list_all_with_no_stores_prints_the_catalogue_only(cache):
+    out = run_cli("models", "list", "--all", env=cache)
+    assert out.returncode == 0 and out.stderr == b""
+    assert [line.split()[0].strip("*") or line.split()[1] for line in out.stdout.decode().splitlines()] and \
+        "ollama:" not in out.stdout.decode() and "lmstudio:" not in out.stdout.decode()
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
