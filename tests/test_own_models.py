@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -219,6 +221,38 @@ def test_ollama_and_lmstudio_stores_are_found_and_used_in_place(model_path, cach
     assert missing.returncode == 1 and b"missing blob" in missing.stderr
     unknown = run_cli("generate", "hi", "-m", "ollama:nothing:7b", "-n", "2", env=env)
     assert unknown.returncode == 1 and b"not found" in unknown.stderr
+
+
+def ollama_store(model_path, env, name="smol", tag="q4"):
+    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    blobs = Path(env["OLLAMA_MODELS"]) / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    (blobs / f"sha256-{digest}").symlink_to(model_path)
+    manifest = Path(env["OLLAMA_MODELS"]) / "manifests" / "registry.ollama.ai" / "library" / name / tag
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model",
+                                                "digest": f"sha256:{digest}"}]}))
+
+
+def test_the_server_and_the_llm_plugin_take_a_store_model(model_path, cache, tmp_path):
+    import requests
+    from server_process import ServerProcess
+
+    ollama_store(model_path, cache)
+    llm = os.path.join(os.path.dirname(sys.executable), "llm")
+    if os.path.exists(llm):
+        env = dict(os.environ, **cache, LLM_USER_PATH=str(tmp_path / "llm"))
+        reg = subprocess.run([llm, "sda", "register", "ollama:smol:q4", "--name", "smol"], capture_output=True,
+                             text=True, env=env, timeout=120)
+        assert reg.returncode == 0, reg.stderr
+        out = subprocess.run([llm, "-m", "sda-smol", "-o", "max_tokens", "4", "Hi"], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0 and out.stdout.strip(), out.stderr
+    with ServerProcess("-m", "ollama:smol:q4", "-c", "512", "--parallel", "1", "--threads", "2", env=cache) as server:
+        assert requests.get(server.base + "/models").json()["data"][0]["id"] == "ollama:smol:q4"
+        r = requests.post(server.base + "/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                                  "max_tokens": 3}, timeout=120)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
 
 
 def test_list_all_with_no_stores_prints_the_catalogue_only(cache):

@@ -69,7 +69,15 @@ def serve(host, port, parallel, ctx_size, queue_size, api_key, max_body, alias, 
             engine.close()
             raise
 
-    run_server(load, model_id=alias or model_path.name, host=host, port=port, api_key=api_key,
+    run_server(load, model_id=alias or _model_id(model, model_path), host=host, port=port, api_key=api_key,
                queue_size=queue_size, max_body=max_body,
                on_listening=lambda url: click.echo(f"sda-local: listening on {url} ({parallel} slots of "
                                                    f"{n_ctx} tokens)", err=True))
+
+
+def _model_id(spec, path) -> str:
+    """What /v1/models shows: the name the user gave (ollama:NAME:TAG, a pulled name), else the file name."""
+    if spec and not str(spec).lower().endswith(".gguf") and "/" not in str(spec).split(":", 1)[0]:
+        return str(spec)
+    return path.name
+
