@@ -88,7 +88,7 @@ def _raw_tps(engine: SDAEngine, n: int, steps: int) -> float:
 
 def _prefill_alone(engine: SDAEngine) -> float:
     engine.reset_caches()
-    alone = engine.submit(engine.request(*_late_prompts(engine), strength=0.5, max_tokens=4, seed=9))
+    alone = engine.submit(engine.request(*_prompts(engine, LATE_PROMPT), strength=0.5, max_tokens=4, seed=9))
     engine.scheduler.wait(alone)
     return alone.stats.prefill_seconds
 
@@ -107,7 +107,7 @@ def _late_arrival(engine: SDAEngine, tokens: int) -> dict:
         scheduler.step()
     mark = len(scheduler.timings)
     arrived = time.perf_counter()
-    job = engine.submit(engine.request(*_late_prompts(engine), strength=0.5, max_tokens=4, seed=9))
+    job = engine.submit(engine.request(*_prompts(engine, LATE_PROMPT), strength=0.5, max_tokens=4, seed=9))
     while not job.tokens and not job.done:
         scheduler.step()
     first_token = time.perf_counter() - arrived
@@ -121,11 +121,6 @@ def _late_arrival(engine: SDAEngine, tokens: int) -> dict:
     step = statistics.median(steady)
     return {"first_token_seconds": first_token, "prefill_alone_seconds": prefill_alone, "step_seconds": step,
             "bound_seconds": prefill_alone + 2 * step, "within_bound": first_token <= prefill_alone + 2 * step}
-
-
-def _late_prompts(engine: SDAEngine):
-    request = engine.stream(LATE_PROMPT, INSTRUCTION).request
-    return request.prompt_with, request.prompt_without
 
 
 def run_serve_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int,

@@ -17,7 +17,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 from urllib.parse import urlsplit
 
 import requests
@@ -107,7 +107,7 @@ class Progress:
 
 
 def download(url: str, target: Path, *, sha256: Optional[str] = None, quiet: bool = False,
-             timeout: float = 60.0, on_chunk: Callable[[int], None] = lambda n: None) -> Tuple[Path, str]:
+             timeout: float = 60.0) -> Tuple[Path, str]:
     """Fetch ``url`` into ``target`` (absent until complete and verified); returns (target, sha256)."""
     if sha256 is not None and not _SHA256.match(sha256.lower()):
         raise InputError(f"--sha256 must be 64 hexadecimal digits, got {sha256!r}")
@@ -149,7 +149,6 @@ def download(url: str, target: Path, *, sha256: Optional[str] = None, quiet: boo
                         if not have and out.tell() == 0 and len(block) >= 4 and block[:4] != GGUF_MAGIC:
                             raise ModelError(f"{url} is not a GGUF file (it starts with {block[:16]!r})")
                         out.write(block)
-                        on_chunk(len(block))
                         progress.update(out.tell())
                 if total is not None and partial.stat().st_size < total:
                     raise requests.ConnectionError("the connection closed before the end of the file")

@@ -74,8 +74,10 @@ def register_commands(cli):
         name from sda-local models pull), as the llm model sda-NAME."""
         from . import models as catalogue
 
-        if not name or not all(c.isalnum() or c in "-_." for c in name):
-            raise click.ClickException("--name may hold letters, digits, '-', '_' and '.' only")
+        try:
+            catalogue.check_name(name)
+        except SDAError as exc:
+            raise click.ClickException(str(exc)) from None
         path = Path(model).expanduser()
         if path.is_file():
             with open(path, "rb") as f:

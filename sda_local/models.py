@@ -223,9 +223,14 @@ def user_models() -> Dict[str, dict]:
     return data if isinstance(data, dict) else {}
 
 
-def _check_new_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """A name for a model of your own: letters, digits, '-', '_' and '.' (not first)."""
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
         raise InputError(f"model name {name!r}: use letters, digits, '-', '_' and '.' only")
+
+
+def _check_new_name(name: str) -> None:
+    check_name(name)
     if find(name) is not None or name in user_models():
         raise InputError(f"a model named {name!r} exists already (choose another --name)")
 

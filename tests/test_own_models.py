@@ -256,10 +256,13 @@ def test_the_server_and_the_llm_plugin_take_a_store_model(model_path, cache, tmp
 
 
 def test_list_all_with_no_stores_prints_the_catalogue_only(cache):
-    out = run_cli("models", "list", "--all", env=cache)
+    from sda_local import models
+
+    out = run_cli("models", "list", "--all", "--json", env=cache)
     assert out.returncode == 0 and out.stderr == b""
-    assert [line.split()[0].strip("*") or line.split()[1] for line in out.stdout.decode().splitlines()] and \
-        "ollama:" not in out.stdout.decode() and "lmstudio:" not in out.stdout.decode()
+    rows = json.loads(out.stdout)
+    assert [r["name"] for r in rows] == [m.name for m in models.catalogue()]
+    assert {r["kind"] for r in rows} == {"catalogue"}
 
 
 def _same_fs(a: Path, b: Path) -> bool:

@@ -62,11 +62,9 @@ class Batch:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
-        self.n_outputs = 0
 
     def clear(self) -> None:
         self.batch.n_tokens = 0
-        self.n_outputs = 0
 
     def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
         """Append a token; returns its output index (for ``llama_get_logits_ith``) when ``logits``, else -1."""
@@ -78,10 +76,7 @@ class Batch:
         b.seq_id[i][0] = seq
         b.logits[i] = logits
         b.n_tokens = i + 1
-        if logits:
-            self.n_outputs += 1
-            return i
-        return -1
+        return i if logits else -1
 
     @property
     def n_tokens(self) -> int:
@@ -127,11 +122,6 @@ class KVLayout:
         ctx_index, seq = location
         llama_cpp.llama_memory_seq_rm(self._memories[ctx_index], seq, keep, -1)
 
-    def cached_length(self, location: Location) -> int:
-        """Positions a sequence holds according to llama.cpp (to re-check after an interrupted decode)."""
-        ctx_index, seq = location
-        return llama_cpp.llama_memory_seq_pos_max(self._memories[ctx_index], seq) + 1
-
     def clear(self) -> None:
         for memory in self._memories:
             llama_cpp.llama_memory_clear(memory, True)
@@ -143,10 +133,6 @@ class KVLayout:
         rc = llama_cpp.llama_decode(self.contexts[ctx_index], batch.batch)
         if rc != 0:
             raise ModelError(f"llama_decode failed (code {rc}): out of context or memory")
-
-    def logits_row(self, ctx_index: int, output: int):
-        """A pointer to the logits of a batch row (valid until the context's next decode)."""
-        return llama_cpp.llama_get_logits_ith(self.contexts[ctx_index], output)
 
     def close(self) -> None:
         for batch in self.batches:

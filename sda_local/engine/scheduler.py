@@ -50,10 +50,6 @@ def _reuse(slot: "Slot", lanes: List[tuple]) -> int:
     return sum(min(common_prefix_length(slot.cached[s], p), len(p) - 1) for s, p in lanes)
 
 
-class JobCancelled(Exception):
-    """Raised to a waiter whose job was cancelled by someone else (server shutdown)."""
-
-
 class Slot:
     def __init__(self, index: int, layout: KVLayout):
         self.index = index
@@ -273,11 +269,11 @@ class Scheduler:
             if not free:
                 return
             job = self._queue.popleft()
-            options = [(slot, _lanes_for(slot, job.request)) for slot in free]
-            best, lanes = max(options, key=lambda o: _reuse(o[0], o[1]))  # max keeps the lowest among equals
-            if 2 * _reuse(best, lanes) < sum(len(p) for p in job.request.prompts):
-                best, lanes = options[0]
-            slot = best
+            options = [(slot, lanes, _reuse(slot, lanes)) for slot in free
+                       for lanes in [_lanes_for(slot, job.request)]]
+            slot, lanes, reused = max(options, key=lambda o: o[2])  # max keeps the lowest slot among equals
+            if 2 * reused < sum(len(p) for p in job.request.prompts):
+                slot, lanes, _ = options[0]
             slot.job, job.slot, job.state, job._lanes = job, slot, PREFILL, lanes
             job._admitted = time.perf_counter()
             job.stats.queued_seconds = job._admitted - job._submitted
