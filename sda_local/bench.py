@@ -95,8 +95,12 @@ def _worker(arm: str, model: str, n_threads: int, tokens: int, n_ctx: int) -> di
 
     _timed(run(16))  # warm-up
     result["tokens_per_second"] = _timed(run(tokens))
-    if arm.startswith("sda"):
-        result["fusion_us_per_token"] = holder["stream"].result.stats.fusion_us_per_token
+    if holder:
+        stats = holder["stream"].result.stats
+        result["fusion_us_per_token"] = stats.fusion_us_per_token
+        # The rest of the sampling call: llama.cpp filling the candidates, EOG ban, nucleus (top-p + draw).
+        fusion = stats.fusion_us_per_token or 0.0
+        result["chain_us_per_token"] = stats.sampling_us_per_token - fusion
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -130,6 +134,9 @@ def run_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int, n
             "tokens_per_second": median(arm, "tokens_per_second"),
             "tokens_per_second_runs": [round(s["tokens_per_second"], 2) for s in samples[arm]],
             "fusion_us_per_token": median(arm, "fusion_us_per_token"),
+            "fusion_us_per_token_runs": [round(s["fusion_us_per_token"]) for s in samples[arm]
+                                         if s.get("fusion_us_per_token") is not None],
+            "chain_us_per_token": median(arm, "chain_us_per_token"),
             "peak_rss_mb": median(arm, "peak_rss_mb"),
         }
         for arm in ARMS
@@ -149,6 +156,7 @@ def run_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int, n
             "best_sda_mode": best,
             "sda_over_plain": best_tps / plain,
             "native_fusion_share_of_step": arms[best]["fusion_us_per_token"] / step_us,
+            "sampling_share_of_step": (arms[best]["fusion_us_per_token"] + arms[best]["chain_us_per_token"]) / step_us,
             "sda_rss_over_plain_mb": arms[best]["peak_rss_mb"] - arms["llama-cpp-python"]["peak_rss_mb"],
         },
     }
@@ -158,17 +166,23 @@ def format_report(report: dict) -> str:
     lines = [
         f"model {report['model']}, {report['threads']} threads, {report['tokens']} new tokens, "
         f"median of {report['runs']} runs, n_ctx {report['n_ctx']}",
-        f"{'arm':<20} {'tok/s':>8} {'fusion us/tok':>14} {'peak RSS MB':>12}   runs (tok/s)",
+        f"{'arm':<20} {'tok/s':>8} {'fusion us/tok':>14} {'chain us/tok':>13} {'peak RSS MB':>12}   runs (tok/s)",
     ]
+
+    def us(value):
+        return f"{value:.0f}" if value is not None else "-"
+
     for arm, a in report["arms"].items():
-        fusion = f"{a['fusion_us_per_token']:.0f}" if a["fusion_us_per_token"] is not None else "-"
-        lines.append(f"{arm:<20} {a['tokens_per_second']:>8.1f} {fusion:>14} {a['peak_rss_mb']:>12.0f}   "
-                     f"{a['tokens_per_second_runs']}")
+        lines.append(f"{arm:<20} {a['tokens_per_second']:>8.1f} {us(a['fusion_us_per_token']):>14} "
+                     f"{us(a['chain_us_per_token']):>13} {a['peak_rss_mb']:>12.0f}   {a['tokens_per_second_runs']}")
     s = report["summary"]
     lines += [
         f"best SDA mode: {s['best_sda_mode']}",
         f"SDA / plain tok/s: {s['sda_over_plain']:.2f}  (target >= 0.55)",
         f"native fusion share of an SDA step: {100 * s['native_fusion_share_of_step']:.1f}%  (target <= 3%)",
+        f"sampling (fusion + rest of the chain) share of an SDA step: {100 * s['sampling_share_of_step']:.1f}%",
+        "chain us/tok: the rest of the sampling call per token (llama.cpp filling the candidates, EOG ban, "
+        "top-p and the draw)",
         f"SDA peak RSS - plain: {s['sda_rss_over_plain_mb']:+.0f} MB  (target <= 250 MB)",
     ]
     return "\n".join(lines)

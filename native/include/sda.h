@@ -6,7 +6,9 @@
  *   - sda_sampler_init():   a llama_sampler that applies the same fusion inside a llama.cpp sampler chain.
  *                           Put it first in the chain (it needs the full, unprocessed vocabulary), then
  *                           top-p and dist. It reads the *with-instruction* logits from cur_p and the
- *                           *without-instruction* logits itself, from (source context, output index).
+ *                           *without-instruction* logits itself, from (source context, output index);
+ *                           told where the with-row is too (sda_sampler_set_rows), it reads that row in
+ *                           place as well and writes cur_p once.
  *   - sda_guard_sampler_init(): the same non-finite check for plain (one-stream) generation.
  *   - sda_nucleus_sampler_init(): top-p and a seeded draw in one sampler, last in the chain, without sorting
  *                           the vocabulary (llama.cpp's top-p softmaxes and sorts every candidate).
@@ -32,7 +34,7 @@ extern "C" {
 #    define SDA_API __attribute__((visibility("default")))
 #endif
 
-#define SDA_ABI_VERSION 3
+#define SDA_ABI_VERSION 4
 
 struct llama_sampler;
 struct llama_context;
@@ -79,6 +81,7 @@ struct sda_stats {
     double  fusion_seconds;    /* wall time spent in the fusion                  */
     float   last_js;
     float   last_temperature;
+    int64_t n_in_place;        /* of n_steps, those that read both rows in place (sda_sampler_set_rows) */
 };
 
 SDA_API int32_t sda_abi_version(void);
@@ -97,6 +100,13 @@ SDA_API struct llama_sampler * sda_sampler_init(const struct sda_params * params
 
 /* Where the without-instruction logits of the next step are: llama_get_logits_ith(ctx, idx). */
 SDA_API void sda_sampler_set_source(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx);
+
+/* Both rows of the next step: the with-instruction row the chain samples (llama_sampler_sample(chain,
+ * with_ctx, with_idx)) and the without-instruction row. The fusion then reads both rows in place instead of
+ * gathering cur_p's logits; it checks, block by block as it writes, that cur_p is that row in id order, and
+ * falls back to reading cur_p when it is not (a sampler before this one changed it). */
+SDA_API void sda_sampler_set_rows(struct llama_sampler * smpl, struct llama_context * with_ctx, int32_t with_idx,
+                                  struct llama_context * without_ctx, int32_t without_idx);
 
 SDA_API void sda_sampler_get_stats(const struct llama_sampler * smpl, struct sda_stats * out);
 

@@ -1,98 +1,42 @@
-// The arithmetic is written as plain element-wise loops over contiguous float arrays with branch-free
-// selects so that the compiler vectorises every pass; sums are accumulated in double lanes, because
-// vocabularies reach 262,144 entries and the temperature is very sensitive to the JS divergence
-// (dT/dJS = T ln2 / 0.01 in paper mode).
+// Three passes over the two rows, in blocks of kFusionBlock tokens, one SIMD pack (vecmath.hpp) at a time:
+//   1. per block, while it sits in L1: both maxima, whether a row is -inf somewhere, the top steered logit,
+//      then exp(z - block max) of both rows, kept, and their sums, which also show a NaN or +inf (an online
+//      softmax by blocks: one read of the rows from memory);
+//   2. the JS divergence;
+//   3. the fused logits, in double, handed to the sink block by block.
+// Passes 1-2 work in float on logits shifted by a maximum: there every term that carries probability mass is
+// small, so float is exact enough, and the sums run in float over short runs, then in double lanes
+// (vocabularies reach 262,144 entries and the temperature is very sensitive to the JS divergence:
+// dT/dJS = T ln2 / 0.01 in paper mode). Pass 3 works in double because steered logits reach |l| ~ 1e5 for
+// logits of magnitude 1e4, where float resolution (0.008) would swamp the result.
 #include "fusion.hpp"
 #include "vecmath.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 namespace sda {
 namespace {
 
 constexpr float kLn2 = 0.693147180559945309f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
 constexpr double kPaperSigma = 0.01;
 constexpr float kPaperMinTemperature = 0.2f;
+constexpr size_t kBlock = kFusionBlock;  // a multiple of every kWidth
 
-// log(1 + u) for u in [0, 1] as 2 atanh(u / (2 + u)); |t| <= 1/3 so eight odd terms reach float precision,
-// and small u keeps full relative accuracy.
-inline float log1p_unit(float u) {
-    const float t = u / (2.0f + u);
-    const float t2 = t * t;
-    float s = 1.0f / 15.0f;
-    s = s * t2 + 1.0f / 13.0f;
-    s = s * t2 + 1.0f / 11.0f;
-    s = s * t2 + 1.0f / 9.0f;
-    s = s * t2 + 1.0f / 7.0f;
-    s = s * t2 + 1.0f / 5.0f;
-    s = s * t2 + 1.0f / 3.0f;
-    s = s * t2 + 1.0f;
-    return 2.0f * t * s;
+// Calls body(pack_with, pack_without, i) for every pack of the two rows in [begin, end); the last partial pack
+// is padded with -inf, which every pass treats as a masked token.
+template <typename Body>
+inline void for_each_pack(const float * zw, const float * zo, size_t begin, size_t end, Body body) {
+    size_t i = begin;
+    for (; i + kWidth <= end; i += kWidth) body(load(zw + i), load(zo + i), i);
+    if (i < end) body(load_tail(zw + i, end - i, -kInf), load_tail(zo + i, end - i, -kInf), i);
 }
-
-constexpr size_t kLanes = 8;
-
-double lane_sum(const float * x, size_t n) {
-    double acc[kLanes] = {0};
-    size_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-        for (size_t j = 0; j < kLanes; ++j) acc[j] += x[i + j];
-    }
-    double total = 0;
-    for (; i < n; ++i) total += x[i];
-    for (size_t j = 0; j < kLanes; ++j) total += acc[j];
-    return total;
-}
-
-// Ignores NaN entries (a NaN compares false); exp_shifted finds them.
-float max_of(const float * x, size_t n) {
-    float lanes[kLanes];
-    std::fill(lanes, lanes + kLanes, kNegInf);
-    size_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-        for (size_t j = 0; j < kLanes; ++j) lanes[j] = x[i + j] > lanes[j] ? x[i + j] : lanes[j];
-    }
-    float m = kNegInf;
-    for (; i < n; ++i) m = x[i] > m ? x[i] : m;
-    for (size_t j = 0; j < kLanes; ++j) m = lanes[j] > m ? lanes[j] : m;
-    return m;
-}
-
-struct shifted_exp_sum {
-    float max;      // -inf when every entry is -inf
-    double sum;     // sum of exp(x - max)
-    int32_t fault;  // SDA_OK, SDA_ERR_NAN_WITH or SDA_ERR_INF_WITH: then max and sum mean nothing
-    double log_sum_exp() const { return static_cast<double>(max) + std::log(sum); }
-};
 
 int32_t classify(const float * x, size_t n) {
     return classify_row(n, [x](size_t i) { return x[i]; });
-}
-
-// Writes exp(x - max) into e (zeros when every entry is -inf). The non-finite check rides on the two passes
-// a softmax makes anyway: +inf is the max, and a NaN goes through the exp pass unchanged (exp_nonpositive
-// would flush it to 0), so that the sum is NaN.
-shifted_exp_sum exp_shifted(const float * x, size_t n, float * e) {
-    constexpr float kPosInf = std::numeric_limits<float>::infinity();
-    const float m = max_of(x, n);
-    if (!(m < kPosInf)) return {m, 0.0, classify(x, n)};
-    if (!(m > kNegInf)) {  // no exp pass to see a NaN: rare enough for a scan
-        if (classify(x, n) != SDA_OK) return {m, 0.0, SDA_ERR_NAN_WITH};
-        std::fill(e, e + n, 0.0f);
-        return {m, 0.0, SDA_OK};
-    }
-    for (size_t i = 0; i < n; ++i) {
-        const float d = x[i] - m;
-        const float v = exp_nonpositive(d);
-        e[i] = d == d ? v : d;
-    }
-    const double sum = lane_sum(e, n);
-    return {m, sum, sum == sum ? SDA_OK : SDA_ERR_NAN_WITH};
 }
 
 float temperature_for(double js, const sda_params & params) {
@@ -110,6 +54,127 @@ float temperature_for(double js, const sda_params & params) {
     }
 }
 
+// What pass 1 found over the whole vocabulary.
+struct first_pass {
+    int32_t fault;  // SDA_OK or the fault code (then nothing else is meaningful)
+    float max_with, max_without;
+    // The top steered logit, l = (1 + g) lp - g lq, up to the log-sum-exps: max (1 + g) zw - g zo over tokens
+    // with both rows finite, and max zw over tokens masked only without the instruction (l = lp there).
+    float top_both, top_with_only;
+};
+
+first_pass scan_and_exp(const float * zw, const float * zo, size_t n, float gain, fusion_workspace & ws) {
+    float * p = ws.p.data();
+    float * q = ws.q.data();
+    const vfloat neg_inf = splat(-kInf, vfloat{});
+    vfloat top_both = neg_inf, top_with_only = neg_inf;
+    first_pass out{SDA_OK, -kInf, -kInf, -kInf, -kInf};
+    for (size_t start = 0, b = 0; start < n; start += kBlock, ++b) {
+        const size_t end = std::min(n, start + kBlock);
+        vfloat mw = neg_inf, mo = neg_inf, lowest = splat(kInf, vfloat{}), block_top = neg_inf;
+        const float keep = 1.0f + gain;
+        for_each_pack(zw, zo, start, end, [&](vfloat a, vfloat c, size_t) {
+            mw = vmax(a, mw);  // a NaN never wins (compares false): it shows in the sums below
+            mo = vmax(c, mo);
+            lowest = vmin(a, vmin(c, lowest));
+            block_top = vmax(a * keep - c * gain, block_top);  // wrong where a row is -inf: redone below
+        });
+        fusion_block & blk = ws.blocks[b];
+        blk.max_with = hmax(mw);
+        blk.max_without = hmax(mo);
+        blk.masked = !(hmin(lowest) > -kInf);
+        if (blk.masked) {  // rare: tokens masked in a row. The block is in L1.
+            block_top = neg_inf;
+            for_each_pack(zw, zo, start, end, [&](vfloat a, vfloat c, size_t) {
+                const vint without_masked = c == -kInf;
+                // gain * c is NaN for g = 0 and c = -inf: those lanes take the other maximum.
+                block_top = vmax(select(without_masked, neg_inf, a * keep - c * gain), block_top);
+                top_with_only = vmax(select(without_masked, a, neg_inf), top_with_only);
+            });
+        }
+        top_both = vmax(block_top, top_both);
+        // exp(z - block max) while the block is still in L1; a block with no finite logit has weight 0.
+        const float shift_w = blk.max_with > -kInf ? blk.max_with : 0.0f;
+        const float shift_o = blk.max_without > -kInf ? blk.max_without : 0.0f;
+        lane_sum sum_w, sum_o;
+        for_each_pack(zw, zo, start, end, [&](vfloat a, vfloat c, size_t i) {
+            const vfloat ea = exp_nonpositive(a - shift_w);
+            const vfloat ec = exp_nonpositive(c - shift_o);
+            store(p + i, ea);  // the workspace has room for a padded last pack
+            store(q + i, ec);
+            sum_w.add(ea);
+            sum_o.add(ec);
+        });
+        blk.sum_with = sum_w.total();
+        blk.sum_without = sum_o.total();
+        // +inf is a block max; a NaN makes a sum NaN (so does +inf: inf - inf). Only a faulty row is scanned
+        // again, the with-row first, as documented.
+        if (!(blk.max_with < kInf && blk.max_without < kInf && blk.sum_with == blk.sum_with &&
+              blk.sum_without == blk.sum_without)) {
+            const int32_t with_fault = classify(zw, n);
+            out.fault = with_fault != SDA_OK ? with_fault : classify(zo, n) - 2;
+            return out;
+        }
+        out.max_with = std::max(out.max_with, blk.max_with);
+        out.max_without = std::max(out.max_without, blk.max_without);
+    }
+    out.top_both = hmax(top_both);
+    out.top_with_only = hmax(top_with_only);
+    return out;
+}
+
+// Pass 2 over one block: the sum of P (lp - lm) + Q (lq - lm) (see fuse_scaled). Masked: the block holds -inf
+// logits, whose d is +-inf or NaN.
+template <bool Masked>
+double js_block(const float * zw, const float * zo, const float * p, const float * q, size_t start, size_t end,
+                float scale_p, float scale_q, float max_with, float max_without, float log_ratio) {
+    lane_sum terms;
+    for_each_pack(zw, zo, start, end, [&](vfloat a, vfloat c, size_t i) {
+        const vfloat prob_p = load(p + i) * scale_p;
+        const vfloat prob_q = load(q + i) * scale_q;
+        const vfloat d = ((c - max_without) - (a - max_with)) - log_ratio;
+        // = (P + Q)(ln2 - soft) - min(P, Q) |d|: the max(d, 0) terms only touch the smaller probability.
+        const vfloat lo = vmin(prob_p, prob_q), hi = vmax(prob_p, prob_q);
+        const vfloat zero = splat(0.0f, a);
+        vfloat cut = lo * vabs(d);
+        if (Masked) cut = select(lo > 0.0f, cut, zero);  // 0 * inf
+        terms.add(select(hi > 0.0f, (lo + hi) * (kLn2 - log1p_ratio(lo, hi)) - cut, zero));  // 0 / 0
+    });
+    return terms.total();
+}
+
+// Pass 3 on one pack of doubles (V = vdouble) or one double: (l - top) / T. Where neither row is -inf, that is
+// alpha zw + beta zo - offset, two fused multiply-adds; a token impossible without the instruction (the
+// difference would give it +inf) keeps its with-instruction log-prob, zw / T - offset_with; a token impossible
+// with it stays impossible.
+struct pass3_constants {
+    double alpha, beta, offset, inv_t, offset_with;
+};
+
+template <typename V>
+inline V fused_masked(V zw, V zo, const pass3_constants & c) {
+    V out = zw * c.alpha + (zo * c.beta - c.offset);
+    out = select(zo == kNegInfD, zw * c.inv_t - c.offset_with, out);
+    return select(zw == kNegInfD, splat(kNegInfD, out), out);
+}
+
+template <typename V>
+inline V fused_finite(V zw, V zo, const pass3_constants & c) {
+    return zw * c.alpha + (zo * c.beta - c.offset);
+}
+
+class contiguous_sink final : public fused_sink {
+public:
+    explicit contiguous_sink(float * out) : out_(out) {}
+    bool write(size_t start, const float * values, size_t count) override {
+        std::copy(values, values + count, out_ + start);
+        return true;
+    }
+
+private:
+    float * out_;
+};
+
 }  // namespace
 
 bool params_valid(const sda_params & params) {
@@ -119,85 +184,108 @@ bool params_valid(const sda_params & params) {
 }
 
 fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,
-                          fusion_workspace & ws, float * out, size_t out_stride) {
+                          fusion_workspace & ws, fused_sink & sink) {
     ws.reserve(n);
-    float * p = ws.p.data();
-    float * q = ws.q.data();
-    const shifted_exp_sum with = exp_shifted(z_with, n, p);
-    if (with.fault != SDA_OK) return {params.t0, 0.0f, with.fault};
-    const shifted_exp_sum without = exp_shifted(z_without, n, q);
-    if (without.fault != SDA_OK) return {params.t0, 0.0f, without.fault - 2};
-    if (!(with.max > kNegInf)) {  // nothing can be sampled: leave it to the rest of the chain
-        for (size_t i = 0; i < n; ++i) out[i * out_stride] = kNegInf;
+    const double gain = static_cast<double>(params.k) * params.strength;
+    const size_t n_blocks = (n + kBlock - 1) / kBlock;
+
+    // 1. Maxima, faults, sums of exps.
+    const first_pass first = scan_and_exp(z_with, z_without, n, static_cast<float>(gain), ws);
+    if (first.fault != SDA_OK) return {params.t0, 0.0f, first.fault};
+    if (!(first.max_with > -kInf)) {  // nothing can be sampled: leave it to the rest of the chain
+        float masked[kBlock];
+        std::fill(masked, masked + kBlock, -kInf);
+        for (size_t start = 0; start < n; start += kBlock) {
+            if (!sink.write(start, masked, std::min(kBlock, n - start))) return {params.t0, 0.0f, kSinkRefused};
+        }
         return {params.t0, 0.0f, SDA_OK};
     }
     // A without-stream with no finite logit is treated as "no steering signal": log Q = -inf everywhere.
-    // The log-probabilities are formed in double: with logits of magnitude 1e4, float rounding of
-    // z - logsumexp(z) alone would cost 1e-3 in the steered difference.
-    const double shift_with = with.log_sum_exp();
-    const double shift_without = without.max > kNegInf ? without.log_sum_exp() : -static_cast<double>(kNegInf);
-    const float inv_sum_with = static_cast<float>(1.0 / with.sum);
-    const float inv_sum_without = without.max > kNegInf ? static_cast<float>(1.0 / without.sum) : 0.0f;
-    const double gain = static_cast<double>(params.k) * params.strength;
-
-    for (size_t i = 0; i < n; ++i) {
-        const double lp = z_with[i] - shift_with;        // log P
-        const double lq = z_without[i] - shift_without;  // log Q
-        const float prob_p = p[i] * inv_sum_with;
-        const float prob_q = q[i] * inv_sum_without;
-
-        // With M = (P + Q) / 2 and d = log Q - log P:
-        //   log P - log M = ln2 - max(d, 0) - log1p(exp(-|d|)),  log Q - log M = ln2 - max(-d, 0) - (same).
-        // Exact cancellation at P == Q, no log of an underflowed M; zero-probability terms are masked.
-        const float d = static_cast<float>(lq - lp);
-        const float soft = log1p_unit(exp_nonpositive(-std::fabs(d)));
-        const float term_p = prob_p > 0.0f ? prob_p * (kLn2 - (d > 0.0f ? d : 0.0f) - soft) : 0.0f;
-        const float term_q = prob_q > 0.0f ? prob_q * (kLn2 - (d < 0.0f ? -d : 0.0f) - soft) : 0.0f;
-        p[i] = term_p + term_q;
+    const bool has_without = first.max_without > -kInf;
+    const float mw = first.max_with;
+    const float mo = has_without ? first.max_without : 0.0f;
+    // Each block's weight relative to the row maximum (exp of a difference <= 0: float is enough here).
+    double total_w = 0.0, total_o = 0.0;
+    for (size_t b = 0; b < n_blocks; ++b) {
+        fusion_block & blk = ws.blocks[b];
+        blk.scale_with = exp_nonpositive(blk.max_with - mw);
+        blk.scale_without = exp_nonpositive(blk.max_without - mo);
+        total_w += blk.sum_with * blk.scale_with;
+        total_o += blk.sum_without * blk.scale_without;
     }
+    const double log_total_w = std::log(total_w);
+    const double log_total_o = has_without ? std::log(total_o) : 0.0;
+    const double lse_with = mw + log_total_w;  // log-sum-exp of the rows
+    const double lse_without = has_without ? mo + log_total_o : std::numeric_limits<double>::infinity();
 
-    const double js = std::max(0.0, 0.5 * lane_sum(p, n));
+    // 2. JS divergence. With M = (P + Q) / 2 and d = log Q - log P:
+    //   log P - log M = ln2 - max(d, 0) - log1p(exp(-|d|)),  log Q - log M = ln2 - max(-d, 0) - (same),
+    // exact cancellation at P == Q and no log of an underflowed M; exp(-|d|) = min(P, Q) / max(P, Q) costs no
+    // exp (log1p_ratio). Zero-probability terms are masked (their d may be +-inf or NaN). In float: the
+    // probabilities are exact to rounding, and d comes from logits shifted by their maximum.
+    const double inv_w = 1.0 / total_w;
+    const double inv_o = has_without ? 1.0 / total_o : 0.0;
+    const float log_ratio = static_cast<float>(log_total_o - log_total_w);  // d = (so - sw) - log_ratio
+    double js_sum = 0.0;
+    for (size_t b = 0; b < n_blocks; ++b) {
+        const fusion_block & blk = ws.blocks[b];
+        const double scale_p = blk.scale_with * inv_w, scale_q = blk.scale_without * inv_o;
+        const float sp = static_cast<float>(scale_p), sq = static_cast<float>(scale_q);
+        const size_t start = b * kBlock, end = std::min(n, start + kBlock);
+        const float * p = ws.p.data();
+        const float * q = ws.q.data();
+        js_sum += blk.masked ? js_block<true>(z_with, z_without, p, q, start, end, sp, sq, mw, mo, log_ratio)
+                             : js_block<false>(z_with, z_without, p, q, start, end, sp, sq, mw, mo, log_ratio);
+    }
+    const double js = std::max(0.0, 0.5 * js_sum);
     const float temperature = temperature_for(js, params);
 
-    // A token impossible with the instruction stays impossible; one impossible only without it would get
-    // +inf from the difference, so it keeps its with-instruction log-prob instead.
-    const auto steered = [&](size_t i) {
-        const double lp = z_with[i] - shift_with;
-        const double lq = z_without[i] - shift_without;
-        constexpr double neg_inf = -std::numeric_limits<double>::infinity();
-        double l = lp + gain * (lp - lq);
-        l = lq == neg_inf ? lp : l;
-        return lp == neg_inf ? neg_inf : l;
-    };
-    // Shifted by their maximum before the float store: steered values reach |l| ~ 1e5 for logits of
-    // magnitude 1e4, where float resolution (0.008) would swamp the result.
-    double lanes[kLanes];
-    std::fill(lanes, lanes + kLanes, -std::numeric_limits<double>::infinity());
-    size_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-        for (size_t j = 0; j < kLanes; ++j) {
-            const double l = steered(i + j);
-            lanes[j] = l > lanes[j] ? l : lanes[j];
-        }
-    }
-    double top = -std::numeric_limits<double>::infinity();
-    for (; i < n; ++i) top = std::max(top, steered(i));
-    for (size_t j = 0; j < kLanes; ++j) top = std::max(top, lanes[j]);
+    // The top steered logit: only a shift of pass 3's output, whose softmax does not depend on it, so float
+    // rounding in pass 1 does no harm.
+    double top = first.top_with_only > -kInf ? first.top_with_only - lse_with : kNegInfD;
+    if (first.top_both > -kInf) top = std::max(top, first.top_both - (1.0 + gain) * lse_with + gain * lse_without);
+    if (!std::isfinite(top)) top = 0.0;  // float overflow of |logits| ~ 1e37: the output stays correct, unshifted
 
+    // 3. Fused logits (l - top) / T with l = lp + g (lp - lq) = (1 + g) zw - g zo - (1 + g) lse_with + g lse_without.
     const double inv_t = 1.0 / temperature;
-    if (out_stride == 1) {
-        for (size_t k = 0; k < n; ++k) out[k] = static_cast<float>((steered(k) - top) * inv_t);
-    } else {
-        for (size_t k = 0; k < n; ++k) out[k * out_stride] = static_cast<float>((steered(k) - top) * inv_t);
+    const pass3_constants c{(1.0 + gain) * inv_t, -gain * inv_t,
+                            has_without ? ((1.0 + gain) * lse_with - gain * lse_without + top) * inv_t : 0.0,
+                            inv_t, (lse_with + top) * inv_t};
+    float block[kBlock];
+    for (size_t b = 0; b < n_blocks; ++b) {
+        const size_t start = b * kBlock, end = std::min(n, start + kBlock);
+        size_t i = start;
+        if (ws.blocks[b].masked) {
+            for (; i + kHalf <= end; i += kHalf) {
+                const vdouble v = fused_masked(widen(load_half(z_with + i)), widen(load_half(z_without + i)), c);
+                store_half(block + (i - start), narrow(v));
+            }
+        } else {
+            for (; i + kHalf <= end; i += kHalf) {
+                const vdouble v = fused_finite(widen(load_half(z_with + i)), widen(load_half(z_without + i)), c);
+                store_half(block + (i - start), narrow(v));
+            }
+        }
+        for (; i < end; ++i) block[i - start] = narrow(fused_masked(widen(z_with[i]), widen(z_without[i]), c));
+        if (!sink.write(start, block, end - start)) return {temperature, static_cast<float>(js), kSinkRefused};
     }
     return {temperature, static_cast<float>(js), SDA_OK};
 }
 
-void log_softmax_inplace(float * x, size_t n, fusion_workspace & ws) {
-    ws.reserve(n);
-    const shifted_exp_sum s = exp_shifted(x, n, ws.p.data());
-    if (s.fault != SDA_OK || !(s.max > kNegInf)) return;
-    const float lse = static_cast<float>(s.log_sum_exp());
+fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,
+                          fusion_workspace & ws, float * out) {
+    contiguous_sink sink(out);
+    return fuse_scaled(z_with, z_without, n, params, ws, sink);
+}
+
+void log_softmax_inplace(float * x, size_t n) {
+    vfloat m_lanes = splat(-kInf, vfloat{});
+    for_each_pack(x, x, 0, n, [&](vfloat a, vfloat, size_t) { m_lanes = vmax(a, m_lanes); });
+    const float m = hmax(m_lanes);
+    if (!(m > -kInf) || !(m < kInf)) return;
+    lane_sum sum;
+    for_each_pack(x, x, 0, n, [&](vfloat a, vfloat, size_t) { sum.add(exp_nonpositive(a - m)); });
+    const float lse = static_cast<float>(m + std::log(sum.total()));
     for (size_t i = 0; i < n; ++i) x[i] -= lse;
 }
 

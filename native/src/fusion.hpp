@@ -16,14 +16,45 @@ struct fusion_result {
     int32_t status;  // SDA_OK, or SDA_ERR_NAN_* / SDA_ERR_INF_* (then out is unspecified)
 };
 
+// The fusion works through the vocabulary in blocks of this many tokens (fusion.cpp).
+constexpr size_t kFusionBlock = 512;
+
+// What the first pass learns about one block of both rows.
+struct fusion_block {
+    float max_with, max_without;      // -inf when the block holds no finite logit
+    float scale_with, scale_without;  // exp(block max - row max): probability = exp(z - block max) * scale / sum
+    double sum_with, sum_without;     // sums of exp(z - block max)
+    bool masked;                      // some token is -inf in either row
+};
+
 // Reusable buffers, so that the per-token path allocates nothing once warmed up.
 struct fusion_workspace {
-    std::vector<float> p;  // exp(z_with - max), later the per-token JS terms
-    std::vector<float> q;  // exp(z_without - max)
+    std::vector<float> p;  // exp(z_with - block max)
+    std::vector<float> q;  // exp(z_without - block max)
+    std::vector<fusion_block> blocks;
     void reserve(size_t n) {
-        if (p.size() < n) { p.resize(n); q.resize(n); }
+        const size_t padded = n + 16;  // room for a full last pack of the widest SIMD target
+        if (p.size() < padded) {
+            p.resize(padded);
+            q.resize(padded);
+            blocks.resize((n + kFusionBlock - 1) / kFusionBlock);
+        }
     }
 };
+
+// Receives the fused logits block by block, in order, so that a caller can put them where it wants (strided
+// into llama_token_data) and check its own data on the way: blocks of at most kFusionBlock values, in
+// order. Returning false stops the fusion.
+class fused_sink {
+public:
+    virtual bool write(size_t start, const float * values, size_t count) = 0;
+
+protected:
+    ~fused_sink() = default;
+};
+
+// fusion_result.status when a sink returned false (not an sda_status: it never leaves libsda).
+constexpr int32_t kSinkRefused = 1;
 
 bool params_valid(const sda_params & params);
 
@@ -52,13 +83,15 @@ inline int32_t classify_row(size_t n, Load load) {
 }
 
 // out[i] = (l_i - max l) / T with l = l_with + k a (l_with - l_without): unnormalised fused logits, what a
-// sampler chain wants (softmax(out) is the fused distribution). A NaN or +inf in either row gives status
-// SDA_ERR_NAN_* / SDA_ERR_INF_* (NaN first, the with-row first), found inside passes the fusion makes anyway.
-// ``out_stride``: out[i * out_stride] is written, so a sampler can write straight into llama_token_data.
+// sampler chain wants (softmax(out) is the fused distribution; max out is 0 up to float rounding of the
+// steered logits). A NaN or +inf in either row gives status SDA_ERR_NAN_* / SDA_ERR_INF_* (NaN first, the
+// with-row first) before anything is written, found inside a pass the fusion makes anyway.
 fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,
-                          fusion_workspace & ws, float * out, size_t out_stride = 1);
+                          fusion_workspace & ws, fused_sink & sink);
+fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,
+                          fusion_workspace & ws, float * out);
 
 // x <- log_softmax(x), in place.
-void log_softmax_inplace(float * x, size_t n, fusion_workspace & ws);
+void log_softmax_inplace(float * x, size_t n);
 
 }  // namespace sda

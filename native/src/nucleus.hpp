@@ -21,6 +21,7 @@ namespace sda {
 
 struct nucleus_workspace {
     std::vector<float> w;           // exp(x_i - max)
+    std::vector<float> block_top;   // the largest w of each block of candidates
     std::vector<uint32_t> kept;     // indices of the candidates at or above the threshold
     std::vector<llama_token_data> front;  // the kept candidates, in order
 };

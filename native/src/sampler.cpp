@@ -7,6 +7,7 @@
 #include "llama.h"
 
 #include <chrono>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <new>
@@ -58,9 +59,12 @@ void guard_row(llama_token_data_array * cur_p, fault_guard & g) {
 
 struct sda_sampler_state {
     sda_params params;
-    llama_context * source_ctx;
+    size_t n_vocab;
+    llama_context * with_ctx;     // where the chain's own row is, when the caller said (sda_sampler_set_rows)
+    int32_t with_idx;
+    llama_context * source_ctx;   // the without-instruction row
     int32_t source_idx;
-    std::vector<float> with_logits;     // cur_p's logits gathered contiguously
+    std::vector<float> with_logits;     // cur_p's logits gathered, when the row cannot be read in place
     std::vector<float> without_logits;  // the other stream's logits in cur_p's order, when that is not id order
     sda::fusion_workspace workspace;
     sda_stats stats;
@@ -75,6 +79,73 @@ const char * sda_sampler_name(const llama_sampler * /*smpl*/) {
     return "sda";
 }
 
+// Writes the fused logits into the candidates' logits (llama_token_data is {id, logit, p}). With `row` set,
+// the fusion read the with-row from llama_get_logits_ith instead of cur_p: the same loop that writes a block
+// checks that it held that row in id order (the cache lines are being touched anyway), and a mismatch puts
+// the block back and stops the fusion.
+class candidates_sink final : public sda::fused_sink {
+public:
+    candidates_sink(llama_token_data * data, const float * row) : data_(data), row_(row) {}
+
+    bool write(size_t start, const float * values, size_t count) override {
+        llama_token_data * d = data_ + start;
+        if (row_ == nullptr) {
+            for (size_t j = 0; j < count; ++j) d[j].logit = values[j];
+            return true;
+        }
+        // Bit patterns, compared as integers: the loop vectorises, and a NaN where the row has none differs.
+        const bits32 * row_bits = reinterpret_cast<const bits32 *>(row_ + start);
+        float saved[sda::kFusionBlock];
+        int32_t differs = 0;
+        for (size_t j = 0; j < count; ++j) {
+            const bits32 * logit_bits = reinterpret_cast<const bits32 *>(&d[j].logit);
+            differs |= (d[j].id ^ static_cast<int32_t>(start + j)) | (*logit_bits ^ row_bits[j]);
+            saved[j] = d[j].logit;
+            d[j].logit = values[j];
+        }
+        if (differs != 0) {
+            for (size_t j = 0; j < count; ++j) d[j].logit = saved[j];
+            return false;
+        }
+        written_ = start + count;
+        return true;
+    }
+
+    // Puts back the logits of the blocks written before a mismatch (they were the row's).
+    void undo() {
+        for (size_t j = 0; j < written_; ++j) data_[j].logit = row_[j];
+    }
+
+private:
+#if defined(__GNUC__) || defined(__clang__)
+    typedef int32_t __attribute__((may_alias)) bits32;
+#else
+    typedef int32_t bits32;
+#endif
+    llama_token_data * data_;
+    const float * row_;
+    size_t written_ = 0;
+};
+
+// The fusion from the rows as llama_get_logits_ith has them, when cur_p is exactly the with-row in id order
+// (this sampler first in a chain sampled with llama_sampler_sample on that row): no gather, no copy.
+// false when cur_p turned out to be something else (cur_p is then as it came) or a row is faulty (let the
+// careful path name the fault).
+bool fuse_in_place(sda_sampler_state & st, llama_token_data_array * cur_p, const float * without_row,
+                   sda::fusion_result & r) {
+    if (st.with_ctx == nullptr || cur_p->size != st.n_vocab || cur_p->size == 0 || cur_p->sorted ||
+        st.guard.inject_step == st.guard.step) {
+        return false;
+    }
+    const float * with_row = llama_get_logits_ith(st.with_ctx, st.with_idx);
+    if (with_row == nullptr) return false;
+    candidates_sink sink(cur_p->data, with_row);
+    r = sda::fuse_scaled(with_row, without_row, cur_p->size, st.params, st.workspace, sink);
+    if (r.status == SDA_OK) return true;
+    sink.undo();
+    return false;
+}
+
 void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
     sda_sampler_state & st = *state_of(smpl);
     const auto start = std::chrono::steady_clock::now();
@@ -86,32 +157,33 @@ void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
         guard_row(cur_p, st.guard);
         return;
     }
-    const size_t n = cur_p->size;
-    if (st.with_logits.size() < n) {
-        st.with_logits.resize(n);
-        st.without_logits.resize(n);
+    sda::fusion_result r{};
+    const bool in_place = fuse_in_place(st, cur_p, without_row, r);
+    if (!in_place) {
+        // cur_p gathered: samplers before this one may have reordered, truncated or changed it. The other row
+        // is read in place while cur_p is in id order, else gathered by id.
+        const size_t n = cur_p->size;
+        if (st.with_logits.size() < n) {
+            st.with_logits.resize(n);
+            st.without_logits.resize(n);
+        }
+        bool in_id_order = true;
+        for (size_t j = 0; j < n; ++j) {
+            st.with_logits[j] = cur_p->data[j].logit;
+            in_id_order &= cur_p->data[j].id == static_cast<llama_token>(j);
+        }
+        const float * z_without = without_row;
+        const bool inject = st.guard.inject_step == st.guard.step && n > 0;
+        if (!in_id_order || (inject && st.guard.inject_row == SDA_ROW_WITHOUT)) {
+            for (size_t j = 0; j < n; ++j) st.without_logits[j] = without_row[cur_p->data[j].id];
+            z_without = st.without_logits.data();
+        }
+        if (inject) {
+            (st.guard.inject_row == SDA_ROW_WITH ? st.with_logits : st.without_logits)[0] = st.guard.inject_value;
+        }
+        candidates_sink sink(cur_p->data, nullptr);
+        r = sda::fuse_scaled(st.with_logits.data(), z_without, n, st.params, st.workspace, sink);
     }
-    // cur_p is normally the whole vocabulary in id order (this sampler comes first): then the other row is
-    // read in place. Samplers before this one may have reordered or truncated it: then it is gathered by id.
-    bool in_id_order = true;
-    for (size_t j = 0; j < n; ++j) {
-        st.with_logits[j] = cur_p->data[j].logit;
-        in_id_order &= cur_p->data[j].id == static_cast<llama_token>(j);
-    }
-    const float * z_without = without_row;
-    const bool inject = st.guard.inject_step == st.guard.step && n > 0;
-    if (!in_id_order || (inject && st.guard.inject_row == SDA_ROW_WITHOUT)) {
-        for (size_t j = 0; j < n; ++j) st.without_logits[j] = without_row[cur_p->data[j].id];
-        z_without = st.without_logits.data();
-    }
-    if (inject) {
-        (st.guard.inject_row == SDA_ROW_WITH ? st.with_logits : st.without_logits)[0] = st.guard.inject_value;
-    }
-    // Written straight into the candidates' logits (llama_token_data is {id, logit, p}).
-    constexpr size_t stride = sizeof(llama_token_data) / sizeof(float);
-    static_assert(sizeof(llama_token_data) % sizeof(float) == 0, "llama_token_data is not a float multiple");
-    const sda::fusion_result r = sda::fuse_scaled(st.with_logits.data(), z_without, n, st.params, st.workspace,
-                                                  &cur_p->data[0].logit, stride);
     if (r.status != SDA_OK) {
         refuse(cur_p, st.guard, r.status);
         return;
@@ -119,6 +191,7 @@ void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
 
     const std::chrono::duration<double> spent = std::chrono::steady_clock::now() - start;
     st.stats.n_steps += 1;
+    st.stats.n_in_place += in_place;
     st.stats.sum_js += r.js;
     st.stats.sum_temperature += r.temperature;
     st.stats.fusion_seconds += spent.count();
@@ -134,7 +207,12 @@ void sda_sampler_reset(llama_sampler * smpl) {
 
 llama_sampler * sda_sampler_clone(const llama_sampler * smpl) {
     const sda_sampler_state & st = *state_of(smpl);
-    return sda_sampler_init(&st.params, static_cast<int32_t>(st.with_logits.size()), st.source_ctx, st.source_idx);
+    llama_sampler * copy = sda_sampler_init(&st.params, static_cast<int32_t>(st.n_vocab), st.source_ctx, st.source_idx);
+    if (copy != nullptr) {
+        state_of(copy)->with_ctx = st.with_ctx;
+        state_of(copy)->with_idx = st.with_idx;
+    }
+    return copy;
 }
 
 void sda_sampler_free(llama_sampler * smpl) {
@@ -275,10 +353,10 @@ int32_t sda_fuse(const float * logits_with, const float * logits_without, int32_
     }
     thread_local sda::fusion_workspace workspace;
     const size_t count = static_cast<size_t>(n);
-    const sda::fusion_result r =
-        sda::fuse_scaled(logits_with, logits_without, count, *params, workspace, out_log_probs);
+    const sda::fusion_result r = sda::fuse_scaled(logits_with, logits_without, count, *params, workspace,
+                                                  out_log_probs);
     if (r.status != SDA_OK) return r.status;
-    sda::log_softmax_inplace(out_log_probs, count, workspace);
+    sda::log_softmax_inplace(out_log_probs, count);
     if (out_temperature) *out_temperature = r.temperature;
     if (out_js) *out_js = r.js;
     return 0;
@@ -290,18 +368,27 @@ llama_sampler * sda_sampler_init(const sda_params * params, int32_t n_vocab, lla
     auto * st = new (std::nothrow) sda_sampler_state{};
     if (!st) return nullptr;
     st->params = *params;
+    st->n_vocab = static_cast<size_t>(n_vocab);
+    st->with_ctx = nullptr;
+    st->with_idx = -1;
     st->source_ctx = source_ctx;
     st->source_idx = source_idx;
-    const size_t n = static_cast<size_t>(n_vocab);
-    st->with_logits.resize(n);
-    st->without_logits.resize(n);
-    st->workspace.reserve(n);
+    st->workspace.reserve(st->n_vocab);
     return llama_sampler_init(sda_sampler_iface(), st);
 }
 
 void sda_sampler_set_source(llama_sampler * smpl, llama_context * ctx, int32_t idx) {
     state_of(smpl)->source_ctx = ctx;
     state_of(smpl)->source_idx = idx;
+}
+
+void sda_sampler_set_rows(llama_sampler * smpl, llama_context * with_ctx, int32_t with_idx,
+                          llama_context * without_ctx, int32_t without_idx) {
+    sda_sampler_state & st = *state_of(smpl);
+    st.with_ctx = with_ctx;
+    st.with_idx = with_idx;
+    st.source_ctx = without_ctx;
+    st.source_idx = without_idx;
 }
 
 void sda_sampler_get_stats(const llama_sampler * smpl, sda_stats * out) {

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import llama_cpp  # noqa: F401  (must be loaded first, see above)
 import numpy as np
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 # enum sda_status of sda.h: the non-finite codes, as (value, row).
 NONFINITE_CODES = {-2: ("NaN", "with"), -3: ("+inf", "with"), -4: ("NaN", "without"), -5: ("+inf", "without")}
 ROWS = {"with": 0, "without": 1}  # enum sda_row
@@ -43,6 +43,7 @@ class SDAStats(ctypes.Structure):
         ("fusion_seconds", ctypes.c_double),
         ("last_js", ctypes.c_float),
         ("last_temperature", ctypes.c_float),
+        ("n_in_place", ctypes.c_int64),
     ]
 
 
@@ -68,6 +69,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sda_sampler_init.restype = ctypes.c_void_p
     lib.sda_sampler_set_source.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
     lib.sda_sampler_set_source.restype = None
+    lib.sda_sampler_set_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
+                                         ctypes.c_int32]
+    lib.sda_sampler_set_rows.restype = None
     lib.sda_sampler_get_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(SDAStats)]
     lib.sda_sampler_get_stats.restype = None
     lib.sda_guard_sampler_init.argtypes = []

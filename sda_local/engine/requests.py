@@ -68,7 +68,9 @@ class GenerationStats:
     tokens_per_second: float = 0.0
     mean_js: Optional[float] = None
     mean_temperature: Optional[float] = None
-    fusion_us_per_token: Optional[float] = None
+    fusion_us_per_token: Optional[float] = None  # native fusion (or the numpy one) per sampled token
+    fusion_steps_in_place: Optional[int] = None  # native fusion steps that read both rows without a copy
+    sampling_us_per_token: Optional[float] = None  # the whole sampling call per token: fusion and the chain
     # "stop" (end-of-generation token or stop string), "length" (max_tokens), "context" (the slot is full),
     # "cancelled" (the caller went away), "error" (the job failed: the error is raised to the caller)
     finish_reason: str = "length"

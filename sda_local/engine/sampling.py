@@ -1,8 +1,8 @@
 """One request's sampler: a llama.cpp sampler chain, and how it reads the request's logit rows.
 
 * SDA, native: [sda (fusion + temperature, libsda), (EOG ban), nucleus (top-p + seeded draw, libsda)]; the
-  sda sampler reads the without-instruction row itself (``sda_sampler_set_source``), so sampling is one C
-  call. The nucleus sampler keeps the set llama.cpp's top-p keeps without sorting the vocabulary.
+  sda sampler reads both rows in place (``sda_sampler_set_rows``), so sampling is one C call and cur_p is
+  written once. The nucleus sampler keeps the set llama.cpp's top-p keeps without sorting the vocabulary.
 * SDA, numpy fusion (``fusion_backend="numpy"``): fusion in numpy, then the same [(EOG ban), nucleus].
 * Plain: [guard (refuses NaN/+inf rows, libsda), (EOG ban), temp(t0), nucleus].
 * Without libsda at all: llama.cpp's own top-p and dist in place of the nucleus, and the rows are checked in
@@ -55,6 +55,7 @@ class RequestSampler:
                  injection: Optional[LogitInjection] = None, *, numpy_fusion: bool = False):
         self.model, self.lib, self.request, self.injection = model, lib, request, injection
         self.steps = 0
+        self.sampling_seconds = 0.0  # inside sample(): the fusion and the whole chain
         self.first_logits: Optional[Tuple[np.ndarray, Optional[np.ndarray]]] = None
         self._totals = [0.0, 0.0, 0.0]  # sum of JS, sum of T, fusion seconds (numpy path)
         self._sda = None
@@ -108,20 +109,24 @@ class RequestSampler:
         if self.request.capture_logits and self.first_logits is None:
             self.first_logits = (self._row(with_row).copy(),
                                  self._row(without_row).copy() if without_row is not None else None)
-        return self._sample(with_row, without_row)
+        started = time.perf_counter()
+        token = self._sample(with_row, without_row)
+        self.sampling_seconds += time.perf_counter() - started
+        return token
 
-    def fusion_totals(self, n_steps: int) -> Optional[Tuple[float, float, float]]:
-        """(mean JS, mean temperature, fusion microseconds per token) over ``n_steps`` sampling steps."""
+    def fusion_totals(self, n_steps: int) -> Optional[Tuple[float, float, float, Optional[int]]]:
+        """(mean JS, mean temperature, fusion microseconds per token, steps fused in place or None for the numpy
+        fusion) over ``n_steps`` sampling steps."""
         if not self.request.steered or n_steps == 0:
             return None
         if self._sda is not None:  # the native sampler keeps its own totals
             s = native.sampler_stats(self.lib, self._sda)
             if s.n_steps != n_steps:
                 raise ModelError("the SDA sampler did not receive the without-instruction logits")
-            totals = (s.sum_js, s.sum_temperature, s.fusion_seconds)
+            totals, in_place = (s.sum_js, s.sum_temperature, s.fusion_seconds), s.n_in_place
         else:
-            totals = self._totals
-        return totals[0] / n_steps, totals[1] / n_steps, totals[2] / n_steps * 1e6
+            totals, in_place = self._totals, None
+        return totals[0] / n_steps, totals[1] / n_steps, totals[2] / n_steps * 1e6, in_place
 
     def free(self) -> None:
         if self.chain is not None:
@@ -140,7 +145,7 @@ class RequestSampler:
         return generation_stopped(value, row if self.request.steered else None, at)
 
     def _sample_native_sda(self, with_row, without_row) -> int:
-        self.lib.sda_sampler_set_source(self._sda, *without_row)
+        self.lib.sda_sampler_set_rows(self._sda, *with_row, *without_row)
         token = llama_cpp.llama_sampler_sample(self.chain, *with_row)
         if token < 0:
             raise self._refused()

@@ -393,7 +393,9 @@ class Scheduler:
                 job.error = exc
                 totals = None
             if totals is not None:
-                s.mean_js, s.mean_temperature, s.fusion_us_per_token = totals
+                s.mean_js, s.mean_temperature, s.fusion_us_per_token, s.fusion_steps_in_place = totals
+            if job.sampler.steps:
+                s.sampling_us_per_token = job.sampler.sampling_seconds / job.sampler.steps * 1e6
         job.sampler.free()
         if job.slot is not None and job.slot.job is job:
             job.slot.job = None
