@@ -12,34 +12,22 @@ from sda_local import InputError, fuse
 from sda_local.engine import native
 from sda_local.engine.fusion import fuse_numpy, temperature_for
 
-MODES = ("paper", "reference", "fixed")
-TOL = dict(rtol=1e-5, atol=1e-5)
+from fusion_cases import MODES, TOL, assert_same, oracle_cases, random_pair
 
 
 def both(z_with, z_without, strength, **kw):
     return fuse(z_with, z_without, strength, backend="native", **kw), fuse(z_with, z_without, strength, backend="numpy", **kw)
 
 
-def assert_same(a, b):
-    (lp_a, t_a, js_a), (lp_b, t_b, js_b) = a, b
-    assert abs(t_a - t_b) <= 1e-5, (t_a, t_b)
-    assert abs(js_a - js_b) <= 1e-5, (js_a, js_b)
-    finite = np.isfinite(lp_b)
-    np.testing.assert_array_equal(np.isfinite(lp_a), finite)
-    np.testing.assert_array_equal(np.isneginf(lp_a), np.isneginf(lp_b))
-    np.testing.assert_allclose(lp_a[finite], lp_b[finite], **TOL)
-    np.testing.assert_allclose(np.exp(lp_a), np.exp(lp_b), rtol=0, atol=1e-5)
-
-
-def random_pair(rng, n, scale=3.0, spread=0.7):
-    z_with = rng.normal(0.0, scale, n).astype(np.float32)
-    z_without = (z_with + rng.normal(0.0, spread, n)).astype(np.float32)
-    return z_with, z_without
-
-
 def test_native_library_is_loaded():
     # The installed package must ship libsda: otherwise every "native" test below would be vacuous.
     assert native.library() is not None, native.load_error()
+
+
+@pytest.mark.parametrize("case", list(oracle_cases()), ids=lambda c: c[0])
+def test_native_matches_numpy_on_the_shared_cases(case):
+    _, z_with, z_without, strength, kwargs = case
+    assert_same(*both(z_with, z_without, strength, **kwargs))
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -86,6 +86,10 @@ struct sda_stats {
 
 SDA_API int32_t sda_abi_version(void);
 
+/* Floats per SIMD pack of the fusion and the nucleus sampler, fixed at build time: 16 (AVX-512), 8 (AVX/AVX2),
+ * 4 (NEON, SSE2) or 1 (the scalar fallback). */
+SDA_API int32_t sda_simd_width(void);
+
 /* SDA_OK on success, SDA_ERR_INVALID on invalid arguments, SDA_ERR_NAN_* / SDA_ERR_INF_* when a row holds a
  * NaN or +inf (out_log_probs is then unspecified; the with-row, and NaN, are reported first). -inf entries
  * are masked tokens, not faults. out_log_probs receives the normalised fused log-probabilities after

@@ -342,26 +342,6 @@ fault_guard * any_guard(const llama_sampler * smpl) {
 
 extern "C" {
 
-int32_t sda_abi_version(void) {
-    return SDA_ABI_VERSION;
-}
-
-int32_t sda_fuse(const float * logits_with, const float * logits_without, int32_t n, const sda_params * params,
-                 float * out_log_probs, float * out_temperature, float * out_js) {
-    if (!logits_with || !logits_without || !params || !out_log_probs || n <= 0 || !sda::params_valid(*params)) {
-        return SDA_ERR_INVALID;
-    }
-    thread_local sda::fusion_workspace workspace;
-    const size_t count = static_cast<size_t>(n);
-    const sda::fusion_result r = sda::fuse_scaled(logits_with, logits_without, count, *params, workspace,
-                                                  out_log_probs);
-    if (r.status != SDA_OK) return r.status;
-    sda::log_softmax_inplace(out_log_probs, count);
-    if (out_temperature) *out_temperature = r.temperature;
-    if (out_js) *out_js = r.js;
-    return 0;
-}
-
 llama_sampler * sda_sampler_init(const sda_params * params, int32_t n_vocab, llama_context * source_ctx,
                                  int32_t source_idx) {
     if (!params || !sda::params_valid(*params) || n_vocab < 0) return nullptr;

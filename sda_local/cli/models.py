@@ -102,6 +102,7 @@ def info_dict() -> dict:
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "native": lib is not None,
         "native_path": native.loaded_path(),
+        "native_simd": native.simd(),
         "native_error": native.load_error(),
         "model_cache": str(catalogue.cache_dir()),
         "default_model": catalogue.default_model_name(),

@@ -60,11 +60,18 @@ def library_path() -> Path:
     return Path(__file__).resolve().parent.parent / name  # installed beside the package root
 
 
-def _declare(lib: ctypes.CDLL) -> None:
+def declare_fusion(lib: ctypes.CDLL) -> None:
+    """The entry points that need no llama.cpp (native/src/fuse_api.cpp)."""
     lib.sda_abi_version.argtypes = []
     lib.sda_abi_version.restype = ctypes.c_int32
+    lib.sda_simd_width.argtypes = []
+    lib.sda_simd_width.restype = ctypes.c_int32
     lib.sda_fuse.argtypes = [_float_p, _float_p, ctypes.c_int32, ctypes.POINTER(SDAParams), _float_p, _float_p, _float_p]
     lib.sda_fuse.restype = ctypes.c_int32
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    declare_fusion(lib)
     lib.sda_sampler_init.argtypes = [ctypes.POINTER(SDAParams), ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
     lib.sda_sampler_init.restype = ctypes.c_void_p
     lib.sda_sampler_set_source.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
@@ -114,6 +121,18 @@ def load_error() -> Optional[str]:
 
 def loaded_path() -> Optional[str]:
     return _state["path"] if library() is not None else None
+
+
+SIMD_NAMES = {16: "AVX-512", 8: "AVX/AVX2", 4: "NEON/SSE2", 1: "scalar"}
+
+
+def simd() -> Optional[str]:
+    """The fusion's SIMD pack, as built: e.g. "AVX-512 (16 floats)"; None without libsda."""
+    lib = library()
+    if lib is None:
+        return None
+    width = lib.sda_simd_width()
+    return f"{SIMD_NAMES.get(width, 'unknown')} ({width} float{'s' if width > 1 else ''})"
 
 
 def make_params(strength: float, k: float, t0: float, temperature_mode: int) -> SDAParams:

@@ -1,0 +1,34 @@
+// The C entry points of sda.h that need no llama.cpp: the fusion on two raw rows, and what was built. Kept
+// apart from the samplers so that the fusion compiles and runs on its own (tests build it for every SIMD
+// target the machine runs).
+#include "fusion.hpp"
+#include "sda.h"
+#include "vecmath.hpp"
+
+extern "C" {
+
+int32_t sda_abi_version(void) {
+    return SDA_ABI_VERSION;
+}
+
+int32_t sda_simd_width(void) {
+    return static_cast<int32_t>(sda::kWidth);
+}
+
+int32_t sda_fuse(const float * logits_with, const float * logits_without, int32_t n, const sda_params * params,
+                 float * out_log_probs, float * out_temperature, float * out_js) {
+    if (!logits_with || !logits_without || !params || !out_log_probs || n <= 0 || !sda::params_valid(*params)) {
+        return SDA_ERR_INVALID;
+    }
+    thread_local sda::fusion_workspace workspace;
+    const size_t count = static_cast<size_t>(n);
+    const sda::fusion_result r = sda::fuse_scaled(logits_with, logits_without, count, *params, workspace,
+                                                  out_log_probs);
+    if (r.status != SDA_OK) return r.status;
+    sda::log_softmax_inplace(out_log_probs, count);
+    if (out_temperature) *out_temperature = r.temperature;
+    if (out_js) *out_js = r.js;
+    return 0;
+}
+
+}  // extern "C"
