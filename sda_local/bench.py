@@ -49,6 +49,7 @@ def _worker(arm: str, model: str, n_threads: int, tokens: int, n_ctx: int) -> di
 
     path = str(models.resolve(model, quiet=True))
     result: Dict[str, Optional[float]] = {"arm": arm}
+    holder = {}  # the engine arms' last stream, for its stats
     if arm == "llama-cpp-python":
         import llama_cpp
 
@@ -86,7 +87,6 @@ def _worker(arm: str, model: str, n_threads: int, tokens: int, n_ctx: int) -> di
         backend = "numpy" if arm.endswith("numpy") else "native"
         engine = SDAEngine(model, n_ctx=n_ctx, n_threads=n_threads, streams=streams, fusion_backend=backend)
         instruction = None if arm == "engine-plain" else "helpfulness"
-        holder = {}
 
         def run(n):
             stream = engine.stream(QUERY, instruction, strength=0.5, max_tokens=n, seed=1, ignore_eos=True)

@@ -49,5 +49,10 @@ def test_bench_reports_every_arm(model_path):
     for arm in ("llama-cpp-python", "engine-plain", "sda-batched", "sda-contexts", "sda-batched-numpy"):
         assert report["arms"][arm]["tokens_per_second"] > 0 and report["arms"][arm]["peak_rss_mb"] > 0
     assert report["arms"]["sda-batched"]["fusion_us_per_token"] > 0
+    # The rest of the sampling chain per token, for every engine arm; none for llama-cpp-python's own.
+    for arm in ("engine-plain", "sda-batched", "sda-contexts", "sda-batched-numpy"):
+        assert report["arms"][arm]["chain_us_per_token"] > 0
+    assert report["arms"]["llama-cpp-python"]["chain_us_per_token"] is None
     assert set(report["summary"]) == {"best_sda_mode", "sda_over_plain", "native_fusion_share_of_step",
-                                      "sda_rss_over_plain_mb"}
+                                      "sampling_share_of_step", "sda_rss_over_plain_mb"}
+    assert "chain us/tok" in run_cli("bench", "--runs", "1", "--tokens", "8", timeout=600).stdout.decode()
