@@ -244,7 +244,9 @@ class Scheduler:
         try:
             with self.compute_lock:
                 t0 = time.perf_counter()
-                for ctx_index in range(len(layout.contexts)):
+                # The with-stream context last: its row is what sampling reads most (llama.cpp's candidates,
+                # the fusion), so it should still be in cache, not flushed by the other decode's weights.
+                for ctx_index in reversed(range(len(layout.contexts))):
                     layout.decode(ctx_index)
                 decode_seconds = time.perf_counter() - t0
             for job in jobs:
