@@ -17,7 +17,7 @@ struct fusion_result {
 };
 
 // The fusion works through the vocabulary in blocks of this many tokens (fusion.cpp).
-constexpr size_t kFusionBlock = 512;
+constexpr size_t kFusionBlock = 1024;
 
 // What the first pass learns about one block of both rows.
 struct fusion_block {

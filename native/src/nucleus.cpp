@@ -14,6 +14,20 @@ namespace {
 constexpr float kFloors[] = {1.0f / 256, 1e-7f, 0.0f};
 constexpr size_t kBlock = 512;  // candidates per block: the kept ones are gathered only from blocks that reach the floor
 
+// The sum of the weights >= floor_w in double, over the blocks whose top weight reaches it.
+double mass_at_or_above(const float * w, const float * block_top, size_t n_blocks, size_t padded, float floor_w) {
+    const vhalf zero = splat(0.0f, vhalf{});
+    vdouble mass = splat(0.0, vdouble{});
+    for (size_t b = 0; b < n_blocks; ++b) {
+        if (!(block_top[b] >= floor_w)) continue;
+        for (size_t i = b * kBlock, end = std::min(padded, i + kBlock); i < end; i += kHalf) {
+            const vhalf e = load_half(w + i);
+            mass += widen(select(e >= floor_w, e, zero));
+        }
+    }
+    return hsum(mass);
+}
+
 }  // namespace
 
 double nucleus_select(llama_token_data_array * cur_p, float top_p, nucleus_workspace & ws) {
@@ -37,11 +51,9 @@ double nucleus_select(llama_token_data_array * cur_p, float top_p, nucleus_works
         cur_p->sorted = true;
         return 1.0;
     }
-    // 2. Weights w = exp(x - max) in (0, 1] (1 at the top), their total and the mass at or above the first two
-    // floors, in double lanes; each block's top weight.
-    const float floor_a = kFloors[0], floor_b = kFloors[1];
-    vdouble total = splat(0.0, vdouble{}), mass_a = total, mass_b = total;
-    const vhalf zero = splat(0.0f, vhalf{});
+    // 2. Weights w = exp(x - max) in (0, 1] (1 at the top) and their total, in double lanes; each block's top
+    // weight, so that the mass at or above a floor is summed over the few blocks that reach it.
+    vdouble total = splat(0.0, vdouble{});
     for (size_t b = 0; b < n_blocks; ++b) {
         const size_t start = b * kBlock, end = std::min(padded, start + kBlock);
         vfloat top = splat(0.0f, vfloat{});
@@ -50,22 +62,18 @@ double nucleus_select(llama_token_data_array * cur_p, float top_p, nucleus_works
             store(w + i, e);
             top = vmax(e, top);
         }
-        for (size_t i = start; i < end; i += kHalf) {  // the block is in L1
-            const vhalf e = load_half(w + i);
-            total += widen(e);
-            mass_a += widen(select(e >= floor_a, e, zero));
-            mass_b += widen(select(e >= floor_b, e, zero));
-        }
+        for (size_t i = start; i < end; i += kHalf) total += widen(load_half(w + i));  // the block is in L1
         ws.block_top[b] = hmax(top);
     }
     const double total_mass = hsum(total);
     const double target = top_p >= 1.0f ? total_mass : static_cast<double>(top_p) * total_mass;
     float floor_w = 0.0f;
     if (top_p < 1.0f) {
-        if (hsum(mass_a) >= target) {
-            floor_w = floor_a;
-        } else if (hsum(mass_b) >= target) {
-            floor_w = floor_b;
+        for (float f : kFloors) {
+            if (f == 0.0f || mass_at_or_above(w, ws.block_top.data(), n_blocks, padded, f) >= target) {
+                floor_w = f;
+                break;
+            }
         }
     }
     // Every token of the nucleus weighs at least the floor: one below it would come after all those above,
