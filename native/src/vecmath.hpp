@@ -25,19 +25,23 @@ namespace sda {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
+template <typename To, typename From>
+inline To bit_cast(const From & from) {
+    static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+    To to;
+    std::memcpy(&to, &from, sizeof to);
+    return to;
+}
+
+// The unsigned integers with the bits of V (a float or a pack of them).
+template <typename V>
+struct bits_of {
+    using type = uint32_t;
+};
+
 // Scalar helpers: the same names as the pack's, so that templates take either.
 inline float splat(float x, float) { return x; }
 inline float select(bool m, float a, float b) { return m ? a : b; }
-inline uint32_t as_bits(float x) {
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    return bits;
-}
-inline float from_bits(uint32_t bits) {
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
 inline float vmax(float a, float b) { return a > b ? a : b; }  // NaN-ignoring when `b` is the accumulator
 inline float vmin(float a, float b) { return a < b ? a : b; }
 inline float vabs(float x) { return x < 0.0f ? -x : x; }
@@ -75,16 +79,10 @@ inline vhalf splat(float x, vhalf) { return vhalf{} + x; }
 inline vfloat select(vint m, vfloat a, vfloat b) { return m ? a : b; }
 inline vhalf select(vhalfint m, vhalf a, vhalf b) { return m ? a : b; }
 inline vdouble select(vlong m, vdouble a, vdouble b) { return m ? a : b; }
-inline vuint as_bits(vfloat x) {
-    vuint bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    return bits;
-}
-inline vfloat from_bits(vuint bits) {
-    vfloat f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
+template <>
+struct bits_of<vfloat> {
+    using type = vuint;
+};
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 inline vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
 inline vfloat vabs(vfloat x) { return x < 0.0f ? -x : x; }
@@ -177,7 +175,8 @@ inline V exp_nonpositive(V x) {
     const V u = b * b;
     const V j = ((0x1.0e4020p-7f * b + 0x1.573e2ep-5f) * u + (0x1.555e66p-3f * b + 0x1.fffdb6p-2f)) * u +
                 0x1.ffffecp-1f * b;  // exp(b) - 1
-    const V k = from_bits((as_bits(z) << 23u) + as_bits(splat(1.0f, x)));  // 2^n
+    using B = typename bits_of<V>::type;
+    const V k = bit_cast<V>((bit_cast<B>(z) << 23u) + bit_cast<B>(splat(1.0f, x)));  // 2^n
     return select(underflow, zero, j * k + k);
 }
 
