@@ -42,8 +42,8 @@ def llama_top_p(logits, p):
     return ids
 
 
-def nucleus(logits, p, seed=1):
-    sampler = ctypes.cast(native.nucleus_sampler_init(lib, p, seed), llama_cpp.llama_sampler_p_ctypes)
+def nucleus(logits, p, seed=1, temperature=1.0):
+    sampler = ctypes.cast(native.nucleus_sampler_init(lib, p, seed, temperature), llama_cpp.llama_sampler_p_ctypes)
     try:
         return apply(sampler, logits)
     finally:
@@ -156,7 +156,28 @@ def test_a_single_refused_candidate_passes_through():
     assert arr.size == 1 and arr.selected == 0 and cand[0]["id"] == -1
 
 
-def test_invalid_top_p_is_refused():
+def test_invalid_top_p_and_temperature_are_refused():
     for p in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError):
             native.nucleus_sampler_init(lib, p, 1)
+        with pytest.raises(ValueError):
+            native.nucleus_sampler_init(lib, 0.95, 1, temperature=p)
+
+
+@pytest.mark.parametrize("temperature", [0.2, 0.6, 1.7])
+def test_its_temperature_is_llama_cpps_temp_sampler(engine, temperature):
+    # The plain chain is [guard, nucleus(T0)] in place of [guard, temp(T0), nucleus(1)]: the same division of
+    # every logit, so the same kept candidates, probabilities and draws.
+    z_with, _ = engine.logits("Write a poem about rain.", "Answer in one short sentence.")
+    for seed in range(5):
+        ids, probs, selected = nucleus(z_with, 0.95, seed=seed, temperature=temperature)
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
+        llama_cpp.llama_sampler_chain_add(chain, ctypes.cast(native.nucleus_sampler_init(lib, 0.95, seed),
+                                                             llama_cpp.llama_sampler_p_ctypes))
+        try:
+            ref_ids, ref_probs, ref_selected = apply(chain, z_with)
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+        assert ids == ref_ids and selected == ref_selected
+        np.testing.assert_array_equal(probs, ref_probs)

@@ -10,8 +10,9 @@
  *                           told where the with-row is too (sda_sampler_set_rows), it reads that row in
  *                           place as well and writes cur_p once.
  *   - sda_guard_sampler_init(): the same non-finite check for plain (one-stream) generation.
- *   - sda_nucleus_sampler_init(): top-p and a seeded draw in one sampler, last in the chain, without sorting
- *                           the vocabulary (llama.cpp's top-p softmaxes and sorts every candidate).
+ *   - sda_nucleus_sampler_init(): temperature, top-p and a seeded draw in one sampler, last in the chain,
+ *                           without sorting the vocabulary (llama.cpp's top-p softmaxes and sorts every
+ *                           candidate).
  *
  * Non-finite logits: a NaN or +inf entry in either row (fp16 overflow on GPU builds can produce them) is
  * never fused nor sampled. -inf is legal (a masked token). sda_fuse returns one of the SDA_ERR_NAN_* /
@@ -118,13 +119,14 @@ SDA_API void sda_sampler_get_stats(const struct llama_sampler * smpl, struct sda
  * handles a non-finite one as the SDA sampler does (see the top of this file). NULL when out of memory. */
 SDA_API struct llama_sampler * sda_guard_sampler_init(void);
 
-/* Top-p (nucleus) then a draw seeded with `seed` (std::mt19937, as llama.cpp's dist): the candidates are
+/* Temperature (logits divided by `temperature`, the same float division as llama.cpp's temp sampler; 1 for
+ * none), top-p (nucleus), then a draw seeded with `seed` (std::mt19937, as llama.cpp's dist): the candidates are
  * filed by the binary exponent of exp(logit - max) in one pass, so only those at or above the bucket where
  * the cumulative mass crosses top_p are sorted. It keeps the set llama.cpp's top-p keeps (the smallest
  * prefix by decreasing probability whose mass reaches top_p; ties by token id) and draws from it by
  * probability. top_p >= 1 keeps every candidate of non-zero probability. NULL when out of memory or
- * top_p <= 0 or not finite. Put it last in a chain; it sets the selected candidate. */
-SDA_API struct llama_sampler * sda_nucleus_sampler_init(float top_p, uint32_t seed);
+ * top_p or temperature <= 0 or not finite. Put it last in a chain; it sets the selected candidate. */
+SDA_API struct llama_sampler * sda_nucleus_sampler_init(float top_p, float temperature, uint32_t seed);
 
 /* The first fault a sampler made by sda_sampler_init or sda_guard_sampler_init recorded: SDA_OK (none) or an
  * SDA_ERR_NAN_* / SDA_ERR_INF_* code, with *out_step (may be NULL) the 1-based sampling step it happened

@@ -30,7 +30,7 @@ double mass_at_or_above(const float * w, const float * block_top, size_t n_block
 
 }  // namespace
 
-double nucleus_select(llama_token_data_array * cur_p, float top_p, nucleus_workspace & ws) {
+double nucleus_select(llama_token_data_array * cur_p, float top_p, float temperature, nucleus_workspace & ws) {
     const size_t n = cur_p->size;
     if (n == 0) return 0.0;
     llama_token_data * data = cur_p->data;
@@ -40,7 +40,11 @@ double nucleus_select(llama_token_data_array * cur_p, float top_p, nucleus_works
     if (ws.block_top.size() < n_blocks) ws.block_top.resize(n_blocks);
     float * w = ws.w.data();
     // 1. Contiguous first (the strided logits of llama_token_data do not vectorise well), -inf padded; the max.
-    for (size_t i = 0; i < n; ++i) w[i] = data[i].logit;
+    if (temperature == 1.0f) {
+        for (size_t i = 0; i < n; ++i) w[i] = data[i].logit;
+    } else {
+        for (size_t i = 0; i < n; ++i) w[i] = data[i].logit / temperature;
+    }
     std::fill(w + n, w + padded, -kInf);
     vfloat max_lanes = splat(-kInf, vfloat{});
     for (size_t i = 0; i < padded; i += kWidth) max_lanes = vmax(load(w + i), max_lanes);
@@ -101,6 +105,7 @@ double nucleus_select(llama_token_data_array * cur_p, float top_p, nucleus_works
     front.resize(m);
     for (size_t j = 0; j < m; ++j) {
         front[j] = data[kept[j]];
+        front[j].logit /= temperature;
         front[j].p = static_cast<float>(w[kept[j]] / cum);
     }
     std::copy(front.begin(), front.begin() + m, data);

@@ -29,7 +29,9 @@ struct nucleus_workspace {
 // Keep cur_p's nucleus: cur_p->data becomes the kept candidates by decreasing probability (p filled, summing
 // to 1), cur_p->size their number, cur_p->sorted true. top_p >= 1 keeps every candidate of non-zero
 // probability. Returns the kept mass as a fraction of the whole (for tests).
-double nucleus_select(llama_token_data_array * cur_p, float top_p, nucleus_workspace & ws);
+// The candidates' logits are divided by `temperature` first, as llama.cpp's temp sampler would (the same
+// float division, so the same distribution), without a pass of its own over the candidates.
+double nucleus_select(llama_token_data_array * cur_p, float top_p, float temperature, nucleus_workspace & ws);
 
 // Draw one of the kept candidates by probability with rng; sets cur_p->selected.
 void nucleus_draw(llama_token_data_array * cur_p, std::mt19937 & rng);

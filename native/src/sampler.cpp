@@ -277,9 +277,10 @@ llama_sampler * guard_sampler_clone(const llama_sampler * smpl) {
     return g ? llama_sampler_init(guard_sampler_iface(), g) : nullptr;
 }
 
-// The nucleus sampler: top-p and the seeded draw (nucleus.hpp).
+// The nucleus sampler: temperature, top-p and the seeded draw (nucleus.hpp).
 struct nucleus_state {
     float top_p;
+    float temperature;
     uint32_t seed;
     std::mt19937 rng;
     sda::nucleus_workspace workspace;
@@ -296,7 +297,7 @@ const char * nucleus_sampler_name(const llama_sampler * /*smpl*/) {
 void nucleus_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
     nucleus_state & st = *nucleus_of(smpl);
     if (cur_p->size == 0) return;
-    sda::nucleus_select(cur_p, st.top_p, st.workspace);
+    sda::nucleus_select(cur_p, st.top_p, st.temperature, st.workspace);
     sda::nucleus_draw(cur_p, st.rng);
 }
 
@@ -326,7 +327,7 @@ llama_sampler_i * nucleus_sampler_iface() {
 
 llama_sampler * nucleus_sampler_clone(const llama_sampler * smpl) {
     const nucleus_state & st = *nucleus_of(smpl);
-    auto * copy = new (std::nothrow) nucleus_state{st.top_p, st.seed, st.rng, {}};
+    auto * copy = new (std::nothrow) nucleus_state{st.top_p, st.temperature, st.seed, st.rng, {}};
     return copy ? llama_sampler_init(nucleus_sampler_iface(), copy) : nullptr;
 }
 
@@ -380,9 +381,11 @@ llama_sampler * sda_guard_sampler_init(void) {
     return g ? llama_sampler_init(guard_sampler_iface(), g) : nullptr;
 }
 
-llama_sampler * sda_nucleus_sampler_init(float top_p, uint32_t seed) {
-    if (!(top_p > 0.0f) || !std::isfinite(top_p)) return nullptr;
-    auto * st = new (std::nothrow) nucleus_state{top_p, seed, std::mt19937(seed), {}};
+llama_sampler * sda_nucleus_sampler_init(float top_p, float temperature, uint32_t seed) {
+    if (!(top_p > 0.0f) || !std::isfinite(top_p) || !(temperature > 0.0f) || !std::isfinite(temperature)) {
+        return nullptr;
+    }
+    auto * st = new (std::nothrow) nucleus_state{top_p, temperature, seed, std::mt19937(seed), {}};
     return st ? llama_sampler_init(nucleus_sampler_iface(), st) : nullptr;
 }
 

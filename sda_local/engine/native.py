@@ -87,7 +87,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sda_sampler_get_fault.restype = ctypes.c_int32
     lib.sda_sampler_inject_fault.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
     lib.sda_sampler_inject_fault.restype = ctypes.c_int32
-    lib.sda_nucleus_sampler_init.argtypes = [ctypes.c_float, ctypes.c_uint32]
+    lib.sda_nucleus_sampler_init.argtypes = [ctypes.c_float, ctypes.c_float, ctypes.c_uint32]
     lib.sda_nucleus_sampler_init.restype = ctypes.c_void_p
 
 
@@ -193,9 +193,9 @@ def guard_sampler_init(lib: ctypes.CDLL) -> int:
     return ptr
 
 
-def nucleus_sampler_init(lib: ctypes.CDLL, top_p: float, seed: int) -> int:
+def nucleus_sampler_init(lib: ctypes.CDLL, top_p: float, seed: int, temperature: float = 1.0) -> int:
     """A new nucleus llama_sampler (top-p and the seeded draw, raw pointer); the chain it is added to owns it."""
-    ptr = lib.sda_nucleus_sampler_init(top_p, seed)
+    ptr = lib.sda_nucleus_sampler_init(top_p, temperature, seed)
     if not ptr:
         raise ValueError("sda_nucleus_sampler_init rejected its parameters")
     return ptr

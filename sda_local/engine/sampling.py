@@ -4,9 +4,9 @@
   sda sampler reads both rows in place (``sda_sampler_set_rows``), so sampling is one C call and cur_p is
   written once. The nucleus sampler keeps the set llama.cpp's top-p keeps without sorting the vocabulary.
 * SDA, numpy fusion (``fusion_backend="numpy"``): fusion in numpy, then the same [(EOG ban), nucleus].
-* Plain: [guard (refuses NaN/+inf rows, libsda), (EOG ban), temp(t0), nucleus].
-* Without libsda at all: llama.cpp's own top-p and dist in place of the nucleus, and the rows are checked in
-  numpy.
+* Plain: [guard (refuses NaN/+inf rows, libsda), (EOG ban), nucleus at temperature t0].
+* Without libsda at all: llama.cpp's own temp, top-p and dist in place of the nucleus, and the rows are
+  checked in numpy.
 * Grammar (the local judge): [grammar, greedy], the row checked in numpy (the grammar sampler indexes
   tokens by id, so the guard, which hands the chain a -1 candidate, cannot go in front of it).
 
@@ -92,11 +92,13 @@ class RequestSampler:
             eog = model.eog_tokens()
             biases = (llama_cpp.llama_logit_bias * len(eog))(*[(t, -math.inf) for t in eog])
             samplers.append(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(eog), biases))
-        if not r.steered:
-            samplers.append(llama_cpp.llama_sampler_init_temp(r.t0))
-        if lib is not None:  # top-p and the draw without sorting the vocabulary (same kept set)
-            samplers.append(native.nucleus_sampler_init(lib, r.top_p, r.seed))
+        # Plain generation samples at T0; SDA's head already applied its temperature.
+        temperature = 1.0 if r.steered else r.t0
+        if lib is not None:  # temperature, top-p and the draw without a pass each nor sorting the vocabulary
+            samplers.append(native.nucleus_sampler_init(lib, r.top_p, r.seed, temperature))
         else:
+            if not r.steered:
+                samplers.append(llama_cpp.llama_sampler_init_temp(temperature))
             samplers.append(llama_cpp.llama_sampler_init_top_p(r.top_p, 1))
             samplers.append(llama_cpp.llama_sampler_init_dist(r.seed))
         self.chain = _chain(samplers)
