@@ -11,7 +11,8 @@
 #include <cstring>
 #include <limits>
 
-#if !defined(SDA_SIMD_SCALAR) && (defined(__GNUC__) || defined(__clang__))
+// __builtin_convertvector: clang, and GCC from version 9.
+#if !defined(SDA_SIMD_SCALAR) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9))
 #if defined(__AVX512F__)
 #define SDA_SIMD_BYTES 64
 #elif defined(__AVX__)
