@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 
 import pytest
 
 from conftest import run_cli
+from sda_local import hardware
 
 QUERY = "How do I fix a flat bike tyre?"
 
@@ -60,6 +62,12 @@ def test_info_json_reports_the_native_hook():
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["native"] is True and data["native_path"].endswith("libsda.so")
+    # Built for the host (SDA_NATIVE): the widest pack this CPU runs.
+    flags = hardware.cpu_report().flags
+    if platform.machine() in ("x86_64", "AMD64"):
+        expected = ("AVX-512 (16 floats)" if "avx512f" in flags else
+                    "AVX/AVX2 (8 floats)" if "avx" in flags else "NEON/SSE2 (4 floats)")
+        assert data["native_simd"] == expected, (data["native_simd"], flags)
     assert data["llama_cpp_python"] == "0.3.36"
     assert "CPU" in data["llama_cpp_backends"]
     assert data["model_cache"] and data["default_model"] == "smollm2-135m-instruct"
