@@ -151,16 +151,24 @@ struct pass3_constants {
     double alpha, beta, offset, inv_t, offset_with;
 };
 
-template <typename V>
-inline V fused_masked(V zw, V zo, const pass3_constants & c) {
-    V out = zw * c.alpha + (zo * c.beta - c.offset);
-    out = select(zo == kNegInfD, zw * c.inv_t - c.offset_with, out);
-    return select(zw == kNegInfD, splat(kNegInfD, out), out);
+template <bool Masked, typename V>
+inline V fused_value(V zw, V zo, const pass3_constants & c) {
+    const V out = zw * c.alpha + (zo * c.beta - c.offset);
+    if (!Masked) return out;
+    const V unsteered = select(zo == kNegInfD, zw * c.inv_t - c.offset_with, out);
+    return select(zw == kNegInfD, splat(kNegInfD, out), unsteered);
 }
 
-template <typename V>
-inline V fused_finite(V zw, V zo, const pass3_constants & c) {
-    return zw * c.alpha + (zo * c.beta - c.offset);
+// Pass 3 over one block, into `out` (its first token at out[0]). Masked: as for js_block.
+template <bool Masked>
+void fused_block(const float * zw, const float * zo, size_t start, size_t end, const pass3_constants & c,
+                 float * out) {
+    size_t i = start;
+    for (; i + kHalf <= end; i += kHalf) {
+        const vdouble v = fused_value<Masked>(widen(load_half(zw + i)), widen(load_half(zo + i)), c);
+        store_half(out + (i - start), narrow(v));
+    }
+    for (; i < end; ++i) out[i - start] = narrow(fused_value<true>(widen(zw[i]), widen(zo[i]), c));  // the tail
 }
 
 class contiguous_sink final : public fused_sink {
@@ -254,19 +262,11 @@ fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t 
     float block[kBlock];
     for (size_t b = 0; b < n_blocks; ++b) {
         const size_t start = b * kBlock, end = std::min(n, start + kBlock);
-        size_t i = start;
         if (ws.blocks[b].masked) {
-            for (; i + kHalf <= end; i += kHalf) {
-                const vdouble v = fused_masked(widen(load_half(z_with + i)), widen(load_half(z_without + i)), c);
-                store_half(block + (i - start), narrow(v));
-            }
+            fused_block<true>(z_with, z_without, start, end, c, block);
         } else {
-            for (; i + kHalf <= end; i += kHalf) {
-                const vdouble v = fused_finite(widen(load_half(z_with + i)), widen(load_half(z_without + i)), c);
-                store_half(block + (i - start), narrow(v));
-            }
+            fused_block<false>(z_with, z_without, start, end, c, block);
         }
-        for (; i < end; ++i) block[i - start] = narrow(fused_masked(widen(z_with[i]), widen(z_without[i]), c));
         if (!sink.write(start, block, end - start)) return {temperature, static_cast<float>(js), kSinkRefused};
     }
     return {temperature, static_cast<float>(js), SDA_OK};

@@ -35,6 +35,20 @@ struct fault_guard {
     }
 };
 
+// A vtable from a value-initialised struct, so the experimental backend hooks stay NULL whatever their number
+// in the llama.h we are compiled against.
+llama_sampler_i make_iface(const char * (*name)(const llama_sampler *),
+                           void (*apply)(llama_sampler *, llama_token_data_array *), void (*reset)(llama_sampler *),
+                           llama_sampler * (*clone)(const llama_sampler *), void (*free)(llama_sampler *)) {
+    llama_sampler_i i{};
+    i.name = name;
+    i.apply = apply;
+    i.reset = reset;
+    i.clone = clone;
+    i.free = free;
+    return i;
+}
+
 void refuse(llama_token_data_array * cur_p, fault_guard & g, int32_t fault) {
     if (g.fault == SDA_OK) {
         g.fault = fault;
@@ -146,6 +160,34 @@ bool fuse_in_place(sda_sampler_state & st, llama_token_data_array * cur_p, const
     return false;
 }
 
+// The fusion from cur_p's own logits, gathered: samplers before this one may have reordered, truncated or
+// changed it. The other row is read in place while cur_p is in id order, else gathered by id. Also the path
+// of a test-only injection, which needs copies to write into.
+sda::fusion_result fuse_from_candidates(sda_sampler_state & st, llama_token_data_array * cur_p,
+                                        const float * without_row) {
+    const size_t n = cur_p->size;
+    if (st.with_logits.size() < n) {
+        st.with_logits.resize(n);
+        st.without_logits.resize(n);
+    }
+    bool in_id_order = true;
+    for (size_t j = 0; j < n; ++j) {
+        st.with_logits[j] = cur_p->data[j].logit;
+        in_id_order &= cur_p->data[j].id == static_cast<llama_token>(j);
+    }
+    const float * z_without = without_row;
+    const bool inject = st.guard.inject_step == st.guard.step && n > 0;
+    if (!in_id_order || (inject && st.guard.inject_row == SDA_ROW_WITHOUT)) {
+        for (size_t j = 0; j < n; ++j) st.without_logits[j] = without_row[cur_p->data[j].id];
+        z_without = st.without_logits.data();
+    }
+    if (inject) {
+        (st.guard.inject_row == SDA_ROW_WITH ? st.with_logits : st.without_logits)[0] = st.guard.inject_value;
+    }
+    candidates_sink sink(cur_p->data, nullptr);
+    return sda::fuse_scaled(st.with_logits.data(), z_without, n, st.params, st.workspace, sink);
+}
+
 void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
     sda_sampler_state & st = *state_of(smpl);
     const auto start = std::chrono::steady_clock::now();
@@ -159,31 +201,7 @@ void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
     }
     sda::fusion_result r{};
     const bool in_place = fuse_in_place(st, cur_p, without_row, r);
-    if (!in_place) {
-        // cur_p gathered: samplers before this one may have reordered, truncated or changed it. The other row
-        // is read in place while cur_p is in id order, else gathered by id.
-        const size_t n = cur_p->size;
-        if (st.with_logits.size() < n) {
-            st.with_logits.resize(n);
-            st.without_logits.resize(n);
-        }
-        bool in_id_order = true;
-        for (size_t j = 0; j < n; ++j) {
-            st.with_logits[j] = cur_p->data[j].logit;
-            in_id_order &= cur_p->data[j].id == static_cast<llama_token>(j);
-        }
-        const float * z_without = without_row;
-        const bool inject = st.guard.inject_step == st.guard.step && n > 0;
-        if (!in_id_order || (inject && st.guard.inject_row == SDA_ROW_WITHOUT)) {
-            for (size_t j = 0; j < n; ++j) st.without_logits[j] = without_row[cur_p->data[j].id];
-            z_without = st.without_logits.data();
-        }
-        if (inject) {
-            (st.guard.inject_row == SDA_ROW_WITH ? st.with_logits : st.without_logits)[0] = st.guard.inject_value;
-        }
-        candidates_sink sink(cur_p->data, nullptr);
-        r = sda::fuse_scaled(st.with_logits.data(), z_without, n, st.params, st.workspace, sink);
-    }
+    if (!in_place) r = fuse_from_candidates(st, cur_p, without_row);
     if (r.status != SDA_OK) {
         refuse(cur_p, st.guard, r.status);
         return;
@@ -219,18 +237,9 @@ void sda_sampler_free(llama_sampler * smpl) {
     delete state_of(smpl);
 }
 
-// Built at first use from a value-initialised struct, so the experimental backend hooks stay NULL
-// whatever their number in the llama.h we are compiled against.
 llama_sampler_i * sda_sampler_iface() {
-    static llama_sampler_i iface = [] {
-        llama_sampler_i i{};
-        i.name = sda_sampler_name;
-        i.apply = sda_sampler_apply;
-        i.reset = sda_sampler_reset;
-        i.clone = sda_sampler_clone;
-        i.free = sda_sampler_free;
-        return i;
-    }();
+    static llama_sampler_i iface =
+        make_iface(sda_sampler_name, sda_sampler_apply, sda_sampler_reset, sda_sampler_clone, sda_sampler_free);
     return &iface;
 }
 
@@ -260,15 +269,8 @@ void guard_sampler_free(llama_sampler * smpl) {
 }
 
 llama_sampler_i * guard_sampler_iface() {
-    static llama_sampler_i iface = [] {
-        llama_sampler_i i{};
-        i.name = guard_sampler_name;
-        i.apply = guard_sampler_apply;
-        i.reset = guard_sampler_reset;
-        i.clone = guard_sampler_clone;
-        i.free = guard_sampler_free;
-        return i;
-    }();
+    static llama_sampler_i iface = make_iface(guard_sampler_name, guard_sampler_apply, guard_sampler_reset,
+                                              guard_sampler_clone, guard_sampler_free);
     return &iface;
 }
 
@@ -313,15 +315,8 @@ void nucleus_sampler_free(llama_sampler * smpl) {
 }
 
 llama_sampler_i * nucleus_sampler_iface() {
-    static llama_sampler_i iface = [] {
-        llama_sampler_i i{};
-        i.name = nucleus_sampler_name;
-        i.apply = nucleus_sampler_apply;
-        i.reset = nucleus_sampler_reset;
-        i.clone = nucleus_sampler_clone;
-        i.free = nucleus_sampler_free;
-        return i;
-    }();
+    static llama_sampler_i iface = make_iface(nucleus_sampler_name, nucleus_sampler_apply, nucleus_sampler_reset,
+                                              nucleus_sampler_clone, nucleus_sampler_free);
     return &iface;
 }
 

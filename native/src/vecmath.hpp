@@ -106,16 +106,6 @@ inline float hmin(vfloat v) {
     for (size_t j = 1; j < kWidth; ++j) m = v[j] < m ? v[j] : m;
     return m;
 }
-inline bool any(vint m) {
-    int32_t acc = 0;
-    for (size_t j = 0; j < kWidth; ++j) acc |= m[j];
-    return acc != 0;
-}
-inline bool any(vhalfint m) {
-    int32_t acc = 0;
-    for (size_t j = 0; j < kHalf; ++j) acc |= m[j];
-    return acc != 0;
-}
 #else
 constexpr size_t kWidth = 1;
 constexpr size_t kHalf = 1;
@@ -131,7 +121,6 @@ inline void store_half(float * p, vhalf v) { *p = v; }
 inline float hmax(float v) { return v; }
 inline float hmin(float v) { return v; }
 inline double hsum(double v) { return v; }
-inline bool any(bool m) { return m; }
 #endif
 
 // A sum of many floats with double accuracy: float lanes over short runs (8 packs), then double lanes.
