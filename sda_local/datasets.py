@@ -30,7 +30,13 @@ FORMATS: Tuple[DatasetFormat, ...] = (
     DatasetFormat("harmfulqa", "question", ("helpfulness", "harmlessness"), ("question", "topic", "subtopic")),
     DatasetFormat("beavertails", "prompt", ("helpfulness", "harmlessness"), ("prompt", "category_id")),
     DatasetFormat("empathetic_dialogues", "prompt", ("empathy",), ("prompt", "category")),
+    DatasetFormat("sda-dev", "query", ("helpfulness",), ("query", "dev_set")),
 )
+
+# This project's development questions (written for it, not from any benchmark): the verifiable metric's queries
+# (``eval --dataset dev --verify ifeval``). 0-19 are the reported half; 20-39 were used to choose the defaults.
+DEV_SET_NAME = "dev"
+DEV_SET = Path(__file__).resolve().parent / "data" / "dev_questions.jsonl"
 
 
 @dataclass

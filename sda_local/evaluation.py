@@ -44,9 +44,14 @@ from .pipeline import amplifier_of
 from .prompts import resolve_alignment
 from .rubrics import rubric_for
 from .seeds import check_seed, derive_seed
+from . import ifeval, quality
+from .engine.steering import DEFAULT_STEERING, PAPER, Steering
 from .verifiable import VERIFIABLE
 
 ARMS = ("base", "prompt-only", "steering-only", "sda")
+# Arms of the verifiable metric only: "paper" is the paper's formula at a = FIXED_STRENGTH (beside the default
+# steering); "sda-fixed" (with --verify-strength judge) the run's steering at that a.
+VERIFY_ONLY_ARMS = ("paper",)
 FIXED_STRENGTH = 0.5  # the "sda-fixed" arm of --verify-strength judge
 RUN_VERSION = 2  # 2: unit keys carry the data file's path hash; version 1 files resume with their own keys
 
@@ -70,14 +75,27 @@ class EvalConfig:
     verify_strength: Union[float, str] = 0.5  # or "judge": the full pipeline (initial answer, judge, a)
     model: Optional[str] = None
     verify_only: bool = False  # no judged protocol, only the verifiable instructions
+    steering: Optional[dict] = None  # Steering fields of the steered arms; None: DEFAULT_STEERING
+    fluency: bool = True  # the verifiable metric's answers are teacher-forced for their fluency
+
+    @property
+    def steering_obj(self) -> Steering:
+        return DEFAULT_STEERING if self.steering is None else Steering(**self.steering)
 
     def check(self) -> None:
-        unknown = [a for a in self.arms if a not in ARMS]
+        unknown = [a for a in self.arms if a not in ARMS + VERIFY_ONLY_ARMS]
         if unknown or not self.arms:
-            raise InputError(f"unknown arm(s) {', '.join(unknown) or '(none)'} (choose from {', '.join(ARMS)})")
-        bad = [v for v in self.verify if v not in VERIFIABLE]
+            raise InputError(f"unknown arm(s) {', '.join(unknown) or '(none)'} (choose from "
+                             f"{', '.join(ARMS + VERIFY_ONLY_ARMS)})")
+        if not self.verify_only and any(a in VERIFY_ONLY_ARMS for a in self.arms):
+            raise InputError("the paper arm belongs to the verifiable metric: add --verify-only")
+        bad = [v for v in self.verify if v not in VERIFIABLE and not ifeval.is_ifeval(v)]
         if bad:
-            raise InputError(f"unknown verifiable instruction(s) {', '.join(bad)} (choose from {', '.join(VERIFIABLE)})")
+            raise InputError(f"unknown verifiable instruction(s) {', '.join(bad)} (choose from {', '.join(VERIFIABLE)}, "
+                             "ifeval (all 25 IFEval types) or ifeval:TYPE, e.g. ifeval:punctuation:no_comma)")
+        if any(ifeval.is_ifeval(v) for v in self.verify):
+            ifeval.make_case(ifeval.TYPES[0], "q", 0)  # the package is there (a one-line error otherwise)
+        self.steering_obj.check()
         if not self.datasets:
             raise InputError("no dataset given (--dataset PATH)")
         if all(a == "sda" for a in self.arms):  # both metrics compare SDA with the other arms
@@ -96,9 +114,10 @@ class EvalConfig:
     def verify_arms(self) -> List[str]:
         """The verifiable metric's arms: with --verify-strength judge, "sda-fixed" (a = FIXED_STRENGTH) runs
         beside the pipeline's own a, so that the judge's a is compared with a fixed one."""
+        arms = [a for a in ARMS + ("paper",) if a in self.arms and a != "sda"]
         if self.verify_strength == "judge":
-            return [a for a in ARMS if a in self.arms or a == "sda"][:-1] + ["sda-fixed", "sda"]
-        return list(self.arms)
+            arms.append("sda-fixed")
+        return arms + ["sda"]
 
 
 class RunFile:
@@ -132,7 +151,9 @@ class RunFile:
                 raise InputError(f"{self.path} is a run file of another sda-local version "
                                  f"(format {header.get('version')!r}; this one reads 1 and {RUN_VERSION})")
             self.version = header["version"]
-            config = EvalConfig(**header["config"])
+            fields = dict(header["config"])
+            fields.setdefault("steering", PAPER.to_dict())  # runs from before the steering option: the paper's
+            config = EvalConfig(**fields)
             self.records = [json.loads(line) for line in lines[1:] if line.strip()]
         except (IndexError, ValueError, TypeError, UnicodeDecodeError) as exc:
             raise InputError(f"{self.path} is not a sda-local eval run file ({exc})") from None
@@ -331,6 +352,7 @@ class Evaluation:
         key, dimension, seed, query = unit.key, unit.dimension, unit.seed, unit.query
         alignment = resolve_alignment(dimension)
         arms = self.config.arms
+        steering = self.config.steering_obj
         base = self._answer(key, "base", query, None, seed, system=alignment.system)
         score = self._initial_score(key, query, alignment, base["text"])
         a = score["amplifier"]
@@ -340,33 +362,64 @@ class Evaluation:
                                                 temperature_mode="fixed")["text"]
         if "steering-only" in arms:
             texts["steering-only"] = self._answer(key, "steering-only", query, dimension, seed, strength=a,
-                                                  temperature_mode="fixed")["text"]
-        texts["sda"] = self._answer(key, "sda", query, dimension, seed, strength=a, temperature_mode="paper")["text"]
+                                                  temperature_mode="fixed", steering=steering)["text"]
+        texts["sda"] = self._answer(key, "sda", query, dimension, seed, strength=a, temperature_mode="paper",
+                                    steering=steering)["text"]
         for arm in arms:
             if arm != "sda":
                 self._pair(unit, arm, alignment, texts["sda"], texts[arm])
 
     def run_verify(self, key: str, vid: str, seed: int, query: str) -> None:
-        v = VERIFIABLE[vid]
+        instruction, check, required, kwargs = self._verifiable(vid, query, seed)
         arms = self.config.verify_arms
         s = self.config.verify_strength
+        steering = self.config.steering_obj
         base = self._base_answer(key, query, seed) if "base" in arms or s == "judge" else None
         if s == "judge":  # the pipeline: the base answer is the initial answer, the judge sets a
-            s = self._initial_score(key, query, resolve_alignment(v.instruction), base["text"])["amplifier"]
-        plans = {"prompt-only": (v.instruction, dict(strength=0.0, temperature_mode="fixed")),
-                 "steering-only": (v.instruction, dict(strength=s, temperature_mode="fixed")),
-                 "sda-fixed": (v.instruction, dict(strength=FIXED_STRENGTH, temperature_mode="paper")),
-                 "sda": (v.instruction, dict(strength=s, temperature_mode="paper"))}
+            s = self._initial_score(key, query, resolve_alignment(instruction), base["text"])["amplifier"]
+        plans = {"prompt-only": dict(strength=0.0, temperature_mode="fixed"),
+                 "steering-only": dict(strength=s, temperature_mode="fixed", steering=steering),
+                 "paper": dict(strength=FIXED_STRENGTH, temperature_mode="paper", steering=PAPER),
+                 "sda-fixed": dict(strength=FIXED_STRENGTH, temperature_mode="paper", steering=steering),
+                 "sda": dict(strength=s, temperature_mode="paper", steering=steering)}
         for arm in arms:
             if arm == "base":
                 text = base["text"]
             else:
-                instruction, options = plans[arm]
-                text = self._answer(key, arm, query, instruction, seed, **options)["text"]
-            check = self.checks.get((key, arm))
+                text = self._answer(key, arm, query, instruction, seed, **plans[arm])["text"]
+            check_record = self.checks.get((key, arm))
             at = self._position.get(("check", key, arm), -1)
-            if check is None or self._position.get(("answer", key, arm), -1) > at:  # none yet, or stale
-                self._record({"type": "check", "key": key, "arm": arm, "instruction": vid, "complied": v.check(text)})
+            if check_record is None or self._position.get(("answer", key, arm), -1) > at:  # none yet, or stale
+                echo = quality.echo(text, instruction, query, required)
+                degeneration = quality.degeneration(text)
+                record = {"type": "check", "key": key, "arm": arm, "instruction": vid, "complied": check(text),
+                          "echo": echo.echoed, "echo_share": round(echo.share, 4),
+                          "degenerate": degeneration.degenerate,
+                          "fluency": self._fluency(query, instruction, text) if self.config.fluency else None}
+                if kwargs is not None:
+                    record["instruction_text"], record["kwargs"] = instruction, kwargs
+                self._record(record)
+
+    @staticmethod
+    def _verifiable(vid: str, query: str, seed: int):
+        """(instruction text, check, texts the answer is asked to write out, IFEval arguments or None)."""
+        if ifeval.is_ifeval(vid):
+            case = ifeval.make_case(vid, query, seed)
+            return case.instruction, case.check, case.required_texts(), case.kwargs
+        v = VERIFIABLE[vid]
+        return v.instruction, v.check, (), None
+
+    def _fluency(self, query: str, instruction: str, text: str) -> Optional[float]:
+        """Mean log-probability per token of the answer under the model without the instruction (the
+        teacher forcing the self judge uses); None for an empty answer."""
+        engine = self.engine
+        tokens = engine.model.tokenize(text, add_bos=False, special=False)
+        if not tokens:
+            return None
+        _, prompt_without = engine.formatter.pair(query, resolve_alignment(instruction))
+        with engine.forcing() as forcing:
+            (logprobs,) = forcing.continuation_logprobs([engine.tokenize_prompt(prompt_without)], tokens)
+        return round(float(logprobs.mean()), 4)
 
     def _base_answer(self, key: str, query: str, seed: int) -> dict:
         """The answer without the instruction. It depends on the query and seed alone, so every instruction's
@@ -493,7 +546,7 @@ def summarize(records: Iterable[dict]) -> dict:
                 r["arm"], {"wins": 0, "losses": 0, "ties": 0, "failures": 0})
             cell[{"win": "wins", "loss": "losses", "tie": "ties", "failure": "failures"}[r["outcome"]]] += 1
         elif r.get("type") == "check":
-            compliance.setdefault(r["instruction"], {}).setdefault(r["arm"], []).append(bool(r["complied"]))
+            compliance.setdefault(r["instruction"], {}).setdefault(r["arm"], []).append(r)
     for dataset in judged.values():
         for dimension in dataset.values():
             for cell in dimension.values():
@@ -503,17 +556,31 @@ def summarize(records: Iterable[dict]) -> dict:
     scores = {r["key"]: r for r in records if r.get("type") == "score" and r.get("key", "").startswith("verify:")}
     for key, r in scores.items():
         amplifiers.setdefault(key.split(":")[1], []).append(r["amplifier"])
-    per_arm: Dict[str, List[bool]] = {}
+    per_arm: Dict[str, List[dict]] = {}
     verifiable = {}
     for vid, arms in compliance.items():
-        verifiable[vid] = {arm: {"compliance": sum(v) / len(v), "n": len(v)} for arm, v in arms.items()}
+        verifiable[vid] = {arm: _check_cell(v) for arm, v in arms.items()}
         for arm, v in arms.items():
             per_arm.setdefault(arm, []).extend(v)
-    overall = {arm: {"compliance": sum(v) / len(v), "n": len(v)} for arm, v in per_arm.items()}
+    overall = {arm: _check_cell(v) for arm, v in per_arm.items()}
     judged_amplifiers = {vid: {"mean": sum(v) / len(v), "n": len(v), "zero": sum(x < 0.005 for x in v)}
                          for vid, v in amplifiers.items()}
     return {"judged": judged, "verifiable": verifiable, "verifiable_overall": overall,
             "verifiable_amplifiers": judged_amplifiers}
+
+
+def _check_cell(checks: List[dict]) -> dict:
+    """Compliance, and where the checks carry them (runs since the quality metrics), echo rate, mean echo share,
+    degeneration rate and mean fluency, over one cell's checks."""
+    n = len(checks)
+    cell = {"compliance": sum(bool(c["complied"]) for c in checks) / n, "n": n}
+    if all("echo" in c for c in checks):
+        cell["echo"] = sum(bool(c["echo"]) for c in checks) / n
+        cell["echo_share"] = sum(c["echo_share"] for c in checks) / n
+        cell["degenerate"] = sum(bool(c["degenerate"]) for c in checks) / n
+        fluency = [c["fluency"] for c in checks if c.get("fluency") is not None]
+        cell["fluency"] = sum(fluency) / len(fluency) if fluency else None
+    return cell
 
 
 def _pct(x: Optional[float]) -> str:
@@ -530,7 +597,7 @@ def summary_markdown(summary: dict) -> str:
                 lines.append(f"| {dataset} | {dimension} | {arm} | {_pct(c['omega'])} | {c['wins']} | {c['losses']} "
                              f"| {c['ties']} | {c['failures']} | {'-' if paper is None else f'{paper:+.1f}%'} |")
     if summary["verifiable"]:
-        arms = [a for a in ARMS[:-1] + ("sda-fixed", "sda") if a in summary["verifiable_overall"]]
+        arms = [a for a in ARMS[:-1] + ("paper", "sda-fixed", "sda") if a in summary["verifiable_overall"]]
         amplifiers = summary.get("verifiable_amplifiers") or {}
         judged_a = bool(amplifiers)
         extra = " mean a (a = 0) |" if judged_a else ""
@@ -546,7 +613,23 @@ def summary_markdown(summary: dict) -> str:
         overall = summary["verifiable_overall"]
         lines.append("| **all** | " + " | ".join(f"**{100 * overall[a]['compliance']:.0f}%**" for a in arms) + " |"
                      + (" |" if judged_a else ""))
+        if all("echo" in overall[a] for a in arms):
+            lines += ["", "Quality per arm: compliance / echo / degenerate (%), fluency (mean log-prob per token "
+                      "without the instruction)", "",
+                      "| verifiable instruction | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+            rows = list(summary["verifiable"].items()) + [("**all**", overall)]
+            for vid, cells in rows:
+                lines.append(f"| {vid} | " + " | ".join(_quality_text(cells[a]) if a in cells else "-"
+                                                      for a in arms) + " |")
     return "\n".join(lines)
+
+
+def _quality_text(cell: dict) -> str:
+    if "echo" not in cell:
+        return f"{100 * cell['compliance']:.0f} / - / -"
+    fluency = "-" if cell["fluency"] is None else f"{cell['fluency']:.2f}"
+    return (f"{100 * cell['compliance']:.0f} / {100 * cell['echo']:.0f} / {100 * cell['degenerate']:.0f}, "
+            f"{fluency}")
 
 
 def write_chart(summary: dict, path: Path) -> bool:

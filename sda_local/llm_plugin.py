@@ -133,6 +133,8 @@ class SDAModel(llm.Model):
         n_ctx: Optional[int] = Field(None, ge=16, description="Context per stream (4096)")
         n_gpu_layers: Optional[int] = Field(None, ge=-1, description="Layers offloaded to a GPU (-1: all)")
         streams: Optional[Literal["batched", "contexts"]] = None
+        steering: Optional[Literal["guarded", "paper"]] = Field(
+            None, description="guarded (default: bounded, no echo) or paper (the paper's formula)")
 
         @field_validator("align", "judge")
         @classmethod
@@ -182,8 +184,11 @@ class SDAModel(llm.Model):
             generation.pop("temperature_mode", None)
             run = engine.stream(query, None, system=system, history=history, **generation)
         else:
+            from .engine.steering import DEFAULT_STEERING, PAPER
+
+            steering = PAPER if options.steering == "paper" else DEFAULT_STEERING
             run = align_stream(engine, query, align, judge=options.judge or "self", strength=options.strength,
-                               system=system, history=history, **generation)
+                               system=system, history=history, steering=steering, **generation)
         yield from run
         result = run.result
         stats = result.stats

@@ -362,3 +362,34 @@ def test_parallel_eval_units_get_the_answers_they_get_alone(tmp_path, model_path
         assert proc.returncode == 0, proc.stderr.decode()
         answers.append({(r["key"], r["arm"]): r["text"] for r in records_of(run) if r["type"] == "answer"})
     assert len(answers[0]) >= 6 * 4 and answers[0] == answers[1]  # 3 queries x 2 instructions x arms
+
+
+def test_eval_ifeval_on_the_dev_set_reports_quality_per_arm(tmp_path, model_path):
+    # The whole verifiable path as the README runs it, on two IFEval types and two dev questions: every check
+    # carries compliance, the echo and degeneration flags, the fluency, and the IFEval arguments it was made with.
+    pytest.importorskip("if_verifiable")
+    run = tmp_path / "ifeval.jsonl"
+    proc = run_cli("eval", "-d", "dev", "--verify", "ifeval:punctuation:no_comma,ifeval:startend:end_checker",
+                   "--verify-only", "--arms", "prompt-only,paper", "--verify-limit", "2", "-n", "16",
+                   "--model", str(model_path), "--run", str(run), "--parallel", "2")
+    assert proc.returncode == 0, proc.stderr.decode()
+    checks = [r for r in records_of(run) if r["type"] == "check"]
+    assert sorted({c["arm"] for c in checks}) == ["paper", "prompt-only", "sda"] and len(checks) == 2 * 2 * 3
+    for c in checks:
+        assert isinstance(c["complied"], bool) and isinstance(c["echo"], bool) and isinstance(c["degenerate"], bool)
+        assert c["fluency"] is None or c["fluency"] < 0
+        assert c["instruction_text"] and isinstance(c["kwargs"], dict)
+    answers = {(r["key"], r["arm"]): r for r in records_of(run) if r["type"] == "answer"}
+    assert {a["stats"]["steering"]["mode"] for (k, arm), a in answers.items() if arm == "paper"} == {"paper"}
+    assert {a["stats"]["steering"]["mode"] for (k, arm), a in answers.items() if arm == "sda"} == {"guarded"}
+    summary = json.loads(run.with_suffix(".summary.json").read_text())
+    cell = summary["verifiable_overall"]["sda"]
+    assert cell["n"] == 4 and {"echo", "echo_share", "degenerate", "fluency"} <= set(cell)
+    assert "Quality per arm" in proc.stdout.decode()
+
+
+def test_eval_refuses_unknown_ifeval_types_and_paper_outside_verify(tmp_path):
+    proc = run_cli("eval", "-d", "dev", "--verify", "ifeval:nope", "--verify-only", "--run", str(tmp_path / "r.jsonl"))
+    assert proc.returncode != 0 and b"ifeval:TYPE" in proc.stderr and b"Traceback" not in proc.stderr
+    proc = run_cli("eval", "-d", "dev", "--arms", "paper,base", "--run", str(tmp_path / "s.jsonl"))
+    assert proc.returncode != 0 and b"--verify-only" in proc.stderr

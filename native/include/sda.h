@@ -35,7 +35,7 @@ extern "C" {
 #    define SDA_API __attribute__((visibility("default")))
 #endif
 
-#define SDA_ABI_VERSION 4
+#define SDA_ABI_VERSION 5
 
 struct llama_sampler;
 struct llama_context;
@@ -75,6 +75,18 @@ struct sda_params {
     int32_t temperature_mode;  /* enum sda_temperature_mode                     */
 };
 
+/* Steering beside the paper's formula (sda_sampler_set_steering, sda_fuse_steered). All zero: the paper's formula,
+ * bit for bit. With g = k a and a > 0:
+ *   clip > 0:         l = l_with + g clamp(l_with - l_without, -clip, clip)   (a bounded contrast)
+ *   plausibility > 0: tokens with p_with < plausibility * max p_with are dropped (-inf) before the contrast
+ *   echo_run > 0:     the echo guard: a token that would make the answer's last echo_run tokens a run of the
+ *                     instruction's tokens gets l = l_without (no likelier than without the instruction). */
+struct sda_steering {
+    float   clip;
+    float   plausibility;
+    int32_t echo_run;
+};
+
 struct sda_stats {
     int64_t n_steps;           /* fused distributions computed                   */
     double  sum_js;            /* sum of JS divergences (nats)                   */
@@ -112,6 +124,21 @@ SDA_API void sda_sampler_set_source(struct llama_sampler * smpl, struct llama_co
  * falls back to reading cur_p when it is not (a sampler before this one changed it). */
 SDA_API void sda_sampler_set_rows(struct llama_sampler * smpl, struct llama_context * with_ctx, int32_t with_idx,
                                   struct llama_context * without_ctx, int32_t without_idx);
+
+/* Steering for the sampler's next generation, and the instruction's tokens for the echo guard: one or more token
+ * sequences separated by -1 (the instruction as the answer might copy it, e.g. with and without a leading
+ * space). The sampler follows the answer through its accept calls (llama_sampler_sample makes them). NULL
+ * steering: the paper's formula. SDA_OK, or SDA_ERR_INVALID for bad values (clip or plausibility negative or
+ * not finite, plausibility >= 1, echo_run < 0, n_tokens < 0, tokens NULL with n_tokens > 0). */
+SDA_API int32_t sda_sampler_set_steering(struct llama_sampler * smpl, const struct sda_steering * steering,
+                                         const int32_t * instruction_tokens, int32_t n_tokens);
+
+/* sda_fuse with steering: `guarded` holds the n_guarded token ids the echo guard applies to at this step (as
+ * the sampler computes them). Same codes and output as sda_fuse. */
+SDA_API int32_t sda_fuse_steered(const float * logits_with, const float * logits_without, int32_t n,
+                                 const struct sda_params * params, const struct sda_steering * steering,
+                                 const int32_t * guarded, int32_t n_guarded,
+                                 float * out_log_probs, float * out_temperature, float * out_js);
 
 SDA_API void sda_sampler_get_stats(const struct llama_sampler * smpl, struct sda_stats * out);
 

@@ -31,4 +31,31 @@ int32_t sda_fuse(const float * logits_with, const float * logits_without, int32_
     return 0;
 }
 
+int32_t sda_fuse_steered(const float * logits_with, const float * logits_without, int32_t n, const sda_params * params,
+                         const sda_steering * steering, const int32_t * guarded, int32_t n_guarded,
+                         float * out_log_probs, float * out_temperature, float * out_js) {
+    if (!logits_with || !logits_without || !params || !out_log_probs || n <= 0 || !sda::params_valid(*params) ||
+        (steering && !sda::steering_valid(*steering)) || n_guarded < 0 || (n_guarded > 0 && !guarded)) {
+        return SDA_ERR_INVALID;
+    }
+    for (int32_t i = 0; i < n_guarded; ++i) {
+        if (guarded[i] < 0 || guarded[i] >= n) return SDA_ERR_INVALID;
+    }
+    thread_local sda::fusion_workspace workspace;
+    const size_t count = static_cast<size_t>(n);
+    const sda::fusion_result r = sda::fuse_scaled(logits_with, logits_without, count, *params, workspace,
+                                                  out_log_probs, steering);
+    if (r.status != SDA_OK) return r.status;
+    if (steering && steering->echo_run > 0 && static_cast<double>(params->k) * params->strength > 0.0) {
+        for (int32_t i = 0; i < n_guarded; ++i) {
+            float & v = out_log_probs[guarded[i]];
+            v = sda::guard_value(r, logits_without[guarded[i]], v);
+        }
+    }
+    sda::log_softmax_inplace(out_log_probs, count);
+    if (out_temperature) *out_temperature = r.temperature;
+    if (out_js) *out_js = r.js;
+    return 0;
+}
+
 }  // extern "C"

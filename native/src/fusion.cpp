@@ -171,6 +171,38 @@ void fused_block(const float * zw, const float * zo, size_t start, size_t end, c
     for (; i < end; ++i) out[i - start] = narrow(fused_value<true>(widen(zw[i]), widen(zo[i]), c));  // the tail
 }
 
+// Pass 3 with steering bounds (sda_steering's clip and plausibility), in double: l = lp + g clamp(lp - lq, -c, c)
+// with lp = zw - lse_with, lq = zo - lse_without, output (l - top) / T. The same masking rules as fused_value,
+// and tokens below the plausibility floor (zw < max zw + log alpha) dropped. A separate path, so that the paper's
+// stays exactly as it was.
+struct bounded_constants {
+    double gain, lse_with, lse_without, top, inv_t, clip, floor;  // clip <= 0: none; floor: -inf for none
+};
+
+template <typename V>
+inline V bounded_value(V zw, V zo, const bounded_constants & c) {
+    const V lp = zw - c.lse_with;
+    V d = lp - (zo - c.lse_without);
+    if (c.clip > 0.0) {
+        const V hi = splat(c.clip, d);
+        d = select(d > hi, hi, d);
+        d = select(d < -hi, -hi, d);
+    }
+    V out = (lp + d * c.gain - c.top) * c.inv_t;
+    out = select(zo == kNegInfD, (lp - c.top) * c.inv_t, out);  // impossible without the instruction: unsteered
+    return select(zw < c.floor || zw == kNegInfD, splat(kNegInfD, out), out);
+}
+
+void bounded_block(const float * zw, const float * zo, size_t start, size_t end, const bounded_constants & c,
+                   float * out) {
+    size_t i = start;
+    for (; i + kHalf <= end; i += kHalf) {
+        const vdouble v = bounded_value(widen(load_half(zw + i)), widen(load_half(zo + i)), c);
+        store_half(out + (i - start), narrow(v));
+    }
+    for (; i < end; ++i) out[i - start] = narrow(bounded_value(widen(zw[i]), widen(zo[i]), c));
+}
+
 class contiguous_sink final : public fused_sink {
 public:
     explicit contiguous_sink(float * out) : out_(out) {}
@@ -191,8 +223,13 @@ bool params_valid(const sda_params & params) {
            params.temperature_mode >= SDA_TEMPERATURE_PAPER && params.temperature_mode <= SDA_TEMPERATURE_FIXED;
 }
 
+bool steering_valid(const sda_steering & s) {
+    return std::isfinite(s.clip) && s.clip >= 0.0f && std::isfinite(s.plausibility) && s.plausibility >= 0.0f &&
+           s.plausibility < 1.0f && s.echo_run >= 0;
+}
+
 fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,
-                          fusion_workspace & ws, fused_sink & sink) {
+                          fusion_workspace & ws, fused_sink & sink, const sda_steering * steering) {
     ws.reserve(n);
     const double gain = static_cast<double>(params.k) * params.strength;
     const size_t n_blocks = (n + kBlock - 1) / kBlock;
@@ -206,7 +243,7 @@ fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t 
         for (size_t start = 0; start < n; start += kBlock) {
             if (!sink.write(start, masked, std::min(kBlock, n - start))) return {params.t0, 0.0f, kSinkRefused};
         }
-        return {params.t0, 0.0f, SDA_OK};
+        return {params.t0, 0.0f, SDA_OK, 0.0, std::numeric_limits<double>::infinity()};
     }
     // A without-stream with no finite logit is treated as "no steering signal": log Q = -inf everywhere.
     const bool has_without = first.max_without > -kInf;
@@ -256,26 +293,47 @@ fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t 
 
     // 3. Fused logits (l - top) / T with l = lp + g (lp - lq) = (1 + g) zw - g zo - (1 + g) lse_with + g lse_without.
     const double inv_t = 1.0 / temperature;
+    // No without-row: l_without is -inf everywhere, and so is a guarded token (as in the numpy reference).
+    double shift = top;  // what pass 3 subtracts (set below for the bounded path)
+    double guard_offset = 0.0;
     const pass3_constants c{(1.0 + gain) * inv_t, -gain * inv_t,
                             has_without ? ((1.0 + gain) * lse_with - gain * lse_without + top) * inv_t : 0.0,
                             inv_t, (lse_with + top) * inv_t};
+    // Bounds change nothing at a = 0 (prompting with the instruction stays exactly that).
+    const bool bounded = steering_bounds(steering) && gain > 0.0;
+    // The shift: with a clip, max l <= max lp + g c (lp <= 0 at the top token), so outputs stay near 0 where
+    // the probability is (float resolution); the paper's top can lie far above the bounded maximum.
+    const double bounded_top = bounded && steering->clip > 0.0f
+                                   ? std::min(top, (mw - lse_with) + gain * static_cast<double>(steering->clip))
+                                   : top;
+    const bounded_constants bc{gain, lse_with, lse_without, bounded_top, inv_t,
+                               bounded ? static_cast<double>(steering->clip) : 0.0,
+                               bounded && steering->plausibility > 0.0f
+                                   ? static_cast<double>(mw) + std::log(static_cast<double>(steering->plausibility))
+                                   : kNegInfD};
+    if (bounded) shift = bounded_top;
+    guard_offset = has_without ? (lse_without + shift) * inv_t : std::numeric_limits<double>::infinity();
     float block[kBlock];
     for (size_t b = 0; b < n_blocks; ++b) {
         const size_t start = b * kBlock, end = std::min(n, start + kBlock);
-        if (ws.blocks[b].masked) {
+        if (bounded) {
+            bounded_block(z_with, z_without, start, end, bc, block);
+        } else if (ws.blocks[b].masked) {
             fused_block<true>(z_with, z_without, start, end, c, block);
         } else {
             fused_block<false>(z_with, z_without, start, end, c, block);
         }
-        if (!sink.write(start, block, end - start)) return {temperature, static_cast<float>(js), kSinkRefused};
+        if (!sink.write(start, block, end - start)) {
+            return {temperature, static_cast<float>(js), kSinkRefused, inv_t, guard_offset};
+        }
     }
-    return {temperature, static_cast<float>(js), SDA_OK};
+    return {temperature, static_cast<float>(js), SDA_OK, inv_t, guard_offset};
 }
 
 fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,
-                          fusion_workspace & ws, float * out) {
+                          fusion_workspace & ws, float * out, const sda_steering * steering) {
     contiguous_sink sink(out);
-    return fuse_scaled(z_with, z_without, n, params, ws, sink);
+    return fuse_scaled(z_with, z_without, n, params, ws, sink, steering);
 }
 
 void log_softmax_inplace(float * x, size_t n) {

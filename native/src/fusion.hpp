@@ -14,6 +14,10 @@ struct fusion_result {
     float temperature;
     float js;        // Jensen-Shannon divergence in nats
     int32_t status;  // SDA_OK, or SDA_ERR_NAN_* / SDA_ERR_INF_* (then out is unspecified)
+    // out = l / T - shift for the steered logits; the echo guard's value of a token is
+    // z_without * inv_t - guard_offset (l_without on the same scale; +inf offset when there is no without-row).
+    double inv_t = 0.0;
+    double guard_offset = 0.0;
 };
 
 // The fusion works through the vocabulary in blocks of this many tokens (fusion.cpp).
@@ -86,10 +90,25 @@ inline int32_t classify_row(size_t n, Load load) {
 // sampler chain wants (softmax(out) is the fused distribution; max out is 0 up to float rounding of the
 // steered logits). A NaN or +inf in either row gives status SDA_ERR_NAN_* / SDA_ERR_INF_* (NaN first, the
 // with-row first) before anything is written, found inside a pass the fusion makes anyway.
+// `steering` nullptr (or all zero): the paper's formula. Its clip and plausibility apply here; the echo guard is
+// the caller's (guard_value on the result).
 fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,
-                          fusion_workspace & ws, fused_sink & sink);
+                          fusion_workspace & ws, fused_sink & sink, const sda_steering * steering = nullptr);
 fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,
-                          fusion_workspace & ws, float * out);
+                          fusion_workspace & ws, float * out, const sda_steering * steering = nullptr);
+
+// Whether a steering changes anything at all (with a > 0).
+inline bool steering_bounds(const sda_steering * s) {
+    return s != nullptr && (s->clip > 0.0f || s->plausibility > 0.0f);
+}
+bool steering_valid(const sda_steering & s);
+
+// The echo guard's fused value of a token whose current fused value is `fused` (unchanged when -inf: a token
+// impossible stays impossible).
+inline float guard_value(const fusion_result & r, float z_without, float fused) {
+    if (fused == -std::numeric_limits<float>::infinity()) return fused;
+    return static_cast<float>(static_cast<double>(z_without) * r.inv_t - r.guard_offset);
+}
 
 // x <- log_softmax(x), in place.
 void log_softmax_inplace(float * x, size_t n);

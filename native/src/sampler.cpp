@@ -10,7 +10,9 @@
 #include <cstring>
 #include <cmath>
 #include <limits>
+#include <algorithm>
 #include <new>
+#include <vector>
 #include <random>
 
 namespace {
@@ -83,6 +85,13 @@ struct sda_sampler_state {
     sda::fusion_workspace workspace;
     sda_stats stats;
     fault_guard guard;
+    // Steering beside the paper's (sda_sampler_set_steering) and the echo guard's state: the instruction's
+    // token sequences (-1 between them) and, per position j, the length of the longest suffix of the answer
+    // that matches the instruction just before j (llama.cpp's DRY sampler keeps repeats the same way).
+    sda_steering steering{};
+    std::vector<int32_t> echo_tokens;
+    std::vector<int32_t> echo_match;
+    std::vector<int32_t> guarded;
 };
 
 sda_sampler_state * state_of(const llama_sampler * smpl) {
@@ -154,7 +163,7 @@ bool fuse_in_place(sda_sampler_state & st, llama_token_data_array * cur_p, const
     const float * with_row = llama_get_logits_ith(st.with_ctx, st.with_idx);
     if (with_row == nullptr) return false;
     candidates_sink sink(cur_p->data, with_row);
-    r = sda::fuse_scaled(with_row, without_row, cur_p->size, st.params, st.workspace, sink);
+    r = sda::fuse_scaled(with_row, without_row, cur_p->size, st.params, st.workspace, sink, &st.steering);
     if (r.status == SDA_OK) return true;
     sink.undo();
     return false;
@@ -164,13 +173,13 @@ bool fuse_in_place(sda_sampler_state & st, llama_token_data_array * cur_p, const
 // changed it. The other row is read in place while cur_p is in id order, else gathered by id. Also the path
 // of a test-only injection, which needs copies to write into.
 sda::fusion_result fuse_from_candidates(sda_sampler_state & st, llama_token_data_array * cur_p,
-                                        const float * without_row) {
+                                        const float * without_row, bool & in_id_order) {
     const size_t n = cur_p->size;
     if (st.with_logits.size() < n) {
         st.with_logits.resize(n);
         st.without_logits.resize(n);
     }
-    bool in_id_order = true;
+    in_id_order = true;
     for (size_t j = 0; j < n; ++j) {
         st.with_logits[j] = cur_p->data[j].logit;
         in_id_order &= cur_p->data[j].id == static_cast<llama_token>(j);
@@ -185,7 +194,46 @@ sda::fusion_result fuse_from_candidates(sda_sampler_state & st, llama_token_data
         (st.guard.inject_row == SDA_ROW_WITH ? st.with_logits : st.without_logits)[0] = st.guard.inject_value;
     }
     candidates_sink sink(cur_p->data, nullptr);
-    return sda::fuse_scaled(st.with_logits.data(), z_without, n, st.params, st.workspace, sink);
+    return sda::fuse_scaled(st.with_logits.data(), z_without, n, st.params, st.workspace, sink, &st.steering);
+}
+
+// The echo guard after the fusion: each token that would make the answer's last echo_run tokens a run of the
+// instruction gets its without-instruction log-probability on the fused scale. `in_id_order`: cur_p holds the
+// whole vocabulary by id (the usual case), else a token's place is searched for.
+void apply_echo_guard(sda_sampler_state & st, llama_token_data_array * cur_p, const float * without_row,
+                      const sda::fusion_result & r, bool in_id_order) {
+    const int32_t run = st.steering.echo_run;
+    if (run <= 0 || st.echo_tokens.empty() || !(static_cast<double>(st.params.k) * st.params.strength > 0.0)) return;
+    st.guarded.clear();
+    for (size_t j = 0; j < st.echo_tokens.size(); ++j) {
+        if (st.echo_tokens[j] >= 0 && st.echo_match[j] + 1 >= run) st.guarded.push_back(st.echo_tokens[j]);
+    }
+    for (const int32_t id : st.guarded) {
+        if (static_cast<size_t>(id) >= st.n_vocab) continue;
+        size_t pos = static_cast<size_t>(id);
+        if (!in_id_order) {
+            pos = cur_p->size;
+            for (size_t j = 0; j < cur_p->size; ++j) {
+                if (cur_p->data[j].id == id) {
+                    pos = j;
+                    break;
+                }
+            }
+            if (pos == cur_p->size) continue;
+        }
+        float & logit = cur_p->data[pos].logit;
+        logit = sda::guard_value(r, without_row[id], logit);
+    }
+}
+
+void sda_sampler_accept(llama_sampler * smpl, llama_token token) {
+    sda_sampler_state & st = *state_of(smpl);
+    if (st.echo_tokens.empty()) return;
+    // match[j] <- match[j - 1] + 1 where the instruction has `token` at j - 1, else 0 (right to left, in place).
+    for (size_t j = st.echo_tokens.size() - 1; j > 0; --j) {
+        st.echo_match[j] = st.echo_tokens[j - 1] == token ? st.echo_match[j - 1] + 1 : 0;
+    }
+    st.echo_match[0] = 0;
 }
 
 void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
@@ -200,12 +248,14 @@ void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
         return;
     }
     sda::fusion_result r{};
+    bool in_id_order = true;
     const bool in_place = fuse_in_place(st, cur_p, without_row, r);
-    if (!in_place) r = fuse_from_candidates(st, cur_p, without_row);
+    if (!in_place) r = fuse_from_candidates(st, cur_p, without_row, in_id_order);
     if (r.status != SDA_OK) {
         refuse(cur_p, st.guard, r.status);
         return;
     }
+    apply_echo_guard(st, cur_p, without_row, r, in_id_order && cur_p->size == st.n_vocab);
 
     const std::chrono::duration<double> spent = std::chrono::steady_clock::now() - start;
     st.stats.n_steps += 1;
@@ -221,14 +271,19 @@ void sda_sampler_reset(llama_sampler * smpl) {
     sda_sampler_state & st = *state_of(smpl);
     st.stats = sda_stats{};
     st.guard.reset();
+    std::fill(st.echo_match.begin(), st.echo_match.end(), 0);
 }
 
 llama_sampler * sda_sampler_clone(const llama_sampler * smpl) {
     const sda_sampler_state & st = *state_of(smpl);
     llama_sampler * copy = sda_sampler_init(&st.params, static_cast<int32_t>(st.n_vocab), st.source_ctx, st.source_idx);
     if (copy != nullptr) {
-        state_of(copy)->with_ctx = st.with_ctx;
-        state_of(copy)->with_idx = st.with_idx;
+        sda_sampler_state & c = *state_of(copy);
+        c.with_ctx = st.with_ctx;
+        c.with_idx = st.with_idx;
+        c.steering = st.steering;
+        c.echo_tokens = st.echo_tokens;
+        c.echo_match = st.echo_match;
     }
     return copy;
 }
@@ -238,8 +293,12 @@ void sda_sampler_free(llama_sampler * smpl) {
 }
 
 llama_sampler_i * sda_sampler_iface() {
-    static llama_sampler_i iface =
-        make_iface(sda_sampler_name, sda_sampler_apply, sda_sampler_reset, sda_sampler_clone, sda_sampler_free);
+    static llama_sampler_i iface = [] {
+        llama_sampler_i i =
+            make_iface(sda_sampler_name, sda_sampler_apply, sda_sampler_reset, sda_sampler_clone, sda_sampler_free);
+        i.accept = sda_sampler_accept;
+        return i;
+    }();
     return &iface;
 }
 
@@ -365,6 +424,21 @@ void sda_sampler_set_rows(llama_sampler * smpl, llama_context * with_ctx, int32_
     st.with_idx = with_idx;
     st.source_ctx = without_ctx;
     st.source_idx = without_idx;
+}
+
+int32_t sda_sampler_set_steering(llama_sampler * smpl, const sda_steering * steering, const int32_t * tokens,
+                                 int32_t n_tokens) {
+    if (smpl == nullptr || smpl->iface != sda_sampler_iface() || n_tokens < 0 || (tokens == nullptr && n_tokens > 0)) {
+        return SDA_ERR_INVALID;
+    }
+    const sda_steering s = steering ? *steering : sda_steering{};
+    if (!sda::steering_valid(s)) return SDA_ERR_INVALID;
+    sda_sampler_state & st = *state_of(smpl);
+    st.steering = s;
+    st.echo_tokens.assign(tokens, tokens + n_tokens);
+    st.echo_match.assign(st.echo_tokens.size(), 0);
+    st.guarded.reserve(st.echo_tokens.size());
+    return SDA_OK;
 }
 
 void sda_sampler_get_stats(const llama_sampler * smpl, sda_stats * out) {

@@ -126,6 +126,40 @@ def main():
 
 
 
+def steering_options(f):
+    """--steering and its bounds; read them with ``steering_from_cli``."""
+    from ..engine.steering import DEFAULT_STEERING, STEERING_MODES
+
+    options = [
+        click.option("--steering", "steering_mode", type=click.Choice(STEERING_MODES), default=DEFAULT_STEERING.mode,
+                     show_default=True, help="paper: the paper's formula exactly; guarded: bounded contrast and "
+                     "the echo guard (README, Steering without echo)."),
+        click.option("--steering-clip", default=None, type=click.FloatRange(0), help="guarded: bound c on "
+                     f"|l_with - l_without| (0 = none; default {DEFAULT_STEERING.clip:g})."),
+        click.option("--echo-run", default=None, type=click.IntRange(0, 64), help="guarded: instruction runs of "
+                     f"this many tokens get no steering (0 = no guard; default {DEFAULT_STEERING.echo_run})."),
+        click.option("--plausibility", default=None, type=click.FloatRange(0, 1, max_open=True),
+                     help=f"guarded: drop tokens below this share of the top with-instruction probability "
+                     f"(default {DEFAULT_STEERING.plausibility:g})."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def steering_from_cli(mode: str, clip, echo_run, plausibility):
+    from ..engine.steering import DEFAULT_STEERING, PAPER, Steering
+
+    if mode == "paper":
+        if any(v is not None for v in (clip, echo_run, plausibility)):
+            raise InputError("--steering-clip, --echo-run and --plausibility apply to --steering guarded")
+        return PAPER
+    base = DEFAULT_STEERING if DEFAULT_STEERING.mode == "guarded" else Steering("guarded")
+    return Steering("guarded", clip=base.clip if clip is None else clip,
+                    plausibility=base.plausibility if plausibility is None else plausibility,
+                    echo_run=base.echo_run if echo_run is None else echo_run).check()
+
+
 def engine_options(f):
     options = [
         click.option("--model", "-m", default=None, help="GGUF path or catalogue name (default: the default model)."),

@@ -13,7 +13,7 @@ from ..errors import InputError
 from ..judging.factory import DEFAULT_JUDGE
 from .common import (
     engine_options, is_remote, judge_from_cli, judge_options, main, make_engine, remote_judge_options,
-    seed_callback, verify_strength
+    seed_callback, steering_from_cli, steering_options, verify_strength
 )
 
 
@@ -47,7 +47,10 @@ def _eval_judge(config, judge_url: Optional[str]):
               help="Sampling, generation and order seed, 0..4294967294 (item i uses seed + i, wrapping).")
 @click.option("--max-tokens", "-n", default=128, show_default=True, type=click.IntRange(1))
 @judge_options
-@click.option("--verify", default=None, help="Verifiable instructions to run: 'all' or comma-separated ids.")
+@click.option("--verify", default=None, help="Verifiable instructions to run: comma-separated ids; 'all' (this "
+              "project's seven), 'ifeval' (the 25 IFEval types, needs sda-local[eval]) or ifeval:TYPE.")
+@click.option("--no-fluency", is_flag=True, help="Skip the fluency metric (a teacher-forced pass per answer).")
+@steering_options
 @click.option("--verify-limit", default=30, show_default=True, type=click.IntRange(1),
               help="Queries (from the first data set) per verifiable instruction.")
 @click.option("--verify-strength", default="0.5", show_default=True, callback=verify_strength,
@@ -62,8 +65,9 @@ def _eval_judge(config, judge_url: Optional[str]):
               help="Units run at once, sharing one batched decode (same answers as 1).")
 @engine_options
 def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample, seed, max_tokens, judge, judge_url,
-                 amplifier_map, verify, verify_limit, verify_strength, verify_only, run_path, resume_path, parallel,
-                 model, n_ctx, n_threads, n_gpu_layers, streams, verbose):
+                 amplifier_map, verify, no_fluency, steering_mode, steering_clip, echo_run, plausibility, verify_limit,
+                 verify_strength, verify_only, run_path, resume_path, parallel, model, n_ctx, n_threads, n_gpu_layers,
+                 streams, verbose):
     """Evaluate SDA as the paper does (pairwise judging, gain omega) and with verifiable instructions.
 
     The paper's data sets are not shipped: see README for their sources and licences.
@@ -80,8 +84,15 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
             raise InputError("--resume continues a run with its own settings: give no --dataset or --run")
         run = RunFile(resume_path)
     else:
-        verify_ids = [] if not verify else (list(VERIFIABLE) if verify.strip() == "all"
-                                            else [v.strip() for v in verify.split(",") if v.strip()])
+        from .. import ifeval
+        from ..datasets import DEV_SET, DEV_SET_NAME
+
+        verify_ids = []
+        for v in (verify or "").split(","):
+            v = v.strip()
+            verify_ids += list(VERIFIABLE) if v == "all" else ifeval.all_ids() if v == "ifeval" else [v] if v else []
+        steering = steering_from_cli(steering_mode, steering_clip, echo_run, plausibility)
+        datasets = [DEV_SET if str(p) == DEV_SET_NAME and not p.exists() else p for p in datasets]
         config = EvalConfig(
             # Resolved: a resumed run finds its files from any directory, and unit keys hash the resolved path.
             datasets=[{"path": str(p.resolve()), "query_field": query_field, "dimensions": list(dimensions)}
@@ -92,7 +103,8 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
             judge=judge or ("openai" if judge_url else (DEFAULT_JUDGE if verify_only else "local")),
             judge_url=redact_url(judge_url) if judge_url else None, judge_options=remote_judge_options(),
             amplifier_map=amplifier_map, verify=verify_ids, verify_limit=verify_limit,
-            verify_strength=verify_strength, model=model, verify_only=verify_only)
+            verify_strength=verify_strength, model=model, verify_only=verify_only, steering=steering.to_dict(),
+            fluency=not no_fluency)
         config.check()
         if "sda" not in config.arms:
             config.arms.append("sda")

@@ -12,7 +12,8 @@ from ..engine.fusion import TEMPERATURE_MODES
 from ..errors import InputError
 from .common import (
     decode_arg, engine_options, is_remote, judge_from_cli, judge_options, main, make_engine, print_stats,
-    remote_judge_options, report_judgement, seed_callback, strength_range, t0_range, top_p_range, warn
+    remote_judge_options, report_judgement, seed_callback, steering_from_cli, steering_options, strength_range,
+    t0_range, top_p_range, warn
 )
 
 
@@ -34,6 +35,9 @@ from .common import (
 @click.option("--system", default=None, help="System prompt (default: the preset's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, stats) instead of streaming.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print generation statistics to stderr.")
+@click.option("--compare", is_flag=True, help="Also answer with prompting alone (the instruction, a = 0) for the "
+              "same seed, and show both answers side by side with a, the mean JS and the echo/degeneration flags.")
+@steering_options
 @click.option("--input", "input_path", type=click.Path(path_type=Path), default=None,
               help="Batch mode: JSONL file of {query, id?, instruction?, strength?, seed?, max_tokens?, temperature_mode?}.")
 @click.option("--output", "output_path", type=click.Path(path_type=Path), default=None,
@@ -43,8 +47,9 @@ from .common import (
               help="Batch mode: lines generated at once, sharing one batched decode (same results as 1).")
 @engine_options
 def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_failure, max_tokens, seed,
-             temperature_mode, t0, top_p, system, as_json, show_stats, input_path, output_path, resume, parallel, model, n_ctx,
-             n_threads, n_gpu_layers, streams, verbose):
+             temperature_mode, t0, top_p, system, as_json, show_stats, compare, steering_mode, steering_clip, echo_run,
+             plausibility, input_path, output_path, resume, parallel, model, n_ctx, n_threads, n_gpu_layers, streams,
+             verbose):
     """Answer QUERY with SDA steering towards --align (streamed to stdout).
 
     With --align and no --strength, the full pipeline runs: a first answer without the instruction, a judge
@@ -55,12 +60,17 @@ def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_f
     if align is not None and align.strip().lower() == "none":
         align = None
     system = decode_arg("--system", system)
+    steering = steering_from_cli(steering_mode, steering_clip, echo_run, plausibility)
     options = dict(max_tokens=max_tokens, t0=t0, top_p=top_p, temperature_mode=temperature_mode, seed=seed,
-                   system=system)
+                   system=system, steering=steering)
     pipeline = dict(strength=strength, amplifier_map=amplifier_map, on_judge_failure=on_judge_failure,
                     on_warning=warn, on_judged=report_judgement)
     judge_spec = (judge, judge_url)
+    if compare and align is None:
+        raise InputError("--compare needs --align (it compares prompting alone with SDA)")
     if input_path is not None or output_path is not None:
+        if compare:
+            raise InputError("--compare applies to one QUERY, not to batch mode")
         if query is not None:
             raise InputError("give either a QUERY or --input/--output, not both")
         if input_path is None or output_path is None:
@@ -81,6 +91,22 @@ def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_f
     engine = make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose)
     judge_obj = None
     try:
+        if compare:
+            import secrets
+
+            from ..compare import compare_answers, render_comparison
+
+            judge_obj = judge_from_cli(judge_spec, engine, needed=strength is None)
+            if options["seed"] is None:  # both answers need the same one
+                options["seed"] = secrets.randbelow(2**31)
+            comparison = compare_answers(engine, query, align, judge=judge_obj, pipeline=pipeline, options=options)
+            if as_json:
+                click.echo(json.dumps(comparison.to_dict(), ensure_ascii=False))
+            else:
+                click.echo(render_comparison(comparison))
+            if show_stats:
+                print_stats(comparison.sda.stats)
+            return
         if align is not None:
             judge_obj = judge_from_cli(judge_spec, engine, needed=strength is None)
             stream = align_stream(engine, query, align, judge=judge_obj, **pipeline, **options)

@@ -25,6 +25,7 @@ from .fusion import DEFAULT_K, DEFAULT_T0, DEFAULT_TOP_P, MIN_TOP_P, check_fusio
 from .layout import STREAM_MODES, KVLayout, common_prefix_length
 from .requests import GenerationRequest, GenerationResult, GenerationStats
 from .sampling import RequestSampler
+from .steering import DEFAULT_STEERING, Steering
 from .scheduler import Job, Scheduler
 
 MAX_PARALLEL = 128
@@ -154,12 +155,15 @@ class SDAEngine:
         ignore_eos: bool = False,
         stop: Sequence[str] = (),
         history: Sequence[Tuple[str, str]] = (),
+        steering: Optional[Steering] = None,
     ) -> GenerationStream:
         """Generate, yielding text pieces as they are decoded.
 
         ``instruction``: a preset name (helpfulness, harmlessness, honesty, empathy, summarization), any
         instruction text, or None for plain generation (one stream at temperature ``t0`` with top-p).
-        ``strength`` is the amplifier a of SPEC.md (0 = prompting with the instruction). ``history``: earlier
+        ``strength`` is the amplifier a of SPEC.md (0 = prompting with the instruction). ``steering``: how the
+        streams are contrasted (steering.Steering; None: DEFAULT_STEERING, steering.PAPER: the paper's formula
+        exactly). ``history``: earlier
         (user, assistant) turns of a conversation. ``stop``: strings that end the answer. A slot's cache
         keeps what earlier calls left, and a prompt that extends it prefills only its new tokens; the
         result is the same as from an empty cache (layout.py), so it depends on the arguments alone.
@@ -177,14 +181,18 @@ class SDAEngine:
             prompt_with, prompt_without = self.formatter.render(system or QUESTION_SYSTEM, query, history), None
         return GenerationStream(self, self.request(
             prompt_with, prompt_without, strength=strength, max_tokens=max_tokens, t0=t0, top_p=top_p,
-            temperature_mode=temperature_mode, seed=seed, k=k, ignore_eos=ignore_eos, stop=stop))
+            temperature_mode=temperature_mode, seed=seed, k=k, ignore_eos=ignore_eos, stop=stop,
+            steering=steering, instruction=alignment.instruction if alignment is not None else None))
 
     def request(self, prompt_with: str, prompt_without: Optional[str] = None, *, strength: float = 0.5,
                 max_tokens: int = 256, t0: float = DEFAULT_T0, top_p: float = DEFAULT_TOP_P,
                 temperature_mode: str = "paper", seed: Optional[int] = None, k: float = DEFAULT_K,
                 ignore_eos: bool = False, stop: Sequence[str] = (), grammar: Optional[str] = None,
-                capture_logits: bool = False) -> GenerationRequest:
-        """A validated, tokenized request from rendered prompts (``prompt_without`` None: plain)."""
+                capture_logits: bool = False, steering: Optional[Steering] = None,
+                instruction: Optional[str] = None) -> GenerationRequest:
+        """A validated, tokenized request from rendered prompts (``prompt_without`` None: plain).
+        ``steering``: how the streams are contrasted (steering.py); its echo guard needs the ``instruction``
+        text."""
         if self.model is None:
             raise ModelError("the engine is closed")
         check_fusion_params(strength, k, t0, temperature_mode)
@@ -197,12 +205,30 @@ class SDAEngine:
         if not all(isinstance(s, str) for s in stop):
             raise InputError("stop must be a string or a list of strings")
         seed = secrets.randbelow(2**31) if seed is None else check_seed(seed)
+        steering = DEFAULT_STEERING if steering is None else steering
+        if not isinstance(steering, Steering):
+            raise InputError(f"steering must be a Steering, got {steering!r}")
+        steering.check()
+        echo_sources = ()
+        if steering.echo_run > 0 and instruction and prompt_without is not None:
+            echo_sources = self.instruction_sources(instruction)
         return GenerationRequest(
             tokens_with=self.tokenize_prompt(prompt_with),
             tokens_without=self.tokenize_prompt(prompt_without) if prompt_without is not None else None,
             max_tokens=max_tokens, seed=seed, strength=float(strength), k=float(k), t0=float(t0),
             top_p=float(top_p), temperature_mode=temperature_mode, ignore_eos=ignore_eos, grammar=grammar,
-            stop=tuple(stop), capture_logits=capture_logits, prompt_with=prompt_with, prompt_without=prompt_without)
+            stop=tuple(stop), capture_logits=capture_logits, steering=steering, echo_sources=echo_sources,
+            prompt_with=prompt_with, prompt_without=prompt_without)
+
+    def instruction_sources(self, instruction: str) -> Tuple[Tuple[int, ...], ...]:
+        """The instruction's tokens as an answer may copy them: at the start of a line (as the with-prompt has
+        it after the query) and after a space, as plain text."""
+        out = []
+        for text in (instruction, " " + instruction):
+            tokens = tuple(self.model.tokenize(text, add_bos=False, special=False))
+            if tokens and tokens not in out:
+                out.append(tokens)
+        return tuple(out)
 
     def submit(self, request: GenerationRequest, *, listener=None) -> Job:
         """Queue a request in the scheduler; follow it with ``scheduler.pieces(job)`` or ``scheduler.wait``,
@@ -220,6 +246,7 @@ class SDAEngine:
             mode="sda" if steered else "plain", streams=self.streams_mode, fusion_backend=sampler.backend,
             strength=request.strength if steered else None,
             temperature_mode=request.temperature_mode if steered else None, t0=request.t0, top_p=request.top_p,
+            steering=request.steering.to_dict() if steered else None,
             seed=request.seed, prompt_tokens_with=len(request.tokens_with),
             prompt_tokens_without=len(request.tokens_without) if steered else None,
             shared_prefix_tokens=common_prefix_length(request.tokens_with, request.tokens_without) if steered else 0,

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import llama_cpp  # noqa: F401  (must be loaded first, see above)
 import numpy as np
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 # enum sda_status of sda.h: the non-finite codes, as (value, row).
 NONFINITE_CODES = {-2: ("NaN", "with"), -3: ("+inf", "with"), -4: ("NaN", "without"), -5: ("+inf", "without")}
 ROWS = {"with": 0, "without": 1}  # enum sda_row
@@ -32,6 +32,14 @@ class SDAParams(ctypes.Structure):
         ("k", ctypes.c_float),
         ("t0", ctypes.c_float),
         ("temperature_mode", ctypes.c_int32),
+    ]
+
+
+class SDASteering(ctypes.Structure):
+    _fields_ = [
+        ("clip", ctypes.c_float),
+        ("plausibility", ctypes.c_float),
+        ("echo_run", ctypes.c_int32),
     ]
 
 
@@ -48,6 +56,7 @@ class SDAStats(ctypes.Structure):
 
 
 _float_p = ctypes.POINTER(ctypes.c_float)
+_int32_p = ctypes.POINTER(ctypes.c_int32)
 _state = {"lib": None, "error": None, "path": None, "tried": False}
 
 
@@ -68,6 +77,10 @@ def declare_fusion(lib: ctypes.CDLL) -> None:
     lib.sda_simd_width.restype = ctypes.c_int32
     lib.sda_fuse.argtypes = [_float_p, _float_p, ctypes.c_int32, ctypes.POINTER(SDAParams), _float_p, _float_p, _float_p]
     lib.sda_fuse.restype = ctypes.c_int32
+    lib.sda_fuse_steered.argtypes = [_float_p, _float_p, ctypes.c_int32, ctypes.POINTER(SDAParams),
+                                     ctypes.POINTER(SDASteering), _int32_p, ctypes.c_int32, _float_p, _float_p,
+                                     _float_p]
+    lib.sda_fuse_steered.restype = ctypes.c_int32
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -79,6 +92,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sda_sampler_set_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
                                          ctypes.c_int32]
     lib.sda_sampler_set_rows.restype = None
+    lib.sda_sampler_set_steering.argtypes = [ctypes.c_void_p, ctypes.POINTER(SDASteering), _int32_p, ctypes.c_int32]
+    lib.sda_sampler_set_steering.restype = ctypes.c_int32
     lib.sda_sampler_get_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(SDAStats)]
     lib.sda_sampler_get_stats.restype = None
     lib.sda_guard_sampler_init.argtypes = []
@@ -137,6 +152,42 @@ def simd() -> Optional[str]:
 
 def make_params(strength: float, k: float, t0: float, temperature_mode: int) -> SDAParams:
     return SDAParams(strength, k, t0, temperature_mode)
+
+
+def make_steering(steering) -> SDASteering:
+    """The C struct of a steering.Steering."""
+    return SDASteering(steering.clip, steering.plausibility, steering.echo_run)
+
+
+def set_steering(lib: ctypes.CDLL, sampler: int, steering, sources) -> None:
+    """Give an SDA sampler its steering and the instruction's token sequences (the echo guard's runs)."""
+    flat = []
+    for s in sources:
+        flat.extend(int(t) for t in s)
+        flat.append(-1)
+    tokens = (ctypes.c_int32 * max(1, len(flat)))(*flat)
+    if lib.sda_sampler_set_steering(sampler, ctypes.byref(make_steering(steering)), tokens, len(flat)) != 0:
+        raise ValueError("sda_sampler_set_steering rejected its arguments")
+
+
+def fuse_steered(lib: ctypes.CDLL, logits_with: np.ndarray, logits_without: np.ndarray, strength: float, k: float,
+                 t0: float, temperature_mode: int, steering, guarded) -> Tuple[np.ndarray, float, float]:
+    """Call sda_fuse_steered (``guarded``: the echo guard's token ids at this step)."""
+    out = np.empty_like(logits_with)
+    temperature, js = ctypes.c_float(), ctypes.c_float()
+    ids = np.ascontiguousarray(np.asarray(guarded if guarded is not None else [], dtype=np.int32))
+    rc = lib.sda_fuse_steered(
+        logits_with.ctypes.data_as(_float_p), logits_without.ctypes.data_as(_float_p), logits_with.size,
+        ctypes.byref(make_params(strength, k, t0, temperature_mode)), ctypes.byref(make_steering(steering)),
+        ids.ctypes.data_as(_int32_p), ids.size, out.ctypes.data_as(_float_p), ctypes.byref(temperature),
+        ctypes.byref(js))
+    if rc in NONFINITE_CODES:
+        from .fusion import NonFiniteLogitsError
+
+        raise NonFiniteLogitsError(*NONFINITE_CODES[rc])
+    if rc != 0:
+        raise ValueError(f"sda_fuse_steered rejected its arguments (code {rc})")
+    return out, float(temperature.value), float(js.value)
 
 
 def fuse(

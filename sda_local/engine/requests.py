@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
 
 from .fusion import DEFAULT_K, DEFAULT_T0, DEFAULT_TOP_P
+from .steering import PAPER, Steering
 
 
 @dataclass
@@ -31,6 +32,9 @@ class GenerationRequest:
     grammar: Optional[str] = None
     stop: Tuple[str, ...] = ()
     capture_logits: bool = False
+    steering: Steering = PAPER
+    # The instruction's tokens as the answer might copy them (the echo guard's runs; empty: no guard).
+    echo_sources: Tuple[Tuple[int, ...], ...] = ()
     prompt_with: str = field(default="", repr=False)
     prompt_without: Optional[str] = field(default=None, repr=False)
 
@@ -74,6 +78,8 @@ class GenerationStats:
     # "stop" (end-of-generation token or stop string), "length" (max_tokens), "context" (the slot is full),
     # "cancelled" (the caller went away), "error" (the job failed: the error is raised to the caller)
     finish_reason: str = "length"
+    steering: Optional[dict] = None  # Steering.to_dict() of an SDA generation
+
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -38,6 +38,7 @@ from .fusion import (
     nonfinite_value,
 )
 from .requests import GenerationRequest
+from .steering import EchoTracker, fuse_steered_numpy
 
 TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 assert TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
@@ -72,15 +73,20 @@ class RequestSampler:
             self.chain = _chain([grammar, llama_cpp.llama_sampler_init_greedy()])
             self._sample = self._sample_row_checked
             return
+        self._echo = None  # the numpy fusion's echo guard (the native sampler keeps its own)
         if r.steered:
             native_fusion = lib is not None and not numpy_fusion
             self.backend = "native" if native_fusion else "numpy"
             if native_fusion:
                 params = native.make_params(r.strength, r.k, r.t0, TEMPERATURE_MODES[r.temperature_mode])
                 self._sda = self._head = native.sampler_init(lib, params, model.n_vocab, None, -1)
+                if not r.steering.is_paper:
+                    native.set_steering(lib, self._sda, r.steering, r.echo_sources)
                 self._sample = self._sample_native_sda
             else:
                 self._sample = self._sample_numpy
+                if r.echo_sources:
+                    self._echo = EchoTracker(r.echo_sources, r.steering.echo_run)
         else:
             if lib is not None:
                 self._head = native.guard_sampler_init(lib)
@@ -184,8 +190,13 @@ class RequestSampler:
         z_without = self._injected(self._row(without_row), "without")
         started = time.perf_counter()
         try:
-            fused, temperature, js = fuse_numpy(z_with, z_without, r.strength, k=r.k, t0=r.t0,
-                                                temperature_mode=r.temperature_mode)
+            if r.steering.is_paper:
+                fused, temperature, js = fuse_numpy(z_with, z_without, r.strength, k=r.k, t0=r.t0,
+                                                    temperature_mode=r.temperature_mode)
+            else:
+                guarded = self._echo.guarded() if self._echo is not None else None
+                fused, temperature, js = fuse_steered_numpy(z_with, z_without, r.strength, r.steering, guarded,
+                                                            k=r.k, t0=r.t0, temperature_mode=r.temperature_mode)
         except NonFiniteLogitsError as exc:
             raise generation_stopped(exc.value, exc.row, self.steps) from None
         self._totals[0] += js
@@ -200,6 +211,8 @@ class RequestSampler:
         llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(arr))
         token = arr.data[arr.selected].id
         llama_cpp.llama_sampler_accept(self.chain, token)
+        if self._echo is not None:
+            self._echo.accept(token)
         return token
 
 

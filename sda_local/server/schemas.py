@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..amplifier import AMPLIFIER_MAPS
 from ..errors import InputError
 from ..engine.fusion import MAX_K, MAX_STRENGTH, MAX_T0, TEMPERATURE_MODES
+from ..engine.steering import DEFAULT_STEERING, STEERING_MODES
 from ..seeds import MAX_SEED
 
 # A request may ask for at most this many new tokens; more is refused (the slot's context bounds it too).
@@ -34,6 +35,8 @@ class SDAOptions(BaseModel):
     k: float = Field(default=2.0, ge=0, le=MAX_K)
     amplifier_map: Literal[tuple(AMPLIFIER_MAPS)] = "sigmoid"  # type: ignore[valid-type]
     on_judge_failure: str = "fixed:0.5"
+    # "guarded": the default steering (engine/steering.py, README "Steering without echo"); "paper": the formula.
+    steering: Literal[STEERING_MODES] = DEFAULT_STEERING.mode  # type: ignore[valid-type]
 
     @field_validator("align")
     @classmethod

@@ -14,6 +14,7 @@ from typing import AsyncIterator, List, Optional, Tuple
 from ..engine import SDAEngine
 from ..engine.fusion import DEFAULT_T0, DEFAULT_TOP_P, MIN_T0
 from ..engine.requests import GenerationRequest
+from ..engine.steering import DEFAULT_STEERING, PAPER
 from ..engine.scheduler import Job
 from ..errors import InputError
 from ..judging import JudgeError
@@ -133,7 +134,9 @@ class GenerationService:
         engine = self.engine
         judged = sda.strength is None and sda.judge == "server" and self.judge is not None
         strength = sda.strength if sda.strength is not None else DEFAULT_STRENGTH
-        request = engine.request(prompt_with, prompt_without, strength=strength, **options)
+        steering = DEFAULT_STEERING if sda.steering == DEFAULT_STEERING.mode else PAPER
+        request = engine.request(prompt_with, prompt_without, strength=strength, steering=steering,
+                                 instruction=alignment.instruction, **options)
         plan = Plan(request, sda, conv, alignment)
         plan.report = {"amplifier": strength, "score": None, "judge": None, "rubric_version": None,
                        "amplifier_source": "strength" if sda.strength is not None else "default"}
