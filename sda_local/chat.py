@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
 from .amplifier import AMPLIFIER_MAPS
+from .engine.fusion import DEFAULT_TEMPERATURE_MODE
 from .errors import InputError, SDAError
 from .judging import DEFAULT_JUDGE, RemoteJudge, format_score, make_judge, redact_url
 from .logs import LogWriteError
@@ -60,7 +61,7 @@ class ChatSettings:
     system: Optional[str] = None
     seed: Optional[int] = None
     max_tokens: int = 512
-    temperature_mode: str = "paper"
+    temperature_mode: str = DEFAULT_TEMPERATURE_MODE
     amplifier_map: str = "sigmoid"
     on_judge_failure: str = f"fixed:{DEFAULT_STRENGTH}"
     judge_options: Optional[dict] = None  # make_judge's remote options (read_timeout, max_attempts, ...)

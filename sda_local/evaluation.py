@@ -3,8 +3,10 @@
 Per item and alignment dimension the arms are:
   base           the answer without the instruction (it is also the initial answer the judge scores),
   prompt-only    the instruction in the prompt, a = 0, fixed temperature,
-  steering-only  judge-derived a, fixed temperature T0,
-  sda            judge-derived a, the paper's divergence-aware temperature.
+  steering-only  judge-derived a, fixed temperature T0 (left out when the sda arm's temperature is fixed too:
+                 it would be the same answer),
+  sda            judge-derived a, the run's steering and temperature (by default the guarded steering at T0;
+                 ``--steering paper --temperature-mode paper`` is the paper's method).
 SDA is judged pairwise against every other arm: both answers scored 1-100 in one judge call, their order
 shuffled with a recorded seed; win/loss/tie, gain omega = (wins - losses) / (wins + losses + ties), judge
 failures left out of the denominator and counted.
@@ -45,13 +47,14 @@ from .prompts import resolve_alignment
 from .rubrics import rubric_for
 from .seeds import check_seed, derive_seed
 from . import ifeval, quality
+from .engine.fusion import DEFAULT_TEMPERATURE_MODE, TEMPERATURE_MODES
 from .engine.steering import DEFAULT_STEERING, PAPER, Steering
 from .verifiable import VERIFIABLE
 
 ARMS = ("base", "prompt-only", "steering-only", "sda")
 # Arms of the verifiable metric only: "paper" is the paper's formula at a = FIXED_STRENGTH (beside the default
 # steering); "sda-fixed" (with --verify-strength judge) the run's steering at that a.
-VERIFY_ONLY_ARMS = ("paper",)
+VERIFY_ONLY_ARMS = ("paper", "sda-fixed")
 FIXED_STRENGTH = 0.5  # the "sda-fixed" arm of --verify-strength judge
 RUN_VERSION = 2  # 2: unit keys carry the data file's path hash; version 1 files resume with their own keys
 
@@ -76,6 +79,7 @@ class EvalConfig:
     model: Optional[str] = None
     verify_only: bool = False  # no judged protocol, only the verifiable instructions
     steering: Optional[dict] = None  # Steering fields of the steered arms; None: DEFAULT_STEERING
+    temperature_mode: Optional[str] = None  # of the sda and sda-fixed arms; None: DEFAULT_TEMPERATURE_MODE
     fluency: bool = True  # the verifiable metric's answers are teacher-forced for their fluency
 
     @property
@@ -88,7 +92,7 @@ class EvalConfig:
             raise InputError(f"unknown arm(s) {', '.join(unknown) or '(none)'} (choose from "
                              f"{', '.join(ARMS + VERIFY_ONLY_ARMS)})")
         if not self.verify_only and any(a in VERIFY_ONLY_ARMS for a in self.arms):
-            raise InputError("the paper arm belongs to the verifiable metric: add --verify-only")
+            raise InputError("the paper and sda-fixed arms belong to the verifiable metric: add --verify-only")
         bad = [v for v in self.verify if v not in VERIFIABLE and not ifeval.is_ifeval(v)]
         if bad:
             raise InputError(f"unknown verifiable instruction(s) {', '.join(bad)} (choose from {', '.join(VERIFIABLE)}, "
@@ -96,6 +100,23 @@ class EvalConfig:
         if any(ifeval.is_ifeval(v) for v in self.verify):
             ifeval.make_case(ifeval.TYPES[0], "q", 0)  # the package is there (a one-line error otherwise)
         self.steering_obj.check()
+        if self.temperature_mode is not None and self.temperature_mode not in TEMPERATURE_MODES:
+            raise InputError(f"unknown temperature mode {self.temperature_mode!r}")
+
+    def resolve_defaults(self) -> None:
+        """Write the defaults into the config, so that a resumed run keeps them whatever later versions default to."""
+        if self.steering is None:
+            self.steering = DEFAULT_STEERING.to_dict()
+        if self.temperature_mode is None:
+            self.temperature_mode = DEFAULT_TEMPERATURE_MODE
+
+    @property
+    def sda_temperature(self) -> str:
+        return self.temperature_mode or DEFAULT_TEMPERATURE_MODE
+
+    def active_arms(self, arms: List[str]) -> List[str]:
+        """steering-only is the sda arm itself when that runs at the fixed temperature: left out."""
+        return [a for a in arms if not (a == "steering-only" and self.sda_temperature == "fixed")]
         if not self.datasets:
             raise InputError("no dataset given (--dataset PATH)")
         if all(a == "sda" for a in self.arms):  # both metrics compare SDA with the other arms
@@ -114,8 +135,9 @@ class EvalConfig:
     def verify_arms(self) -> List[str]:
         """The verifiable metric's arms: with --verify-strength judge, "sda-fixed" (a = FIXED_STRENGTH) runs
         beside the pipeline's own a, so that the judge's a is compared with a fixed one."""
-        arms = [a for a in ARMS + ("paper",) if a in self.arms and a != "sda"]
-        if self.verify_strength == "judge":
+        arms = [a for a in self.active_arms([a for a in ARMS + ("paper",) if a in self.arms and a != "sda"])]
+        # With the judge, sda-fixed runs beside the pipeline's a unless the arms were chosen without it.
+        if self.verify_strength == "judge" and ("sda-fixed" in self.arms or set(self.arms) == set(ARMS)):
             arms.append("sda-fixed")
         return arms + ["sda"]
 
@@ -130,6 +152,7 @@ class RunFile:
         if config is None:  # resume
             self.config = self._load()
         else:
+            config.resolve_defaults()
             if path.exists() and path.stat().st_size > 0:
                 raise InputError(f"{path} already holds a run: use --resume {path}, or choose another file")
             self.config = config
@@ -153,6 +176,7 @@ class RunFile:
             self.version = header["version"]
             fields = dict(header["config"])
             fields.setdefault("steering", PAPER.to_dict())  # runs from before the steering option: the paper's
+            fields.setdefault("temperature_mode", "paper")  # and its temperature
             config = EvalConfig(**fields)
             self.records = [json.loads(line) for line in lines[1:] if line.strip()]
         except (IndexError, ValueError, TypeError, UnicodeDecodeError) as exc:
@@ -351,8 +375,9 @@ class Evaluation:
     def run_judged(self, unit: JudgedUnit) -> None:
         key, dimension, seed, query = unit.key, unit.dimension, unit.seed, unit.query
         alignment = resolve_alignment(dimension)
-        arms = self.config.arms
+        arms = self.config.active_arms(self.config.arms)
         steering = self.config.steering_obj
+        temperature = self.config.sda_temperature
         base = self._answer(key, "base", query, None, seed, system=alignment.system)
         score = self._initial_score(key, query, alignment, base["text"])
         a = score["amplifier"]
@@ -363,7 +388,7 @@ class Evaluation:
         if "steering-only" in arms:
             texts["steering-only"] = self._answer(key, "steering-only", query, dimension, seed, strength=a,
                                                   temperature_mode="fixed", steering=steering)["text"]
-        texts["sda"] = self._answer(key, "sda", query, dimension, seed, strength=a, temperature_mode="paper",
+        texts["sda"] = self._answer(key, "sda", query, dimension, seed, strength=a, temperature_mode=temperature,
                                     steering=steering)["text"]
         for arm in arms:
             if arm != "sda":
@@ -374,14 +399,15 @@ class Evaluation:
         arms = self.config.verify_arms
         s = self.config.verify_strength
         steering = self.config.steering_obj
+        temperature = self.config.sda_temperature
         base = self._base_answer(key, query, seed) if "base" in arms or s == "judge" else None
         if s == "judge":  # the pipeline: the base answer is the initial answer, the judge sets a
             s = self._initial_score(key, query, resolve_alignment(instruction), base["text"])["amplifier"]
         plans = {"prompt-only": dict(strength=0.0, temperature_mode="fixed"),
                  "steering-only": dict(strength=s, temperature_mode="fixed", steering=steering),
                  "paper": dict(strength=FIXED_STRENGTH, temperature_mode="paper", steering=PAPER),
-                 "sda-fixed": dict(strength=FIXED_STRENGTH, temperature_mode="paper", steering=steering),
-                 "sda": dict(strength=s, temperature_mode="paper", steering=steering)}
+                 "sda-fixed": dict(strength=FIXED_STRENGTH, temperature_mode=temperature, steering=steering),
+                 "sda": dict(strength=s, temperature_mode=temperature, steering=steering)}
         for arm in arms:
             if arm == "base":
                 text = base["text"]
@@ -417,8 +443,11 @@ class Evaluation:
         if not tokens:
             return None
         _, prompt_without = engine.formatter.pair(query, resolve_alignment(instruction))
-        with engine.forcing() as forcing:
-            (logprobs,) = forcing.continuation_logprobs([engine.tokenize_prompt(prompt_without)], tokens)
+        try:
+            with engine.forcing() as forcing:
+                (logprobs,) = forcing.continuation_logprobs([engine.tokenize_prompt(prompt_without)], tokens)
+        except (InputError, ModelError):  # an answer the forcing context cannot hold, non-finite logits
+            return None
         return round(float(logprobs.mean()), 4)
 
     def _base_answer(self, key: str, query: str, seed: int) -> dict:
@@ -491,10 +520,10 @@ class Evaluation:
         if score is None or score["score"] is None:
             return False
         steered = [self.answers.get((key, arm)) for arm in ("steering-only", "sda")
-                   if arm == "sda" or arm in self.config.arms]
+                   if arm == "sda" or arm in self.config.active_arms(self.config.arms)]
         if any(r is None or r["stats"].get("strength") != score["amplifier"] for r in steered):
             return False
-        return all(self._pair_current(key, arm) for arm in self.config.arms if arm != "sda")
+        return all(self._pair_current(key, arm) for arm in self.config.active_arms(self.config.arms) if arm != "sda")
 
     def _verify_complete(self, key: str) -> bool:
         if self.config.verify_strength == "judge":

@@ -17,6 +17,7 @@ Two things the package needs are not installable offline, and are replaced here:
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -42,7 +43,11 @@ TYPES: Tuple[str, ...] = (
 REQUIRED_TEXT_ARGS = ("keywords", "keyword", "end_phrase", "postscript_marker", "first_word", "section_spliter",
                       "prompt_to_repeat")
 
+# The answers detectable_format:constrained_response offers (the package's fixed options).
+CONSTRAINED_OPTIONS = ("My answer is yes.", "My answer is no.", "My answer is maybe.")
+
 _registry = None
+_random_lock = threading.Lock()  # make_case seeds the global random module the package draws from
 
 
 def _load():
@@ -92,7 +97,7 @@ class Case:
 
     def required_texts(self) -> List[str]:
         """The arguments the answer is asked to write out (a keyword, the end phrase, ...)."""
-        out: List[str] = []
+        out: List[str] = list(CONSTRAINED_OPTIONS) if self.type == "detectable_format:constrained_response" else []
         for name in REQUIRED_TEXT_ARGS:
             value = self.kwargs.get(name)
             if isinstance(value, str):
@@ -115,6 +120,11 @@ def make_case(type_id: str, query: str, seed: int) -> Case:
     if type_id not in TYPES:
         raise InputError(f"unknown IFEval instruction type {type_id!r}")
     checker = _load()[type_id](type_id)
+    with _random_lock:
+        return _draw(checker, type_id, query, seed)
+
+
+def _draw(checker, type_id: str, query: str, seed: int) -> Case:
     state = random.getstate()
     try:
         random.seed(f"{type_id}:{seed}")

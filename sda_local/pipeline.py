@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, List, Optional, Tuple
 
 from .amplifier import DEFAULT_MAP, AMPLIFIER_MAPS, amplifier
+from .engine.fusion import DEFAULT_TEMPERATURE_MODE
 from .errors import InputError
 from .judging import Judgement, JudgeError, make_judge
 from .prompts import check_text, resolve_alignment
@@ -136,7 +137,7 @@ def _align_stream(
     on_judge_failure: str = DEFAULT_ON_JUDGE_FAILURE,
     on_warning: Callable[[str], None] = lambda message: None,
     on_judged: Callable[[Judgement, float], None] = lambda judgement, a: None,
-    temperature_mode: str = "paper",
+    temperature_mode: str = DEFAULT_TEMPERATURE_MODE,
     on_close: Optional[Callable[[], None]] = None,
     **generate_options,
 ) -> AlignmentStream:

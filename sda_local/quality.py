@@ -27,7 +27,7 @@ DEGENERATE_REPEATS = 4
 DISTINCT2_MIN = 0.5
 DISTINCT_MIN_BIGRAMS = 16
 
-_WORD = re.compile(r"[a-z0-9']+")
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")  # quotes around a word are not part of it
 
 
 def words(text: str) -> List[str]:

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from sda_local.judging.selfscore import A_MAX
+
 LLM = os.path.join(os.path.dirname(sys.executable), "llm")
 pytestmark = pytest.mark.skipif(not os.path.exists(LLM), reason="the llm CLI is not installed")
 STEER = ["-o", "align", "Answer in fewer than 10 words.", "-o", "strength", "0.5", "-o", "seed", "1",
@@ -56,7 +58,7 @@ def test_the_judge_sets_the_amplifier_and_plain_generation_has_none(run_llm):
                      "2", "Name three fruits.")
     assert judged.returncode == 0, judged.stderr
     r = last_log(run_llm)["response_json"]
-    assert r["amplifier_source"] == "judge" and r["judge"].startswith("self:") and 0 <= r["amplifier"] <= 0.5
+    assert r["amplifier_source"] == "judge" and r["judge"].startswith("self:") and 0 <= r["amplifier"] <= A_MAX
     plain = run_llm("-m", "sda", "-o", "max_tokens", "8", "-o", "seed", "3", "Name a colour.")
     assert plain.returncode == 0, plain.stderr
     r = last_log(run_llm)["response_json"]

@@ -122,27 +122,40 @@ def test_native_echo_guard_follows_the_answer(engine):
                                              max_tokens=40)
     assert numpy_result.stats.fusion_backend == "numpy"
     assert native_result.tokens == numpy_result.tokens
+    # ... and the guard did something: without it (echo_run 0) the same seed gives another answer.
+    unguarded = engine.generate(query, instruction, strength=1.0, steering=Steering("guarded", clip=1.0), seed=11,
+                                max_tokens=40)
+    assert unguarded.tokens != native_result.tokens
 
 
 def test_guard_stops_the_copy_that_the_paper_formula_makes(engine):
-    # At a = 1 the paper's formula often recites this instruction (its words are nearly impossible without it);
-    # the guarded default does so less. Six generations, seeds 0-5, counted together: not one lucky seed.
-    from sda_local import quality
+    # IFEval instructions the paper's formula (a = 0.5, its temperature) recited in most answers of the tuning
+    # questions; the default steering at a = 1 recites them far less. 12 generations per arm, counted together.
+    pytest.importorskip("if_verifiable")
+    from sda_local import ifeval, quality
+    from sda_local.datasets import DEV_SET, load_dataset
+    from sda_local.seeds import derive_seed
 
-    instruction = "In your entire response, refrain from the use of any commas."
-    paper_echoes = guarded_echoes = 0
-    for seed, query in enumerate(["Why is the ocean salty?", "How do magnets work?"] * 3):
-        paper = engine.generate(query, instruction, strength=1.0, steering=PAPER, seed=seed, max_tokens=48)
-        guarded = engine.generate(query, instruction, strength=1.0, steering=DEFAULT_STEERING, seed=seed,
-                                  max_tokens=48)
-        paper_echoes += quality.echo(paper.text, instruction, query).echoed
-        guarded_echoes += quality.echo(guarded.text, instruction, query).echoed
-    assert paper_echoes >= 3
-    assert guarded_echoes < paper_echoes
+    questions = dict(load_dataset(DEV_SET).items)
+    echoes = {"paper": 0, "default": 0}
+    for type_id in ("keywords:frequency", "detectable_format:constrained_response",
+                    "detectable_format:multiple_sections", "keywords:forbidden_words"):
+        for index in (20, 21, 22):
+            seed = derive_seed(0, index)
+            case = ifeval.make_case(type_id, questions[index], seed)
+            for arm, options in (("paper", dict(strength=0.5, steering=PAPER, temperature_mode="paper")),
+                                 ("default", dict(strength=1.0))):
+                text = engine.generate(questions[index], case.instruction, seed=seed, max_tokens=64, **options).text
+                echoes[arm] += quality.echo(text, case.instruction, questions[index], case.required_texts()).echoed
+    assert echoes["paper"] >= 6, echoes
+    assert echoes["default"] <= echoes["paper"] // 2, echoes
 
 
 def test_steering_values_are_checked(engine):
     for bad in (Steering("nope"), Steering("guarded", clip=-1.0), Steering("guarded", plausibility=1.0),
-                Steering("guarded", echo_run=-2), Steering("guarded", clip=float("nan"))):
+                Steering("guarded", echo_run=-2), Steering("guarded", clip=float("nan")),
+                Steering("paper", clip=1.0)):
         with pytest.raises(InputError):
             engine.generate("Hi", "Answer briefly.", strength=0.5, steering=bad, max_tokens=2, seed=0)
+    with pytest.raises(InputError):
+        Steering("paper", echo_run=2).check()  # the paper's formula has no guard

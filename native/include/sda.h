@@ -80,7 +80,8 @@ struct sda_params {
  *   clip > 0:         l = l_with + g clamp(l_with - l_without, -clip, clip)   (a bounded contrast)
  *   plausibility > 0: tokens with p_with < plausibility * max p_with are dropped (-inf) before the contrast
  *   echo_run > 0:     the echo guard: a token that would make the answer's last echo_run tokens a run of the
- *                     instruction's tokens gets l = l_without (no likelier than without the instruction). */
+ *                     instruction's tokens gets l = l_without (as likely as without the instruction).
+ * The bounded path shifts its output by max l_with + g clip (clip > 0) or by the paper's top steered logit. */
 struct sda_steering {
     float   clip;
     float   plausibility;

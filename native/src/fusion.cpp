@@ -190,7 +190,7 @@ inline V bounded_value(V zw, V zo, const bounded_constants & c) {
     }
     V out = (lp + d * c.gain - c.top) * c.inv_t;
     out = select(zo == kNegInfD, (lp - c.top) * c.inv_t, out);  // impossible without the instruction: unsteered
-    return select(zw < c.floor || zw == kNegInfD, splat(kNegInfD, out), out);
+    return select((zw < c.floor) | (zw == kNegInfD), splat(kNegInfD, out), out);  // | : vector masks too
 }
 
 void bounded_block(const float * zw, const float * zo, size_t start, size_t end, const bounded_constants & c,

@@ -229,6 +229,10 @@ void apply_echo_guard(sda_sampler_state & st, llama_token_data_array * cur_p, co
 void sda_sampler_accept(llama_sampler * smpl, llama_token token) {
     sda_sampler_state & st = *state_of(smpl);
     if (st.echo_tokens.empty()) return;
+    if (token < 0) {  // LLAMA_TOKEN_NULL after a refused step: no run, and never a separator's match
+        std::fill(st.echo_match.begin(), st.echo_match.end(), 0);
+        return;
+    }
     // match[j] <- match[j - 1] + 1 where the instruction has `token` at j - 1, else 0 (right to left, in place).
     for (size_t j = st.echo_tokens.size() - 1; j > 0; --j) {
         st.echo_match[j] = st.echo_tokens[j - 1] == token ? st.echo_match[j - 1] + 1 : 0;

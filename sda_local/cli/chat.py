@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..engine.fusion import TEMPERATURE_MODES
+from ..engine.fusion import DEFAULT_TEMPERATURE_MODE, TEMPERATURE_MODES
 from ..errors import InputError, SDAError
 from ..judging.factory import DEFAULT_JUDGE
 from .common import (
@@ -43,7 +43,8 @@ def _read_message(prompt: str = ">>> ") -> str:
 @click.option("--seed", default=None, type=int, callback=seed_callback,
               help="Seed of turn 1, 0..4294967294 (turn n: seed + n - 1, wrapping).")
 @click.option("--max-tokens", "-n", default=512, show_default=True, type=click.IntRange(1))
-@click.option("--temperature-mode", type=click.Choice(list(TEMPERATURE_MODES)), default="paper", show_default=True)
+@click.option("--temperature-mode", type=click.Choice(list(TEMPERATURE_MODES)), default=DEFAULT_TEMPERATURE_MODE,
+              show_default=True, help="fixed: T0; paper: the paper's divergence-aware temperature; reference.")
 @click.option("--no-log", is_flag=True, help="Do not append the turns to the conversation log.")
 @engine_options
 def chat(align, strength, judge, judge_url, amplifier_map, on_judge_failure, system, seed, max_tokens,

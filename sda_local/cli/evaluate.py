@@ -49,6 +49,8 @@ def _eval_judge(config, judge_url: Optional[str]):
 @judge_options
 @click.option("--verify", default=None, help="Verifiable instructions to run: comma-separated ids; 'all' (this "
               "project's seven), 'ifeval' (the 25 IFEval types, needs sda-local[eval]) or ifeval:TYPE.")
+@click.option("--temperature-mode", type=click.Choice(["paper", "reference", "fixed"]), default=None,
+              help="Temperature of the sda arms (default: fixed, T0; paper: the paper's divergence-aware one).")
 @click.option("--no-fluency", is_flag=True, help="Skip the fluency metric (a teacher-forced pass per answer).")
 @steering_options
 @click.option("--verify-limit", default=30, show_default=True, type=click.IntRange(1),
@@ -65,7 +67,7 @@ def _eval_judge(config, judge_url: Optional[str]):
               help="Units run at once, sharing one batched decode (same answers as 1).")
 @engine_options
 def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample, seed, max_tokens, judge, judge_url,
-                 amplifier_map, verify, no_fluency, steering_mode, steering_clip, echo_run, plausibility, verify_limit,
+                 amplifier_map, verify, temperature_mode, no_fluency, steering_mode, steering_clip, echo_run, plausibility, verify_limit,
                  verify_strength, verify_only, run_path, resume_path, parallel, model, n_ctx, n_threads, n_gpu_layers,
                  streams, verbose):
     """Evaluate SDA as the paper does (pairwise judging, gain omega) and with verifiable instructions.
@@ -91,6 +93,7 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
         for v in (verify or "").split(","):
             v = v.strip()
             verify_ids += list(VERIFIABLE) if v == "all" else ifeval.all_ids() if v == "ifeval" else [v] if v else []
+        verify_ids = list(dict.fromkeys(verify_ids))  # "all,no_commas": each instruction once
         steering = steering_from_cli(steering_mode, steering_clip, echo_run, plausibility)
         datasets = [DEV_SET if str(p) == DEV_SET_NAME and not p.exists() else p for p in datasets]
         config = EvalConfig(
@@ -104,7 +107,7 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
             judge_url=redact_url(judge_url) if judge_url else None, judge_options=remote_judge_options(),
             amplifier_map=amplifier_map, verify=verify_ids, verify_limit=verify_limit,
             verify_strength=verify_strength, model=model, verify_only=verify_only, steering=steering.to_dict(),
-            fluency=not no_fluency)
+            fluency=not no_fluency, temperature_mode=temperature_mode)
         config.check()
         if "sda" not in config.arms:
             config.arms.append("sda")

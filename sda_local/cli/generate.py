@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..engine.fusion import TEMPERATURE_MODES
+from ..engine.fusion import DEFAULT_TEMPERATURE_MODE, TEMPERATURE_MODES
 from ..errors import InputError
 from .common import (
     decode_arg, engine_options, is_remote, judge_from_cli, judge_options, main, make_engine, print_stats,
@@ -28,7 +28,8 @@ from .common import (
               help="What a failed judgement does: error | fixed:A | prompt-only.")
 @click.option("--max-tokens", "-n", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=None, type=int, callback=seed_callback, help="Sampling seed, 0..4294967294 (default: random).")
-@click.option("--temperature-mode", type=click.Choice(list(TEMPERATURE_MODES)), default="paper", show_default=True)
+@click.option("--temperature-mode", type=click.Choice(list(TEMPERATURE_MODES)), default=DEFAULT_TEMPERATURE_MODE,
+              show_default=True, help="fixed: T0; paper: the paper's divergence-aware temperature; reference.")
 @click.option("--t0", default=0.6, show_default=True, type=float, callback=t0_range, help="Base temperature T0.")
 @click.option("--top-p", default=0.95, show_default=True, type=float, callback=top_p_range,
               help="Nucleus (top-p) mass.")

@@ -21,7 +21,8 @@ from ..gguf_model import GGUFModel
 from ..prompts import QUESTION_SYSTEM, PromptFormatter, check_text, resolve_alignment
 from ..seeds import check_seed
 from . import native
-from .fusion import DEFAULT_K, DEFAULT_T0, DEFAULT_TOP_P, MIN_TOP_P, check_fusion_params, logit_injection_from_env
+from .fusion import (DEFAULT_K, DEFAULT_T0, DEFAULT_TEMPERATURE_MODE, DEFAULT_TOP_P, MIN_TOP_P, check_fusion_params,
+                     logit_injection_from_env)
 from .layout import STREAM_MODES, KVLayout, common_prefix_length
 from .requests import GenerationRequest, GenerationResult, GenerationStats
 from .sampling import RequestSampler
@@ -148,7 +149,7 @@ class SDAEngine:
         max_tokens: int = 256,
         t0: float = DEFAULT_T0,
         top_p: float = DEFAULT_TOP_P,
-        temperature_mode: str = "paper",
+        temperature_mode: str = DEFAULT_TEMPERATURE_MODE,
         seed: Optional[int] = None,
         system: Optional[str] = None,
         k: float = DEFAULT_K,
@@ -186,7 +187,7 @@ class SDAEngine:
 
     def request(self, prompt_with: str, prompt_without: Optional[str] = None, *, strength: float = 0.5,
                 max_tokens: int = 256, t0: float = DEFAULT_T0, top_p: float = DEFAULT_TOP_P,
-                temperature_mode: str = "paper", seed: Optional[int] = None, k: float = DEFAULT_K,
+                temperature_mode: str = DEFAULT_TEMPERATURE_MODE, seed: Optional[int] = None, k: float = DEFAULT_K,
                 ignore_eos: bool = False, stop: Sequence[str] = (), grammar: Optional[str] = None,
                 capture_logits: bool = False, steering: Optional[Steering] = None,
                 instruction: Optional[str] = None) -> GenerationRequest:

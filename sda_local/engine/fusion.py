@@ -24,6 +24,9 @@ PAPER_MIN_TEMPERATURE = 0.2
 
 # Same numbering as enum sda_temperature_mode in native/include/sda.h.
 TEMPERATURE_MODES = {"paper": 0, "reference": 1, "fixed": 2}
+# The default of every SDA path: T0 throughout. The paper's divergence-aware temperature stays available
+# ("paper"); on the development set it doubled the share of looping answers (README, "Steering without echo").
+DEFAULT_TEMPERATURE_MODE = "fixed"
 
 ROW_NAMES = {"with": "with-instruction", "without": "without-instruction"}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
 
-from .fusion import DEFAULT_K, DEFAULT_T0, DEFAULT_TOP_P
+from .fusion import DEFAULT_K, DEFAULT_T0, DEFAULT_TEMPERATURE_MODE, DEFAULT_TOP_P
 from .steering import PAPER, Steering
 
 
@@ -27,7 +27,7 @@ class GenerationRequest:
     k: float = DEFAULT_K
     t0: float = DEFAULT_T0
     top_p: float = DEFAULT_TOP_P
-    temperature_mode: str = "paper"
+    temperature_mode: str = DEFAULT_TEMPERATURE_MODE
     ignore_eos: bool = False
     grammar: Optional[str] = None
     stop: Tuple[str, ...] = ()

@@ -9,8 +9,8 @@ before):
 * ``plausibility`` alpha > 0: contrastive decoding's adaptive plausibility constraint, tokens with
   p_with < alpha max p_with are dropped before the contrast;
 * ``echo_run`` L > 0, the echo guard (for a > 0): a token that would make the answer's last L tokens a run of the
-  instruction's tokens gets the without-instruction log-probability, l = l_without: it is no likelier than
-  the model finds it without having read the instruction, so the instruction is not recited, while a text
+  instruction's tokens gets the without-instruction log-probability, l = l_without: it is as likely as the
+  model finds it without having read the instruction, so the instruction is not recited, while a text
   the answer has begun on its own (an end phrase, a postscript) still continues. Runs are found as llama.cpp's
   DRY sampler finds repeats: one match length per instruction position, advanced with each accepted token.
 
@@ -50,6 +50,8 @@ class Steering:
             raise InputError(f"steering plausibility must be < 1, got {self.plausibility!r}")
         if not isinstance(self.echo_run, int) or isinstance(self.echo_run, bool) or not 0 <= self.echo_run <= 64:
             raise InputError(f"steering echo_run must be an integer in [0, 64], got {self.echo_run!r}")
+        if self.mode == "paper" and (self.clip or self.plausibility or self.echo_run):
+            raise InputError("the paper's steering has no clip, plausibility or echo_run: use mode 'guarded'")
         return self
 
     @property
@@ -134,4 +136,4 @@ def fuse_steered_numpy(logits_with: np.ndarray, logits_without: np.ndarray, stre
 
 
 # The default of every SDA path (README, "Steering without echo", says why).
-DEFAULT_STEERING = Steering("guarded", clip=1.0, echo_run=2)
+DEFAULT_STEERING = Steering("guarded", echo_run=2)

@@ -13,10 +13,10 @@ r sets the amplifier by a monotone map (``self_amplifier``): a = 0 while r >= -R
 not make the answer less likely), then linear up to A_MAX at r = -R_FULL and beyond. Both constants come from
 TruthfulQA questions 0-59 (README, "Choosing the judge"; the numbers it reports come from other questions):
 
-* A_MAX = 0.5: SDA's compliance with the seven verifiable instructions at fixed a was 32% (a = 0), 65%
-  (0.15), 69% (0.3, 0.4 and 0.5), 68% (0.6), 61% (0.75) and 56% (1.0) on this project's default model:
-  beyond 0.5 the small model's text degrades ("Hope This Helps helps!"). A_MAX is the largest a of the
-  plateau.
+* A_MAX = 1.0, the best fixed a of the default (guarded) steering on the IFEval development questions
+  20-25 (of the tuning half, 20-39) (README, "Steering without echo": 41% at a = 0.5, 41% at 0.75, 43% at 1.0, 37% at 2.0, echo and
+  loops within 2 points of prompting up to 1.0). With the paper's formula it was 0.5: there, the seven
+  verifiable instructions' compliance fell beyond it (69% at 0.5, 56% at 1.0) as the text degraded.
 * R_FULL = 0.05: the 10th percentile of -r over the 409 first answers that missed their instruction (median
   0.112): nine in ten of them get the full amplifier, and one the instruction barely changes gets less.
 """
@@ -31,8 +31,8 @@ from ..errors import InputError, ModelError
 from ..rubrics import Rubric
 from .replies import Judgement, JudgeError, PairJudgement
 
-VERSION = "self-v1"
-A_MAX = 0.5
+VERSION = "self-v2"  # v2: A_MAX 1.0 (v1: 0.5)
+A_MAX = 1.0
 R_ZERO = 0.0
 R_FULL = 0.05
 

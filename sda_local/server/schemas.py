@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..amplifier import AMPLIFIER_MAPS
 from ..errors import InputError
-from ..engine.fusion import MAX_K, MAX_STRENGTH, MAX_T0, TEMPERATURE_MODES
+from ..engine.fusion import DEFAULT_TEMPERATURE_MODE, MAX_K, MAX_STRENGTH, MAX_T0, TEMPERATURE_MODES
 from ..engine.steering import DEFAULT_STEERING, STEERING_MODES
 from ..seeds import MAX_SEED
 
@@ -30,7 +30,7 @@ class SDAOptions(BaseModel):
     align: str = Field(min_length=1, max_length=4000)
     strength: Optional[float] = Field(default=None, ge=0, le=MAX_STRENGTH)
     judge: Literal["server", "none"] = "server"
-    temperature_mode: Literal[tuple(TEMPERATURE_MODES)] = "paper"  # type: ignore[valid-type]
+    temperature_mode: Literal[tuple(TEMPERATURE_MODES)] = DEFAULT_TEMPERATURE_MODE  # type: ignore[valid-type]
     t0: Optional[float] = Field(default=None, ge=1e-3, le=MAX_T0)
     k: float = Field(default=2.0, ge=0, le=MAX_K)
     amplifier_map: Literal[tuple(AMPLIFIER_MAPS)] = "sigmoid"  # type: ignore[valid-type]
