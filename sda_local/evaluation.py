@@ -102,6 +102,19 @@ class EvalConfig:
         self.steering_obj.check()
         if self.temperature_mode is not None and self.temperature_mode not in TEMPERATURE_MODES:
             raise InputError(f"unknown temperature mode {self.temperature_mode!r}")
+        if not self.datasets:
+            raise InputError("no dataset given (--dataset PATH)")
+        if all(a == "sda" for a in self.arms):  # both metrics compare SDA with the other arms
+            raise InputError("--arms sda alone leaves nothing to compare SDA with: "
+                             "add base, prompt-only and/or steering-only")
+        if self.verify_only and not self.verify:
+            raise InputError("--verify-only needs --verify")
+        if isinstance(self.verify_strength, str) and self.verify_strength != "judge":
+            raise InputError(f"--verify-strength must be a number >= 0 or judge, got {self.verify_strength!r}")
+        if self.judge.strip().lower() == "self" and not self.verify_only:
+            raise InputError("--judge self sets amplifiers but cannot compare two answers, which the judged "
+                             "protocol does: add --verify-only, or use --judge local or openai")
+        check_seed(self.seed, "--seed")
 
     def resolve_defaults(self) -> None:
         """Write the defaults into the config, so that a resumed run keeps them whatever later versions default to."""
@@ -117,19 +130,6 @@ class EvalConfig:
     def active_arms(self, arms: List[str]) -> List[str]:
         """steering-only is the sda arm itself when that runs at the fixed temperature: left out."""
         return [a for a in arms if not (a == "steering-only" and self.sda_temperature == "fixed")]
-        if not self.datasets:
-            raise InputError("no dataset given (--dataset PATH)")
-        if all(a == "sda" for a in self.arms):  # both metrics compare SDA with the other arms
-            raise InputError("--arms sda alone leaves nothing to compare SDA with: "
-                             "add base, prompt-only and/or steering-only")
-        if self.verify_only and not self.verify:
-            raise InputError("--verify-only needs --verify")
-        if isinstance(self.verify_strength, str) and self.verify_strength != "judge":
-            raise InputError(f"--verify-strength must be a number >= 0 or judge, got {self.verify_strength!r}")
-        if self.judge.strip().lower() == "self" and not self.verify_only:
-            raise InputError("--judge self sets amplifiers but cannot compare two answers, which the judged "
-                             "protocol does: add --verify-only, or use --judge local or openai")
-        check_seed(self.seed, "--seed")
 
     @property
     def verify_arms(self) -> List[str]:

@@ -40,6 +40,7 @@ from .pipeline import amplifier_of
 from .prompts import resolve_alignment
 from .rubrics import rubric_for
 from .seeds import derive_seed
+from .engine.steering import PAPER
 from .verifiable import VERIFIABLE
 
 SOURCES = ("base", "prompt", "steered")
@@ -144,6 +145,10 @@ class JudgeBench:
 
     # -- cached work ----------------------------------------------------------------------------------
     def _answer(self, key: str, query: str, instruction: Optional[str], seed: int, **options) -> str:
+        # The paper's formula and temperature, as when the published judge-bench tables were measured (cached
+        # answers stay valid), unless a source asks otherwise.
+        options = {"steering": PAPER, "temperature_mode": "paper", **options}
+
         def make():
             return self.engine.generate(query, instruction, seed=seed, max_tokens=self.config.max_tokens,
                                         **options).text

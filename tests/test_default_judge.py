@@ -37,7 +37,8 @@ def test_the_default_judge_is_self(engine):
     for instruction in (NO_COMMAS, "helpfulness"):
         result = align(engine, "Name three fruits.", instruction, max_tokens=12, seed=1)
         assert result.judge.startswith("self:") and result.scoring == "self" and result.amplifier_source == "judge"
-        assert result.amplifier == self_amplifier(result.score) and result.amplifier_map is None
+        # score is r rounded to 6 digits; the amplifier comes from r itself
+        assert result.amplifier == pytest.approx(self_amplifier(result.score), abs=1e-4) and result.amplifier_map is None
     result = align(engine, "Name three fruits.", "helpfulness", judge="local", max_tokens=12, seed=1)
     assert result.judge.startswith("local:") and result.scoring == "expected"
     assert isinstance(result.score, float) and 1 <= result.score <= 100 and result.score_spread > 0
@@ -50,7 +51,7 @@ def test_cli_generate_uses_the_self_judge_and_reports_r(model_path):
     assert proc.returncode == 0, proc.stderr.decode()
     out = json.loads(proc.stdout)
     assert out["judge"].startswith("self:") and out["scoring"] == "self"
-    assert out["amplifier"] == pytest.approx(self_amplifier(out["score"]))
+    assert out["amplifier"] == pytest.approx(self_amplifier(out["score"]), abs=1e-4)
 
 
 def test_expected_pairs_are_judged_in_both_orders(engine):
@@ -80,6 +81,7 @@ def test_eval_verify_strength_judge_runs_the_pipeline(tmp_path, model_path):
     run = tmp_path / "run.jsonl"
     proc = run_cli("eval", "-d", str(truthfulqa()), "--verify", "no_commas,lowercase", "--verify-limit", "2",
                    "--verify-strength", "judge", "--verify-only", "--judge", "self", "-n", "12", "--run", str(run),
+                   "--temperature-mode", "paper",
                    "--threads", "1", timeout=900)
     assert proc.returncode == 0, proc.stderr.decode()
     records = [json.loads(line) for line in run.read_text().splitlines()[1:]]
@@ -88,7 +90,7 @@ def test_eval_verify_strength_judge_runs_the_pipeline(tmp_path, model_path):
     checks = {(r["key"], r["arm"]) for r in records if r["type"] == "check"}
     assert len(scores) == 4
     for key, score in scores.items():
-        assert score["amplifier"] == pytest.approx(self_amplifier(score["score"])) and score["scoring"] == "self"
+        assert score["amplifier"] == pytest.approx(self_amplifier(score["score"]), abs=1e-4) and score["scoring"] == "self"
         assert answers[(key, "sda")]["stats"]["strength"] == score["amplifier"]
         assert answers[(key, "steering-only")]["stats"]["strength"] == score["amplifier"]
         assert answers[(key, "sda-fixed")]["stats"]["strength"] == 0.5
@@ -124,7 +126,12 @@ def test_eval_refuses_what_the_self_judge_cannot_do_before_the_model_loads(tmp_p
 
 def test_eval_config_verify_arms():
     config = EvalConfig(datasets=[{"path": "x"}], verify=["no_commas"], verify_strength="judge")
+    # At the default fixed temperature steering-only would be the sda arm itself: left out.
+    assert config.verify_arms == ["base", "prompt-only", "sda-fixed", "sda"]
+    config.temperature_mode = "paper"
     assert config.verify_arms == ["base", "prompt-only", "steering-only", "sda-fixed", "sda"]
-    config.arms = ["prompt-only", "sda"]
+    config.arms = ["prompt-only", "sda"]  # arms chosen without sda-fixed
+    assert config.verify_arms == ["prompt-only", "sda"]
+    config.arms = ["prompt-only", "sda-fixed", "sda"]
     assert config.verify_arms == ["prompt-only", "sda-fixed", "sda"]
     assert EvalConfig(datasets=[{"path": "x"}], arms=["base", "sda"]).verify_arms == ["base", "sda"]

@@ -108,7 +108,7 @@ def test_summary_counts_and_omega():
 
 def eval_args(run, *extra):
     return ["eval", "-d", str(data("truthfulqa.jsonl")), "--limit", "2", "-n", "20", "--verify",
-            "no_commas,under_40_words", "--verify-limit", "2", "--run", str(run), *extra]
+            "no_commas,under_40_words", "--verify-limit", "2", "--run", str(run), "--temperature-mode", "paper", *extra]
 
 
 def records_of(path):

@@ -311,7 +311,8 @@ def test_judge_bench_runs_and_resumes_from_its_cache(model_path, tmp_path):
     assert t["n"] == 2 and t["failures"] == 0 and 0 <= t["accuracy"] <= 1 and type(t["ties"]) is int
     v = result["verifiable"]["no_commas"]
     assert v["n_answers"] == 6 and 0 <= v["n_compliant"] <= 6  # 2 questions x base, prompt, steered
-    assert v["n_scored"] == 2 * min(v["n_compliant"], 6 - v["n_compliant"])
+    half = 100 // 2  # judge-bench's default --cases: up to half of each class is scored
+    assert v["n_scored"] == min(half, v["n_compliant"]) + min(half, 6 - v["n_compliant"])
     assert v["auc"] is None or 0 <= v["auc"] <= 1
     a = result["amplifier"]
     assert a["n"] >= 1 and sum(a["histogram"]) == a["n"] and 1 <= a["distinct_deciles"] <= 10

@@ -35,9 +35,8 @@ def parallel_engine(model_path):
 
 
 def submit_all(engine):
-    return [engine.submit(engine.request(*_prompts(engine, q, i, o.get("system")), max_tokens=24,
-                                         **{k: v for k, v in o.items() if k != "system"}))
-            for q, i, o in REQUESTS]
+    # engine.stream's request: tokenized as generate's, the echo guard's instruction tokens included.
+    return [engine.submit(engine.stream(q, i, max_tokens=24, **o).request) for q, i, o in REQUESTS]
 
 
 def _prompts(engine, query, instruction, system=None):
