@@ -145,17 +145,9 @@ def temperature_for(js: float, t0: float, temperature_mode: str) -> float:
     return t0
 
 
-def fuse_numpy(
-    logits_with: np.ndarray,
-    logits_without: np.ndarray,
-    strength: float,
-    *,
-    k: float = DEFAULT_K,
-    t0: float = DEFAULT_T0,
-    temperature_mode: str = "paper",
-) -> Tuple[np.ndarray, float, float]:
-    """Reference fusion in float64. Returns (log_probs float32, temperature, js). Raises
-    NonFiniteLogitsError when a row holds a NaN or +inf (-inf entries are masked tokens)."""
+def log_probs_and_js(logits_with, logits_without) -> Tuple[np.ndarray, np.ndarray, float]:
+    """(log P, log Q, JS) of two raw rows in float64: the part of the reference fusion every steering shares.
+    Raises NonFiniteLogitsError when a row holds a NaN or +inf."""
     z_with = np.asarray(logits_with, dtype=np.float64)
     z_without = np.asarray(logits_without, dtype=np.float64)
     for row, z in (("with", z_with), ("without", z_without)):
@@ -170,15 +162,31 @@ def fuse_numpy(
         log_m = np.logaddexp(log_p, log_q) - math.log(2.0)  # log of (P + Q) / 2 without underflow
         js = float(0.5 * np.where(p > 0, p * (log_p - log_m), 0.0).sum()
                    + 0.5 * np.where(q > 0, q * (log_q - log_m), 0.0).sum())
+    return log_p, log_q, max(js, 0.0)
+
+
+def fuse_numpy(
+    logits_with: np.ndarray,
+    logits_without: np.ndarray,
+    strength: float,
+    *,
+    k: float = DEFAULT_K,
+    t0: float = DEFAULT_T0,
+    temperature_mode: str = "paper",
+) -> Tuple[np.ndarray, float, float]:
+    """Reference fusion in float64. Returns (log_probs float32, temperature, js). Raises
+    NonFiniteLogitsError when a row holds a NaN or +inf (-inf entries are masked tokens)."""
+    log_p, log_q, js = log_probs_and_js(logits_with, logits_without)
+    with np.errstate(invalid="ignore", over="ignore"):
         steered = log_p + (k * strength) * (log_p - log_q)
     # Impossible with the instruction: stays impossible. Impossible only without it: no steering
     # (the difference would be +inf). Same rule as native/src/fusion.cpp.
     steered = np.where(np.isneginf(log_q), log_p, steered)
     steered = np.where(np.isneginf(log_p), -np.inf, steered)
-    temperature = temperature_for(max(js, 0.0), t0, temperature_mode)
+    temperature = temperature_for(js, t0, temperature_mode)
     with np.errstate(invalid="ignore"):
         fused = log_softmax(steered / temperature)
-    return fused.astype(np.float32), float(temperature), max(js, 0.0)
+    return fused.astype(np.float32), float(temperature), js
 
 
 def fuse(

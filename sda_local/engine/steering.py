@@ -27,7 +27,7 @@ import numpy as np
 from scipy.special import log_softmax
 
 from ..errors import InputError
-from .fusion import NonFiniteLogitsError, nonfinite_value, temperature_for
+from .fusion import log_probs_and_js, temperature_for
 
 STEERING_MODES = ("paper", "guarded")
 
@@ -104,20 +104,9 @@ def fuse_steered_numpy(logits_with: np.ndarray, logits_without: np.ndarray, stre
     """The fusion of ``fusion.fuse_numpy`` with ``steering``'s bounds; ``guarded``: the echo guard's token ids
     at this step. Returns (log_probs float32, temperature, js). The temperature comes from the JS divergence of
     the two raw distributions, as in the paper."""
-    z_with = np.asarray(logits_with, dtype=np.float64)
-    z_without = np.asarray(logits_without, dtype=np.float64)
-    for row, z in (("with", z_with), ("without", z_without)):
-        value = nonfinite_value(z)
-        if value is not None:
-            raise NonFiniteLogitsError(value, row)
+    log_p, log_q, js = log_probs_and_js(logits_with, logits_without)
     g = k * strength
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        log_p = log_softmax(z_with)
-        log_q = log_softmax(z_without) if np.isfinite(z_without).any() else np.full_like(z_without, -np.inf)
-        p, q = np.exp(log_p), np.exp(log_q)
-        log_m = np.logaddexp(log_p, log_q) - math.log(2.0)
-        js = float(0.5 * np.where(p > 0, p * (log_p - log_m), 0.0).sum()
-                   + 0.5 * np.where(q > 0, q * (log_q - log_m), 0.0).sum())
+    with np.errstate(invalid="ignore", over="ignore"):
         d = log_p - log_q
         if steering.clip > 0 and g > 0:
             d = np.clip(d, -steering.clip, steering.clip)
@@ -129,10 +118,10 @@ def fuse_steered_numpy(logits_with: np.ndarray, logits_without: np.ndarray, stre
     if guarded is not None and len(guarded) and steering.echo_run > 0 and g > 0:  # a = 0: prompting
         ids = np.unique(guarded)
         steered[ids] = np.where(np.isneginf(steered[ids]), -np.inf, log_q[ids])
-    temperature = temperature_for(max(js, 0.0), t0, temperature_mode)
+    temperature = temperature_for(js, t0, temperature_mode)
     with np.errstate(invalid="ignore"):
         fused = log_softmax(steered / temperature)
-    return fused.astype(np.float32), float(temperature), max(js, 0.0)
+    return fused.astype(np.float32), float(temperature), js
 
 
 # The default of every SDA path (README, "Steering without echo", says why).
