@@ -6,7 +6,7 @@
 An arm is NAME:STRENGTH[:key=value,...]: ``prompt`` (a = 0, fixed T), ``paper`` (the paper's formula) or
 ``guarded`` (steering.Steering with the given clip / plausibility / echo_run), optionally ``t=fixed|paper|
 reference``. Each (type, question) gets the same seed in every arm. Prints compliance, echo and degeneration per
-type and pooled. Results are appended to --out and reused on a rerun (same arm label, type, question).
+type and pooled, and the mean fluency (quality.fluency) pooled. Results are appended to --out and reused on a rerun (same arm label, type, question).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def parse_arm(spec: str):
     if name == "paper":
         return float(strength), temperature, Steering()
     steering = Steering("guarded", clip=float(options.get("clip", 0)), plausibility=float(options.get("plaus", 0)),
-                        echo_run=int(options.get("echo_run", 0)))
+                        echo_run=int(options.get("echo_run", 0)), guard_to=options.get("guard", "without"))
     return float(strength), temperature, steering.check()
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--fluency", action="store_true")
+    ap.add_argument("--numpy", action="store_true", help="the numpy fusion (for prototypes)")
     args = ap.parse_args()
     lo, hi = (int(x) for x in args.questions.split(":"))
     questions = [json.loads(line)["query"] for line in DEV.read_text().splitlines()][lo:hi]
@@ -61,16 +61,23 @@ def main() -> None:
         for line in out.read_text().splitlines():
             r = json.loads(line)
             done[(r["arm"], r["type"], r["q"])] = r
-    engine = SDAEngine(args.model, parallel=args.parallel, n_ctx=1024)
+    engine = SDAEngine(args.model, parallel=args.parallel, n_ctx=1024,
+                       fusion_backend="numpy" if args.numpy else "auto")
     lock = threading.Lock()
     sink = out.open("a")
 
     base_answers = {}
 
     def unit(arm, t, qi):
-        if (arm, t, qi) in done:
-            return done[(arm, t, qi)]
         query = questions[qi - lo]
+        if (arm, t, qi) in done:
+            rec = done[(arm, t, qi)]
+            if "fluency" not in rec and arm != "self-r":  # a record from before fluency was measured
+                rec["fluency"] = quality.fluency(engine, query, rec["instruction"], rec["text"])
+                with lock:
+                    sink.write(json.dumps(rec) + "\n")  # the later line wins on a rerun
+                    sink.flush()
+            return rec
         seed = derive_seed(0, qi)
         case = ifeval.make_case(t, query, seed)
         if arm == "self-r":  # the self judge's likelihood ratio of the first answer (no instruction)
@@ -94,7 +101,8 @@ def main() -> None:
         e = quality.echo(r.text, case.instruction, query, case.required_texts())
         d = quality.degeneration(r.text)
         rec = {"arm": arm, "type": t, "q": qi, "text": r.text, "complied": case.check(r.text), "echo": e.echoed,
-               "echo_share": e.share, "degenerate": d.degenerate, "instruction": case.instruction}
+               "echo_share": e.share, "degenerate": d.degenerate, "instruction": case.instruction,
+               "fluency": quality.fluency(engine, query, case.instruction, r.text)}
         with lock:
             sink.write(json.dumps(rec) + "\n")
             sink.flush()
@@ -120,9 +128,10 @@ def main() -> None:
     for arm in args.arm:
         rs = [r for r in results if r["arm"] == arm]
         n = len(rs)
+        fl = [r["fluency"] for r in rs if r.get("fluency") is not None]
         cells.append(f"**{100*sum(r['complied'] for r in rs)/n:.1f}/{100*sum(r['echo'] for r in rs)/n:.1f}/"
-                     f"{100*sum(r['degenerate'] for r in rs)/n:.1f}**")
-    print("| pooled (compliance/echo/degenerate %) | " + " | ".join(cells) + " |")
+                     f"{100*sum(r['degenerate'] for r in rs)/n:.1f}/{sum(fl)/max(1, len(fl)):.2f}**")
+    print("| pooled (compliance/echo/degenerate %/fluency) | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

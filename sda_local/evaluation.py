@@ -46,6 +46,7 @@ from .pipeline import amplifier_of
 from .prompts import resolve_alignment
 from .rubrics import rubric_for
 from .seeds import check_seed, derive_seed
+from .shards import Shard
 from . import ifeval, quality
 from .engine.fusion import DEFAULT_TEMPERATURE_MODE, TEMPERATURE_MODES
 from .engine.steering import DEFAULT_STEERING, PAPER, Steering
@@ -81,6 +82,7 @@ class EvalConfig:
     steering: Optional[dict] = None  # Steering fields of the steered arms; None: DEFAULT_STEERING
     temperature_mode: Optional[str] = None  # of the sda and sda-fixed arms; None: DEFAULT_TEMPERATURE_MODE
     fluency: bool = True  # the verifiable metric's answers are teacher-forced for their fluency
+    shard: Optional[List[int]] = None  # [I, N]: only the units of shard I of N (shards.py); None: all
 
     @property
     def steering_obj(self) -> Steering:
@@ -115,6 +117,8 @@ class EvalConfig:
             raise InputError("--judge self sets amplifiers but cannot compare two answers, which the judged "
                              "protocol does: add --verify-only, or use --judge local or openai")
         check_seed(self.seed, "--seed")
+        if self.shard is not None:
+            Shard(*self.shard)  # recorded by the CLI from parse_shard: [I, N] with 0 <= I < N
 
     def resolve_defaults(self) -> None:
         """Write the defaults into the config, so that a resumed run keeps them whatever later versions default to."""
@@ -190,6 +194,42 @@ class RunFile:
 
     def close(self) -> None:
         self._out.close()
+
+
+def merge_runs(paths: List[Path], out: Path) -> Tuple[RunFile, List[int]]:
+    """One run file from the run files of ``--shard`` runs of one evaluation: the same settings but the
+    shard, each shard once. Returns the merged run (closed) and the shard indexes none of ``paths`` had."""
+    runs, seen = [], {}
+    for path in paths:
+        try:
+            run = RunFile(path)
+        except InputError:
+            raise
+        run.close()
+        runs.append(run)
+    first = dict(runs[0].config.__dict__, shard=None)
+    count = None
+    for path, run in zip(paths, runs):
+        if dict(run.config.__dict__, shard=None) != first or run.version != runs[0].version:
+            raise InputError(f"{path} is a run with other settings than {paths[0]}: only the shards of one run merge")
+        if run.config.shard is None:
+            raise InputError(f"{path} is a whole run, not a shard (--shard I/N)")
+        index, n = run.config.shard
+        if count is not None and n != count:
+            raise InputError(f"{path} is shard {index}/{n}, {paths[0]} one of {count}")
+        count = n
+        if index in seen:
+            raise InputError(f"{path} and {seen[index]} are both shard {index}/{n}")
+        seen[index] = path
+    config = EvalConfig(**first)
+    merged = RunFile(out, config)
+    try:
+        for run in runs:
+            for record in run.records:
+                merged.append(record)
+    finally:
+        merged.close()
+    return merged, [i for i in range(count) if i not in seen]
 
 
 class Progress:
@@ -436,19 +476,7 @@ class Evaluation:
         return v.instruction, v.check, (), None
 
     def _fluency(self, query: str, instruction: str, text: str) -> Optional[float]:
-        """Mean log-probability per token of the answer under the model without the instruction (the
-        teacher forcing the self judge uses); None for an empty answer."""
-        engine = self.engine
-        tokens = engine.model.tokenize(text, add_bos=False, special=False)
-        if not tokens:
-            return None
-        _, prompt_without = engine.formatter.pair(query, resolve_alignment(instruction))
-        try:
-            with engine.forcing() as forcing:
-                (logprobs,) = forcing.continuation_logprobs([engine.tokenize_prompt(prompt_without)], tokens)
-        except (InputError, ModelError):  # an answer the forcing context cannot hold, non-finite logits
-            return None
-        return round(float(logprobs.mean()), 4)
+        return quality.fluency(self.engine, query, instruction, text)
 
     def _base_answer(self, key: str, query: str, seed: int) -> dict:
         """The answer without the instruction. It depends on the query and seed alone, so every instruction's
@@ -483,6 +511,10 @@ class Evaluation:
         generations share the engine's batched decode, and each unit's answers are the same as alone."""
         all_judged = [] if self.config.verify_only else judged_units(self.config, self.run.version)
         all_verify = verify_units(self.config, self.run.version)
+        if self.config.shard is not None:
+            shard = Shard(*self.config.shard)
+            all_judged = [u for u in all_judged if shard.holds(u.key)]
+            all_verify = [u for u in all_verify if shard.holds(u[0])]
         work = [(u.key, self.run_judged, (u,)) for u in all_judged if not self._judged_complete(u.key)]
         work += [(u[0], self.run_verify, u) for u in all_verify if not self._verify_complete(u[0])]
         total = len(all_judged) + len(all_verify)

@@ -1,5 +1,5 @@
-"""Answer quality beside compliance: instruction echo and degeneration (text only), and fluency (a
-log-likelihood, computed by the caller with teacher forcing).
+"""Answer quality beside compliance: instruction echo and degeneration (text only), and fluency (the mean
+log-probability per token of the answer under the model without the instruction, by teacher forcing).
 
 * **Echo.** An answer echoes its instruction when it repeats a run of ECHO_RUN (4) or more consecutive words
   of the instruction text, where the run is not in the query and not inside a text the instruction asks the
@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import List, NamedTuple, Sequence, Set, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Set, Tuple
+
+from .errors import InputError, ModelError
+from .prompts import resolve_alignment
 
 ECHO_RUN = 4
 DEGENERATE_NGRAM = 3
@@ -81,3 +84,19 @@ def degeneration(answer: str) -> Degeneration:
     distinct2 = len(set(bigrams)) / len(bigrams) if bigrams else 1.0
     low_diversity = len(bigrams) >= DISTINCT_MIN_BIGRAMS and distinct2 < DISTINCT2_MIN
     return Degeneration(repeats >= DEGENERATE_REPEATS or low_diversity, repeats, distinct2)
+
+
+def fluency(engine, query: str, instruction: str, text: str) -> Optional[float]:
+    """Mean log-probability per token of ``text`` under ``engine``'s model prompted with ``query`` without the
+    instruction (the teacher forcing the self judge uses); None for an empty answer or one the forcing context
+    cannot hold."""
+    tokens = engine.model.tokenize(text, add_bos=False, special=False)
+    if not tokens:
+        return None
+    _, prompt_without = engine.formatter.pair(query, resolve_alignment(instruction))
+    try:
+        with engine.forcing() as forcing:
+            (logprobs,) = forcing.continuation_logprobs([engine.tokenize_prompt(prompt_without)], tokens)
+    except (InputError, ModelError):  # an answer longer than the forcing context, non-finite logits
+        return None
+    return round(float(logprobs.mean()), 4)

@@ -14,7 +14,9 @@ from sda_local.errors import InputError
 from fusion_cases import random_pair
 
 STEERINGS = [Steering("guarded", clip=1.0, echo_run=2), Steering("guarded", clip=0.5, plausibility=0.1),
-             Steering("guarded", echo_run=3), Steering("guarded", plausibility=0.05)]
+             Steering("guarded", echo_run=3), Steering("guarded", plausibility=0.05),
+             Steering("guarded", echo_run=2, guard_to="prompt"),
+             Steering("guarded", clip=1.0, plausibility=0.1, echo_run=2, guard_to="prompt")]
 
 
 def lib():
@@ -51,13 +53,41 @@ def test_masked_tokens_follow_the_paper_rules_under_bounds():
     z_with, z_without = random_pair(rng, 5000)
     z_without[::7] = -np.inf  # impossible without the instruction only: unsteered
     z_with[::11] = -np.inf  # impossible with it: stays impossible
-    steering = Steering("guarded", clip=1.0, echo_run=2)
     guarded = np.array([0, 11, 14, 22])  # 0, 11 and 22 are masked with; 14 without
-    out = native.fuse_steered(lib(), z_with, z_without, 1.0, 2.0, 0.6, 0, steering, guarded)
-    assert_close(out, fuse_steered_numpy(z_with, z_without, 1.0, steering, guarded, k=2.0, t0=0.6,
-                                         temperature_mode="paper"))
-    assert np.isneginf(out[0][::11]).all()
-    assert np.isneginf(out[0][14])  # guarded, and impossible without the instruction: l_without = -inf
+    for guard_to in ("without", "prompt"):
+        steering = Steering("guarded", clip=1.0, echo_run=2, guard_to=guard_to)
+        out = native.fuse_steered(lib(), z_with, z_without, 1.0, 2.0, 0.6, 0, steering, guarded)
+        assert_close(out, fuse_steered_numpy(z_with, z_without, 1.0, steering, guarded, k=2.0, t0=0.6,
+                                             temperature_mode="paper"))
+        assert np.isneginf(out[0][::11]).all()
+        # guarded, impossible without the instruction: l_without = -inf, or unsteered (l_with) under "prompt"
+        assert np.isneginf(out[0][14]) == (guard_to == "without")
+
+
+def test_guard_to_prompt_never_amplifies_a_guarded_token():
+    # Token 3 is the copy (likely with the instruction, unlikely without); token 4 is one the instruction
+    # discourages. Guarded to "prompt", 3 gets no more than l_with (relative to an unguarded, unsteered token)
+    # and 4 keeps its suppression; guarded to "without", 3 falls to l_without.
+    z_with = np.zeros(50, dtype=np.float32)
+    z_without = np.zeros(50, dtype=np.float32)
+    z_with[3], z_without[3] = 4.0, -4.0
+    z_with[4], z_without[4] = -3.0, 1.0
+    common = dict(k=2.0, t0=1.0, temperature_mode="fixed")
+    guarded = np.array([3, 4])
+    free = fuse_steered_numpy(z_with, z_without, 1.0, Steering("guarded", echo_run=2), None, **common)[0]
+    prompt = fuse_steered_numpy(z_with, z_without, 1.0, Steering("guarded", echo_run=2, guard_to="prompt"),
+                                guarded, **common)[0]
+    without = fuse_steered_numpy(z_with, z_without, 1.0, Steering("guarded", echo_run=2), guarded, **common)[0]
+    lp = z_with - np.log(np.exp(z_with).sum())
+    lq = z_without - np.log(np.exp(z_without).sum())
+    assert prompt[3] - prompt[0] == pytest.approx(lp[3] - (lp[0] + 2.0 * (lp[0] - lq[0])), abs=1e-4)
+    assert prompt[4] - prompt[0] == pytest.approx(free[4] - free[0], abs=1e-4)  # already below prompting
+    assert without[3] - without[0] == pytest.approx(lq[3] - (lp[0] + 2.0 * (lp[0] - lq[0])), abs=1e-4)
+    assert free[3] > prompt[3] > without[3]
+    for mode in ("prompt", "without"):
+        steering = Steering("guarded", echo_run=2, guard_to=mode)
+        assert_close(native.fuse_steered(lib(), z_with, z_without, 1.0, 2.0, 1.0, 2, steering, guarded),
+                     fuse_steered_numpy(z_with, z_without, 1.0, steering, guarded, **common))
 
 
 def test_zero_bounds_are_the_paper_formula_bit_for_bit():
@@ -107,14 +137,15 @@ def test_echo_tracker_finds_runs_of_the_instruction():
     assert three.guarded().tolist() == [7]
 
 
-def test_native_echo_guard_follows_the_answer(engine):
+@pytest.mark.parametrize("guard_to", ["without", "prompt"])
+def test_native_echo_guard_follows_the_answer(engine, guard_to):
     # The same generation with the native sampler and the numpy reference: the guard's runs come from the
     # accepted tokens, so the two agree token for token where the fused distributions agree.
     from sda_local import SDAEngine
 
     query = "Why do people get hiccups?"
     instruction = "Finish your response with this exact phrase Is there anything else I can help with?"
-    steering = Steering("guarded", clip=1.0, echo_run=2)
+    steering = Steering("guarded", clip=1.0, echo_run=2, guard_to=guard_to)
     native_result = engine.generate(query, instruction, strength=1.0, steering=steering, seed=11, max_tokens=40)
     assert native_result.stats.fusion_backend == "native"
     with SDAEngine(str(engine.model_path), n_ctx=1024, n_threads=2, fusion_backend="numpy") as numpy_engine:
@@ -154,7 +185,7 @@ def test_guard_stops_the_copy_that_the_paper_formula_makes(engine):
 def test_steering_values_are_checked(engine):
     for bad in (Steering("nope"), Steering("guarded", clip=-1.0), Steering("guarded", plausibility=1.0),
                 Steering("guarded", echo_run=-2), Steering("guarded", clip=float("nan")),
-                Steering("paper", clip=1.0)):
+                Steering("paper", clip=1.0), Steering("guarded", echo_run=2, guard_to="nowhere")):
         with pytest.raises(InputError):
             engine.generate("Hi", "Answer briefly.", strength=0.5, steering=bad, max_tokens=2, seed=0)
     with pytest.raises(InputError):

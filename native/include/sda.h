@@ -35,7 +35,7 @@ extern "C" {
 #    define SDA_API __attribute__((visibility("default")))
 #endif
 
-#define SDA_ABI_VERSION 5
+#define SDA_ABI_VERSION 6
 
 struct llama_sampler;
 struct llama_context;
@@ -80,12 +80,19 @@ struct sda_params {
  *   clip > 0:         l = l_with + g clamp(l_with - l_without, -clip, clip)   (a bounded contrast)
  *   plausibility > 0: tokens with p_with < plausibility * max p_with are dropped (-inf) before the contrast
  *   echo_run > 0:     the echo guard: a token that would make the answer's last echo_run tokens a run of the
- *                     instruction's tokens gets l = l_without (as likely as without the instruction).
+ *                     instruction's tokens gets l = l_without (guard_to SDA_GUARD_TO_WITHOUT: as likely as
+ *                     without the instruction) or l = min(l, l_with) (SDA_GUARD_TO_PROMPT: no amplification).
  * The bounded path shifts its output by max l_with + g clip (clip > 0) or by the paper's top steered logit. */
+enum sda_guard_to {
+    SDA_GUARD_TO_WITHOUT = 0,
+    SDA_GUARD_TO_PROMPT  = 1,
+};
+
 struct sda_steering {
     float   clip;
     float   plausibility;
     int32_t echo_run;
+    int32_t guard_to;  /* enum sda_guard_to */
 };
 
 struct sda_stats {

@@ -49,7 +49,7 @@ int32_t sda_fuse_steered(const float * logits_with, const float * logits_without
     if (steering && steering->echo_run > 0 && static_cast<double>(params->k) * params->strength > 0.0) {
         for (int32_t i = 0; i < n_guarded; ++i) {
             float & v = out_log_probs[guarded[i]];
-            v = sda::guard_value(r, logits_without[guarded[i]], v);
+            v = sda::guard_value(r, steering->guard_to, logits_with[guarded[i]], logits_without[guarded[i]], v);
         }
     }
     sda::log_softmax_inplace(out_log_probs, count);

@@ -225,7 +225,8 @@ bool params_valid(const sda_params & params) {
 
 bool steering_valid(const sda_steering & s) {
     return std::isfinite(s.clip) && s.clip >= 0.0f && std::isfinite(s.plausibility) && s.plausibility >= 0.0f &&
-           s.plausibility < 1.0f && s.echo_run >= 0;
+           s.plausibility < 1.0f && s.echo_run >= 0 &&
+           (s.guard_to == SDA_GUARD_TO_WITHOUT || s.guard_to == SDA_GUARD_TO_PROMPT);
 }
 
 fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,
@@ -313,6 +314,7 @@ fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t 
                                    : kNegInfD};
     if (bounded) shift = bounded_top;
     guard_offset = has_without ? (lse_without + shift) * inv_t : std::numeric_limits<double>::infinity();
+    const double prompt_offset = (lse_with + shift) * inv_t;
     float block[kBlock];
     for (size_t b = 0; b < n_blocks; ++b) {
         const size_t start = b * kBlock, end = std::min(n, start + kBlock);
@@ -324,10 +326,10 @@ fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t 
             fused_block<false>(z_with, z_without, start, end, c, block);
         }
         if (!sink.write(start, block, end - start)) {
-            return {temperature, static_cast<float>(js), kSinkRefused, inv_t, guard_offset};
+            return {temperature, static_cast<float>(js), kSinkRefused, inv_t, guard_offset, prompt_offset};
         }
     }
-    return {temperature, static_cast<float>(js), SDA_OK, inv_t, guard_offset};
+    return {temperature, static_cast<float>(js), SDA_OK, inv_t, guard_offset, prompt_offset};
 }
 
 fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t n, const sda_params & params,

@@ -15,9 +15,11 @@ struct fusion_result {
     float js;        // Jensen-Shannon divergence in nats
     int32_t status;  // SDA_OK, or SDA_ERR_NAN_* / SDA_ERR_INF_* (then out is unspecified)
     // out = l / T - shift for the steered logits; the echo guard's value of a token is
-    // z_without * inv_t - guard_offset (l_without on the same scale; +inf offset when there is no without-row).
+    // z_without * inv_t - guard_offset (l_without on the same scale; +inf offset when there is no without-row),
+    // or for SDA_GUARD_TO_PROMPT at most z_with * inv_t - prompt_offset (l_with on the same scale).
     double inv_t = 0.0;
     double guard_offset = 0.0;
+    double prompt_offset = 0.0;
 };
 
 // The fusion works through the vocabulary in blocks of this many tokens (fusion.cpp).
@@ -105,8 +107,11 @@ bool steering_valid(const sda_steering & s);
 
 // The echo guard's fused value of a token whose current fused value is `fused` (unchanged when -inf: a token
 // impossible stays impossible).
-inline float guard_value(const fusion_result & r, float z_without, float fused) {
+inline float guard_value(const fusion_result & r, int32_t guard_to, float z_with, float z_without, float fused) {
     if (fused == -std::numeric_limits<float>::infinity()) return fused;
+    if (guard_to == SDA_GUARD_TO_PROMPT) {
+        return std::min(fused, static_cast<float>(static_cast<double>(z_with) * r.inv_t - r.prompt_offset));
+    }
     return static_cast<float>(static_cast<double>(z_without) * r.inv_t - r.guard_offset);
 }
 

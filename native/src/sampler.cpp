@@ -198,10 +198,11 @@ sda::fusion_result fuse_from_candidates(sda_sampler_state & st, llama_token_data
 }
 
 // The echo guard after the fusion: each token that would make the answer's last echo_run tokens a run of the
-// instruction gets its without-instruction log-probability on the fused scale. `in_id_order`: cur_p holds the
-// whole vocabulary by id (the usual case), else a token's place is searched for.
-void apply_echo_guard(sda_sampler_state & st, llama_token_data_array * cur_p, const float * without_row,
-                      const sda::fusion_result & r, bool in_id_order) {
+// instruction gets its without-instruction log-probability on the fused scale, or no more than prompting gives
+// it (sda_guard_to). `with_by_place`: the with-row as the fusion read it, by place in cur_p; `without_row`: by
+// id. `in_id_order`: cur_p holds the whole vocabulary by id (the usual case), else a token's place is searched.
+void apply_echo_guard(sda_sampler_state & st, llama_token_data_array * cur_p, const float * with_by_place,
+                      const float * without_row, const sda::fusion_result & r, bool in_id_order) {
     const int32_t run = st.steering.echo_run;
     if (run <= 0 || st.echo_tokens.empty() || !(static_cast<double>(st.params.k) * st.params.strength > 0.0)) return;
     st.guarded.clear();
@@ -222,7 +223,7 @@ void apply_echo_guard(sda_sampler_state & st, llama_token_data_array * cur_p, co
             if (pos == cur_p->size) continue;
         }
         float & logit = cur_p->data[pos].logit;
-        logit = sda::guard_value(r, without_row[id], logit);
+        logit = sda::guard_value(r, st.steering.guard_to, with_by_place[pos], without_row[id], logit);
     }
 }
 
@@ -259,7 +260,9 @@ void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
         refuse(cur_p, st.guard, r.status);
         return;
     }
-    apply_echo_guard(st, cur_p, without_row, r, in_id_order && cur_p->size == st.n_vocab);
+    // In place, cur_p is the with-row in id order and the row itself is still llama.cpp's, untouched.
+    const float * with_by_place = in_place ? llama_get_logits_ith(st.with_ctx, st.with_idx) : st.with_logits.data();
+    apply_echo_guard(st, cur_p, with_by_place, without_row, r, in_id_order && cur_p->size == st.n_vocab);
 
     const std::chrono::duration<double> spent = std::chrono::steady_clock::now() - start;
     st.stats.n_steps += 1;

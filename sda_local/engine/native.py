@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import llama_cpp  # noqa: F401  (must be loaded first, see above)
 import numpy as np
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 # enum sda_status of sda.h: the non-finite codes, as (value, row).
 NONFINITE_CODES = {-2: ("NaN", "with"), -3: ("+inf", "with"), -4: ("NaN", "without"), -5: ("+inf", "without")}
 ROWS = {"with": 0, "without": 1}  # enum sda_row
@@ -40,7 +40,12 @@ class SDASteering(ctypes.Structure):
         ("clip", ctypes.c_float),
         ("plausibility", ctypes.c_float),
         ("echo_run", ctypes.c_int32),
+        ("guard_to", ctypes.c_int32),
     ]
+
+
+# steering.GUARD_TARGETS -> enum sda_guard_to
+GUARD_TARGETS = {"without": 0, "prompt": 1}
 
 
 class SDAStats(ctypes.Structure):
@@ -156,7 +161,7 @@ def make_params(strength: float, k: float, t0: float, temperature_mode: int) -> 
 
 def make_steering(steering) -> SDASteering:
     """The C struct of a steering.Steering."""
-    return SDASteering(steering.clip, steering.plausibility, steering.echo_run)
+    return SDASteering(steering.clip, steering.plausibility, steering.echo_run, GUARD_TARGETS[steering.guard_to])
 
 
 def set_steering(lib: ctypes.CDLL, sampler: int, steering, sources) -> None:

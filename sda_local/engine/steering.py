@@ -30,6 +30,9 @@ from ..errors import InputError
 from .fusion import log_probs_and_js, temperature_for
 
 STEERING_MODES = ("paper", "guarded")
+# What a guarded token gets: its without-instruction log-probability, or no more than prompting gives it
+# (min of the steered value and l_with: no amplification, the instruction's own pull kept).
+GUARD_TARGETS = ("without", "prompt")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Steering:
     clip: float = 0.0
     plausibility: float = 0.0
     echo_run: int = 0
+    guard_to: str = "without"
 
     def check(self) -> "Steering":
         if self.mode not in STEERING_MODES:
@@ -50,6 +54,8 @@ class Steering:
             raise InputError(f"steering plausibility must be < 1, got {self.plausibility!r}")
         if not isinstance(self.echo_run, int) or isinstance(self.echo_run, bool) or not 0 <= self.echo_run <= 64:
             raise InputError(f"steering echo_run must be an integer in [0, 64], got {self.echo_run!r}")
+        if self.guard_to not in GUARD_TARGETS:
+            raise InputError(f"unknown echo guard target {self.guard_to!r} (choose from {', '.join(GUARD_TARGETS)})")
         if self.mode == "paper" and (self.clip or self.plausibility or self.echo_run):
             raise InputError("the paper's steering has no clip, plausibility or echo_run: use mode 'guarded'")
         return self
@@ -117,7 +123,10 @@ def fuse_steered_numpy(logits_with: np.ndarray, logits_without: np.ndarray, stre
         steered = np.where(log_p < log_p.max() + math.log(steering.plausibility), -np.inf, steered)
     if guarded is not None and len(guarded) and steering.echo_run > 0 and g > 0:  # a = 0: prompting
         ids = np.unique(guarded)
-        steered[ids] = np.where(np.isneginf(steered[ids]), -np.inf, log_q[ids])
+        if steering.guard_to == "prompt":
+            steered[ids] = np.minimum(steered[ids], log_p[ids])
+        else:
+            steered[ids] = np.where(np.isneginf(steered[ids]), -np.inf, log_q[ids])
     temperature = temperature_for(js, t0, temperature_mode)
     with np.errstate(invalid="ignore"):
         fused = log_softmax(steered / temperature)
