@@ -69,6 +69,14 @@ def check_gguf_file(path: Path) -> None:
         raise ModelError(f"not a GGUF model file: {path}")
 
 
+# Tokens llama.cpp's special-token parsing matches (llama-vocab.cpp, tokenizer_st_partition), and the
+# attributes that make one swallow the whitespace before / after it.
+SPECIAL_TOKEN_ATTRS = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+                       | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)
+TOKEN_ATTR_LSTRIP = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP
+TOKEN_ATTR_RSTRIP = llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
+
+
 class GGUFModel:
     """A loaded model: weights, vocabulary and metadata. Close it (or use ``with``) to free the weights."""
 
@@ -92,7 +100,9 @@ class GGUFModel:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))  # -1 (LLAMA_TOKEN_NULL) when there is none
         self._pieces: Dict[int, bytes] = {}
+        self._attrs: Dict[int, int] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
         self._eog_tokens: Optional[List[int]] = None
         template = llama_cpp.llama_model_chat_template(model, None)
@@ -104,6 +114,13 @@ class GGUFModel:
             return ""
         text = llama_cpp.llama_vocab_get_text(self.vocab, token)
         return text.decode("utf-8", errors="replace") if text else ""
+
+    def token_attributes(self, token: int) -> int:
+        """llama_token_attr bits of ``token`` (LLAMA_TOKEN_ATTR_*)."""
+        cached = self._attrs.get(token)
+        if cached is None:
+            cached = self._attrs[token] = int(llama_cpp.llama_vocab_get_attr(self.vocab, token))
+        return cached
 
     @property
     def bos_token(self) -> str:

@@ -3,14 +3,23 @@
 The without-instruction prompt is the model's chat template over [system, user: query]; the
 with-instruction prompt is identical except that the user turn is ``query + "\\n" + instruction``, so the
 two prompts share every token up to the end of the query.
+
+A rendered prompt is a ``Prompt``: the text, and which parts of it the template wrote. Only those are read
+for special tokens; message text (queries, instructions, history, judged answers) is tokenized as plain text,
+so ``<|im_start|>`` typed into a message stays characters and cannot open a turn (engine.tokenize_prompt).
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import secrets
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import InputError, ModelError
+
+log = logging.getLogger("sda_local.prompts")
 
 QUESTION_SYSTEM = "You are an assistant. The user is asking you a question; respond to it."
 
@@ -99,8 +108,39 @@ def check_text(name: str, text: str) -> str:
     return text
 
 
+class Prompt(str):
+    """A rendered prompt: the text (a str), and ``segments``, its pieces in order as (text, from_template).
+    Template pieces are tokenized with special tokens parsed, message pieces as plain text. String operations
+    give a plain str (no segments): such text is a raw prompt, tokenized whole with special tokens parsed, as
+    llama-server does for /completion."""
+
+    segments: Tuple[Tuple[str, bool], ...]
+
+    def __getnewargs__(self):  # copy, deepcopy and pickle rebuild it from its segments
+        return (self.segments,)
+
+    def __new__(cls, segments: Sequence[Tuple[str, bool]]):
+        merged: List[Tuple[str, bool]] = []
+        for text, from_template in segments:
+            if not text:
+                continue
+            if merged and merged[-1][1] == from_template:
+                merged[-1] = (merged[-1][0] + text, from_template)
+            else:
+                merged.append((text, from_template))
+        self = super().__new__(cls, "".join(t for t, _ in merged))
+        self.segments = tuple(merged)
+        return self
+
+
 class PromptFormatter:
-    """Renders [system, user] with the model's own chat template, or a plain layout for base models."""
+    """Renders [system, user] with the model's own chat template, or a plain layout for base models.
+
+    The template is rendered twice: once with the messages, and once with a placeholder in place of each
+    message, which shows where the template's own text lies (in any order, a message repeated or left out).
+    Where the messages, put into the placeholders' places, give the first rendering exactly (or do so
+    stripped, for templates that trim them), that is the prompt; a template that changes message text in some
+    other way gets the messages as they were given (and a warning); one that cuts placeholders up is refused."""
 
     def __init__(self, chat_template: Optional[str], bos_token: str, eos_token: str):
         self.chat_template = chat_template
@@ -110,6 +150,11 @@ class PromptFormatter:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
             self._jinja = Jinja2ChatFormatter(chat_template, eos_token=eos_token, bos_token=bos_token)
+            # Private-use characters and digits (no case for upper/lower filters to change) with a per-formatter
+            # nonce: no template writes them (and messages never reach the placeholder rendering).
+            nonce = str(secrets.randbelow(10 ** 9)).zfill(9)
+            self._placeholder = "\ue000" + nonce + "{}\ue001"
+            self._placeholder_re = re.compile("\ue000" + nonce + r"(\d+)\ue001")
             try:
                 self._jinja(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
             except Exception:  # Gemma 2, Mistral-instruct, ...: raise_exception() on a system message
@@ -127,23 +172,47 @@ class PromptFormatter:
     def uses_chat_template(self) -> bool:
         return self._jinja is not None
 
-    def render(self, system: Optional[str], user: str, history: Sequence[Tuple[str, str]] = ()) -> str:
+    def render(self, system: Optional[str], user: str, history: Sequence[Tuple[str, str]] = ()) -> Prompt:
         """The prompt of [system, (user, assistant) * history, user] ending where the assistant answers."""
         if self._jinja is None:
-            head = f"{system}\n\n" if system else ""
-            turns = "".join(f"Question: {u}\nAnswer: {a}\n\n" for u, a in history)
-            return f"{head}{turns}Question: {user}\nAnswer:"
+            segments: List[Tuple[str, bool]] = []
+            if system:
+                segments += [(system, False), ("\n\n", True)]
+            for u, a in history:
+                segments += [("Question: ", True), (u, False), ("\nAnswer: ", True), (a, False), ("\n\n", True)]
+            return Prompt(segments + [("Question: ", True), (user, False), ("\nAnswer:", True)])
         turns = [[u, a] for u, a in history] + [[user, None]]
-        messages: List[dict] = []
+        roles: List[Tuple[str, str]] = []
         if system and self.folds_system:  # as llama.cpp's chat code does for templates without a system role
             turns[0][0] = f"{system}\n\n{turns[0][0]}"
         elif system:
-            messages.append({"role": "system", "content": system})
+            roles.append(("system", system))
         for turn_user, turn_reply in turns:
-            messages.append({"role": "user", "content": turn_user})
+            roles.append(("user", turn_user))
             if turn_reply is not None:
-                messages.append({"role": "assistant", "content": turn_reply})
-        return self._apply(messages)
+                roles.append(("assistant", turn_reply))
+        rendered = self._apply([{"role": r, "content": c} for r, c in roles])
+        skeleton = self._apply([{"role": r, "content": self._placeholder.format(i)} for i, (r, _) in
+                                enumerate(roles)])
+        # template, index, template, index, ..., template: a template may reorder, repeat or leave out messages
+        pieces = self._placeholder_re.split(skeleton)
+        if any("\ue000" in p or "\ue001" in p for p in pieces[0::2]):
+            raise ModelError("the model's chat template cuts message text up, so sda-local cannot tell it from "
+                             "the template's own (and so cannot keep control tokens typed into a message from "
+                             "being read as such)")
+        contents = [c for _, c in roles]
+        as_given = None
+        for change in (None, str.strip, str.lstrip, str.rstrip):  # templates that trim messages
+            variant = contents if change is None else [change(c) for c in contents]
+            prompt = Prompt([(piece, True) if i % 2 == 0 else (variant[int(piece)], False)
+                             for i, piece in enumerate(pieces)])
+            if prompt == rendered:
+                return prompt
+            as_given = as_given or prompt
+        # A template that changes messages otherwise (upper-cases them, drops a part): the messages as they
+        # were given, still never read for special tokens.
+        log.warning("the chat template changes message text; the messages are used as given")
+        return as_given
 
     def pair(self, query: str, alignment: Alignment, history: Sequence[Tuple[str, str]] = ()) -> Tuple[str, str]:
         """(with-instruction prompt, without-instruction prompt). In a conversation every user turn of the

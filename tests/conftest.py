@@ -23,6 +23,13 @@ def engine(model_path):
 
 
 @pytest.fixture(scope="session")
+def gemma_engine():
+    """The second catalogue model (Gemma 3 270M base: BOS wanted, no chat template), fetched once."""
+    with SDAEngine(str(models.pull(models.lookup("gemma-3-270m-base"))), n_ctx=512, n_threads=2) as e:
+        yield e
+
+
+@pytest.fixture(scope="session")
 def engine_contexts(model_path):
     with SDAEngine(str(model_path), n_ctx=2048, n_threads=2, streams="contexts") as e:
         yield e

@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from .. import hardware, models
 from ..errors import ContextOverflowError, InputError, ModelError
-from ..gguf_model import GGUFModel
+from ..gguf_model import SPECIAL_TOKEN_ATTRS, TOKEN_ATTR_LSTRIP, TOKEN_ATTR_RSTRIP, GGUFModel
 from ..prompts import QUESTION_SYSTEM, PromptFormatter, check_text, resolve_alignment
 from ..seeds import check_seed
 from . import native
@@ -121,12 +121,9 @@ class SDAEngine:
         self.scheduler = Scheduler(self.model, layout, compute_lock=self.compute_lock)
         self._forcing = None  # for the judges that read distributions (expected, self), created on first use
         self._forcing_guard = threading.Lock()
+        self._closing = False  # set by close(), under _forcing_guard
         self._logit_injections = None  # TEST ONLY (see fusion.logit_injection_from_env), read on first use
 
-    @property
-    def _add_bos(self) -> bool:
-        # Chat templates write their own special tokens (BOS included), as llama-cpp-python assumes too.
-        return self.model.add_bos and not self.formatter.uses_chat_template
 
     @property
     def fusion_backend(self) -> str:
@@ -261,11 +258,10 @@ class SDAEngine:
         """Prompt tokens of (with-instruction, without-instruction) streams; equal without an instruction."""
         alignment = resolve_alignment(instruction, system) if instruction is not None else None
         if alignment is None:
-            n = len(self.model.tokenize(self.formatter.render(system or QUESTION_SYSTEM, query, history),
-                                        add_bos=self._add_bos))
+            n = len(self.prompt_tokens(self.formatter.render(system or QUESTION_SYSTEM, query, history)))
             return n, n
         prompts = self.formatter.pair(query, alignment, history)
-        return tuple(len(self.model.tokenize(p, add_bos=self._add_bos)) for p in prompts)
+        return tuple(len(self.prompt_tokens(p)) for p in prompts)
 
     def logits(self, query: str, instruction: Optional[str], *, system: Optional[str] = None,
                history: Sequence[Tuple[str, str]] = ()):
@@ -286,6 +282,8 @@ class SDAEngine:
         if self.model is None:
             raise ModelError("the engine is closed")
         with self._forcing_guard:
+            if self._closing:
+                raise ModelError("the engine is closed")
             if self._forcing is None:
                 from .forcing import ForcingContext
 
@@ -300,9 +298,12 @@ class SDAEngine:
         self.scheduler.clear_caches()
 
     def close(self) -> None:
-        if getattr(self, "_forcing", None) is not None:
-            self._forcing.close()
-            self._forcing = None
+        guard = getattr(self, "_forcing_guard", None)
+        if guard is not None:
+            with guard:  # no forcing context is made from now on (forcing() sees the engine closing)
+                forcing, self._forcing, self._closing = self._forcing, None, True
+            if forcing is not None:
+                forcing.close()  # waits for a judgement still running on it
         if getattr(self, "scheduler", None) is not None:
             self.scheduler.close()
             self.scheduler = None
@@ -320,9 +321,62 @@ class SDAEngine:
     def render(self, system: Optional[str], user: str, history: Sequence[Tuple[str, str]] = ()) -> str:
         return self.formatter.render(system, user, history)
 
+    def prompt_tokens(self, prompt: str) -> List[int]:
+        """A prompt's tokens: a rendered ``Prompt`` (prompts.py) has special tokens parsed in the template's text
+        only, its messages read as plain text; a plain str is a raw prompt, parsed whole (llama-server's
+        /completion does the same). BOS once at the start where the vocabulary asks for one, whether or not the
+        template wrote it (llama.cpp adds it and warns of a double one; here a double one is dropped).
+
+        The text between two special tokens of the template is tokenized in one piece, template and message
+        text alike, as llama.cpp tokenizes a whole string between the special tokens it finds: a prompt whose
+        messages hold no special-token text gets exactly the tokens of the whole string."""
+        model = self.model
+        tokens: List[int] = []
+        run: List[str] = []  # plain text since the last special token
+        strip_head = False  # the last special token swallows the whitespace after it (RSTRIP)
+
+        def flush(strip_tail: bool = False) -> None:
+            nonlocal strip_head
+            text = "".join(run)
+            run.clear()
+            if strip_head:
+                text, strip_head = text.lstrip(), False
+            if strip_tail:
+                text = text.rstrip()
+            if text:
+                tokens.extend(model.tokenize(text, add_bos=False, special=False))
+
+        for text, from_template in getattr(prompt, "segments", None) or ((prompt, True),):
+            if not from_template:
+                run.append(text)
+                continue
+            at = 0
+            for token in model.tokenize(text, add_bos=False, special=True):
+                attrs = model.token_attributes(token)
+                if not attrs & SPECIAL_TOKEN_ATTRS:
+                    continue
+                piece = model.token_text(token)
+                found = text.find(piece, at) if piece else -1
+                if found < 0:  # not placed in the text: it stays plain text of the run
+                    continue
+                run.append(text[at:found])
+                flush(strip_tail=bool(attrs & TOKEN_ATTR_LSTRIP))
+                tokens.append(token)
+                strip_head = bool(attrs & TOKEN_ATTR_RSTRIP)
+                at = found + len(piece)
+            run.append(text[at:])
+        flush()
+        bos = model.bos_id
+        if self.model.add_bos and bos >= 0:
+            if not tokens or tokens[0] != bos:
+                tokens.insert(0, bos)
+            while len(tokens) > 1 and tokens[1] == bos:
+                del tokens[1]
+        return tokens
+
     def tokenize_prompt(self, prompt: str) -> List[int]:
-        """A rendered prompt's tokens (special tokens parsed); refuses one that fills the context."""
-        tokens = self.model.tokenize(prompt, add_bos=self._add_bos, special=True)
+        """``prompt_tokens``, refusing a prompt that fills the context."""
+        tokens = self.prompt_tokens(prompt)
         if len(tokens) >= self.n_ctx:
             raise ContextOverflowError(
                 f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx} (raise --n-ctx)"

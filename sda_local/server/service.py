@@ -19,7 +19,7 @@ from ..engine.scheduler import Job
 from ..errors import InputError
 from ..judging import JudgeError
 from ..pipeline import DEFAULT_STRENGTH, amplifier_of, parse_failure_policy
-from ..prompts import Alignment, check_text, resolve_alignment
+from ..prompts import Alignment, Prompt, check_text, resolve_alignment
 from ..rubrics import rubric_for
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, SDAOptions
@@ -114,12 +114,14 @@ class GenerationService:
         prompt = check_text("prompt", body.prompt)
         if sda is None:
             return Plan(engine.request(prompt, None, **options), None, None)
-        # A raw prompt has no user turn: the with-stream reads the instruction first, then the prompt.
+        # A raw prompt has no user turn: the with-stream reads the instruction first (as plain text), then the
+        # prompt (raw: the caller's special tokens are read, as llama-server reads them).
         alignment = resolve_alignment(sda.align)
         if alignment is None:
             raise InputError('sda.align is "none": leave the sda object out for plain generation')
         conv = Conversation(None, [], prompt)
-        return self._sda_plan(f"{alignment.instruction}\n\n{prompt}", prompt, options, sda, conv, alignment)
+        prompt_with = Prompt([(alignment.instruction, False), ("\n\n" + prompt, True)])
+        return self._sda_plan(prompt_with, prompt, options, sda, conv, alignment)
 
     def _options(self, body, sda: Optional[SDAOptions]) -> dict:
         t0 = sda.t0 if sda is not None and sda.t0 is not None else body.temperature
