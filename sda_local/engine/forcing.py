@@ -40,6 +40,7 @@ class ForcingContext:
         self.model = model
         self._compute_lock = compute_lock or threading.Lock()  # shared with the engine's scheduler
         self._user = threading.RLock()  # one judge at a time: a judgement is a series of calls
+        self._closing = False  # set by close(): a judgement still running stops at its next decode
         self.n_ctx = n_ctx
         self.ctx = model.new_context(n_ctx=N_SEQ * n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads,
                                      n_seq_max=N_SEQ, kv_unified=True)
@@ -53,19 +54,28 @@ class ForcingContext:
 
     def __enter__(self) -> "ForcingContext":
         self._user.acquire()
+        if self._closing:  # close() got here first: the context is gone
+            self._user.release()
+            raise ModelError("the engine is closing")
         return self
 
     def __exit__(self, *exc) -> None:
         self._user.release()
 
     # -- decoding -----------------------------------------------------------------------------------
+    def _live(self):
+        """The context, or ModelError once close() has begun (a judgement left running stops here)."""
+        if self._closing or self.ctx is None:
+            raise ModelError("the engine is closing")
+        return self.ctx
+
     def clear(self) -> None:
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._live()), True)
         self._lengths = [0] * N_SEQ
 
     def truncate(self, seq: int, length: int) -> None:
         """Forget positions >= length of a sequence (to try another branch after a shared prefix)."""
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), seq, length, -1)
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._live()), seq, length, -1)
         self._lengths[seq] = min(self._lengths[seq], length)
 
     def _check_room(self, seq: int, extra: int) -> None:
@@ -104,13 +114,13 @@ class ForcingContext:
                 if owner >= 0:
                     owners.append(owner)
             with self._compute_lock:
-                rc = llama_cpp.llama_decode(self.ctx, b)
+                rc = llama_cpp.llama_decode(self._live(), b)  # close() waits for this judgement: it ends here
             if rc != 0:
                 self.clear()
                 raise ModelError(f"llama_decode failed (code {rc}): out of context or memory")
             if owners:
                 # Output rows are contiguous, in batch order.
-                out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(len(owners), n_vocab))
+                out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._live()), shape=(len(owners), n_vocab))
                 owners_arr = np.asarray(owners)
                 for owner in np.unique(owners_arr):
                     rows[owner].append(out[owners_arr == owner].copy())
@@ -153,7 +163,7 @@ class ForcingContext:
         shared = min([common_prefix_length(prompts[0], p) for p in prompts] + [len(p) - 1 for p in prompts])
         if len(prompts) > 1 and shared > 0:
             self.decode([(0, prompts[0][:shared], 0)])
-            memory = llama_cpp.llama_get_memory(self.ctx)
+            memory = llama_cpp.llama_get_memory(self._live())
             for seq in range(1, len(prompts)):
                 llama_cpp.llama_memory_seq_cp(memory, 0, seq, 0, shared)
                 self._lengths[seq] = shared
@@ -166,6 +176,14 @@ class ForcingContext:
         return [_token_logprobs(block, continuation) for block in self.decode(parts)]
 
     def close(self) -> None:
+        """Free the context once no judgement uses it: one still running (a judge thread left behind by a
+        client that went away) fails at its next decode, and close waits for it to let go."""
+        self._closing = True
+        with self._user:
+            self._free()
+
+    def _free(self) -> None:
+        self.ctx = None  # every method ends at _live() from now on
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None

@@ -24,6 +24,7 @@ that gave the job output, and once when it ends).
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from typing import Callable, Deque, List, Optional
@@ -34,6 +35,8 @@ from .layout import N_BATCH, WITH, WITHOUT, KVLayout, common_prefix_length
 from .requests import GenerationRequest, GenerationStats
 from .sampling import RequestSampler
 from .text import TextAssembler
+
+log = logging.getLogger("sda_local.scheduler")
 
 QUEUED, PREFILL, DECODE, DONE = "queued", "prefill", "decode", "done"
 
@@ -123,15 +126,21 @@ class Scheduler:
         return job
 
     def cancel(self, job: Job) -> None:
-        """Stop a job: at once between steps, else at the end of the running step (its slot is then free)."""
+        """Stop a job: at once between steps, else at the start of the next step (its slot is then free).
+        Its listener hears of the end either way."""
         with self._cond:
             job.cancelled = True
+            ended = False
             if job.state == QUEUED and job in self._queue:
                 self._queue.remove(job)
                 self._end(job, "cancelled")
+                ended = True
             elif job.state != DONE and not self._driving:  # between steps: the caches are consistent
                 self._end(job, "cancelled")
+                ended = True
             self._cond.notify_all()
+        if ended:
+            self._tell([job])
 
     @property
     def queue_length(self) -> int:
@@ -187,17 +196,24 @@ class Scheduler:
                 self._driver.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel everything and stop the background driver (within ``timeout`` seconds)."""
+        """Cancel everything and stop the background driver (within ``timeout`` seconds). Every job's
+        listener hears of its end: the queued ones here, the running ones from the driver's next step (or
+        here, when no step is running)."""
         with self._cond:
             self._stopping = True
-            for job in list(self._queue):
+            ended = list(self._queue)
+            for job in ended:
                 job.cancelled = True
                 self._end(job, "cancelled")
             self._queue.clear()
             for slot in self.slots:
                 if slot.job is not None:
                     slot.job.cancelled = True
+                    if not self._driving:  # between steps: end it now (no step will)
+                        ended.append(slot.job)
+                        self._end(slot.job, "cancelled")
             self._cond.notify_all()
+        self._tell(ended)
         driver = self._driver
         if driver is not None:
             driver.join(timeout)
@@ -215,8 +231,8 @@ class Scheduler:
                 self._driving = True
             try:
                 self.step()
-            except Exception:  # step() fails its jobs itself; anything else must not kill the driver
-                pass
+            except Exception:  # step() has failed its jobs already; the driver lives on for the others
+                log.exception("scheduler step failed")
             finally:
                 with self._cond:
                     self._driving = False
@@ -229,19 +245,20 @@ class Scheduler:
         with self._cond:
             self._admit()
             jobs = [s.job for s in self.slots if s.job is not None]
-            for job in jobs:
-                if job.cancelled:
-                    self._end(job, "cancelled")
+            cancelled = [job for job in jobs if job.cancelled]
+            for job in cancelled:  # by cancel() or stop() during the last step
+                self._end(job, "cancelled")
             jobs = [j for j in jobs if j.state != DONE]
+        self._tell(cancelled)
         if not jobs:
             return False
         layout = self.layout
         for batch in layout.batches:
             batch.clear()
-        sampling = self._plan(jobs)
         before = [(job, stream, len(job.slot.cached[stream])) for job in jobs for stream, _ in job._lanes]
         decode_seconds = 0.0
         try:
+            sampling = self._plan(jobs)
             with self.compute_lock:
                 t0 = time.perf_counter()
                 # The with-stream context last: its row is what sampling reads most (llama.cpp's candidates,
@@ -256,6 +273,10 @@ class Scheduler:
                 self._sample(job)
         except ModelError as exc:  # the decode failed: every job of this step fails, the others are intact
             self._roll_back(before, exc)
+        except Exception as exc:  # a defect: the step's jobs fail with one line, the traceback is logged
+            log.exception("scheduler step failed")
+            self._roll_back(before, ModelError(f"internal error in the scheduler: {type(exc).__name__}: "
+                                               f"{' '.join(str(exc).split())[:200]}"))
         except BaseException as exc:  # KeyboardInterrupt: leave every cache as it was before the step
             self._roll_back(before, exc)
             raise
@@ -406,9 +427,17 @@ class Scheduler:
     def _publish(self, jobs: List[Job]) -> None:
         with self._cond:
             self._cond.notify_all()
+        self._tell([job for job in jobs if job.pieces or job.state == DONE])
+
+    @staticmethod
+    def _tell(jobs: List[Job]) -> None:
+        """Call the listeners of ``jobs`` (outside the lock: a listener may hand work to an event loop)."""
         for job in jobs:
-            if job.listener is not None and (job.pieces or job.state == DONE):
-                job.listener(job)
+            if job.listener is not None:
+                try:
+                    job.listener(job)
+                except Exception:  # one broken listener must not keep the others (or the driver) from going on
+                    log.exception("a job's listener failed")
 
     # -- caches ---------------------------------------------------------------------------------------
     def clear_caches(self) -> None:
