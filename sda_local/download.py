@@ -4,9 +4,13 @@
 https://huggingface.co); ``$HF_TOKEN`` is sent to that host only. The file grows in a partial file beside
 the cache, named after the URL, so an interrupted download (a dropped connection, or a later run) resumes
 with an HTTP Range request; it is renamed to its final name only once complete, a GGUF (magic bytes) and
-matching its sha256: the one given, else the one the server publishes (Hugging Face's ``X-Linked-Etag`` /
-``ETag`` of an LFS file is the sha256 of its content). ``requests`` is enough for this, so sda-local does
-not depend on ``huggingface_hub``.
+matching its sha256: the one given, else the one the server publishes. Hugging Face publishes an LFS file's
+sha256 as ``X-Linked-Etag`` (and its size as ``X-Linked-Size``) on the redirect to its CDN, not on the CDN's
+answer, so these headers are read from the first response of the redirect chain, as ``huggingface_hub``
+reads them. ``requests`` is enough for this, so sda-local does not depend on ``huggingface_hub``.
+
+A plain ``http://`` download needs ``--sha256``: anyone on the path could otherwise hand over any file
+(loopback addresses excepted: a local mirror or test server).
 """
 
 from __future__ import annotations
@@ -64,14 +68,46 @@ def _headers(url: str) -> dict:
     return {}
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _chain(response: requests.Response):
+    """The responses of a request, first (the one to the URL asked for) to last (the one with the body)."""
+    return [*response.history, response]
+
+
+def _secure(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme == "https" or parts.hostname in LOOPBACK_HOSTS
+
+
 def _published_sha256(response: requests.Response) -> Optional[str]:
-    for header in ("X-Linked-Etag", "ETag"):
-        value = response.headers.get(header, "").strip()
-        value = value[2:] if value.startswith("W/") else value
-        value = value.strip('"').lower()
-        if _SHA256.match(value):
-            return value
+    """The sha256 a response of the chain publishes over a transport that cannot be altered on the way."""
+    for header in ("X-Linked-Etag", "ETag"):  # the sha256 over any other ETag (a CDN's may be an MD5)
+        for hop in _chain(response):
+            if not _secure(hop.url):
+                continue
+            value = hop.headers.get(header, "").strip()
+            value = value[2:] if value.startswith("W/") else value
+            value = value.strip('"').lower()
+            if _SHA256.match(value):
+                return value
     return None
+
+
+def _published_size(response: requests.Response) -> Optional[int]:
+    for hop in _chain(response):
+        value = hop.headers.get("X-Linked-Size", "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def check_transport(url: str, sha256: Optional[str]) -> None:
+    """Refuse an unauthenticated transport without a checksum to hold the file to."""
+    if sha256 is None and not _secure(url):
+        raise InputError(f"{url}: a plain http:// download can be altered on the way; use https:// or give "
+                         "--sha256 of the file")
 
 
 def _refusal(status: int, url: str) -> ModelError:
@@ -111,6 +147,7 @@ def download(url: str, target: Path, *, sha256: Optional[str] = None, quiet: boo
     """Fetch ``url`` into ``target`` (absent until complete and verified); returns (target, sha256)."""
     if sha256 is not None and not _SHA256.match(sha256.lower()):
         raise InputError(f"--sha256 must be 64 hexadecimal digits, got {sha256!r}")
+    check_transport(url, sha256)
     try:
         require_network(f"downloading {url}")
     except OfflineError as exc:
@@ -118,6 +155,7 @@ def download(url: str, target: Path, *, sha256: Optional[str] = None, quiet: boo
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f".{hashlib.sha256(url.encode()).hexdigest()[:16]}.partial"
     expected = sha256.lower() if sha256 else None
+    published_size: Optional[int] = None
     total: Optional[int] = None
     progress: Optional[Progress] = None
     attempt = 0
@@ -136,6 +174,11 @@ def download(url: str, target: Path, *, sha256: Optional[str] = None, quiet: boo
                     raise _refusal(r.status_code, url)
                 if expected is None:
                     expected = _published_sha256(r)
+                if expected is None and not _secure(r.url):
+                    raise ModelError(f"{url} redirected to plain http:// ({r.url}) and published no sha256 over "
+                                     "https; give --sha256 of the file")
+                if published_size is None:
+                    published_size = _published_size(r)
                 if r.status_code == 200 and have:  # the server ignored the Range: start over
                     have = 0
                 if total is None:
@@ -172,6 +215,11 @@ def download(url: str, target: Path, *, sha256: Optional[str] = None, quiet: boo
         if f.read(4) != GGUF_MAGIC:
             partial.unlink()
             raise ModelError(f"{url} is not a GGUF file")
+    size = partial.stat().st_size
+    if published_size is not None and size != published_size:
+        partial.unlink()
+        raise ModelError(f"{url}: got {size} bytes, the server published {published_size}; the download was "
+                         "deleted")
     digest = sha256_file(partial)
     if expected is not None and digest != expected:
         partial.unlink()

@@ -33,6 +33,16 @@ def _registry_path() -> Path:
     return llm.user_dir() / REGISTRY_FILE
 
 
+def _update_registry(change) -> None:
+    """Change the registry locked and atomically (two `llm sda register` at once both keep their entry)."""
+    from .jsonl import update_json
+
+    try:
+        update_json(_registry_path(), change)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot update {_registry_path()}: {exc}") from None
+
+
 def registered_models() -> Dict[str, str]:
     path = _registry_path()
     if not path.exists():
@@ -92,10 +102,7 @@ def register_commands(cli):
             except SDAError as exc:
                 raise click.ClickException(str(exc)) from None
             spec = model
-        models = registered_models()
-        models[name] = spec
-        _registry_path().parent.mkdir(parents=True, exist_ok=True)
-        _registry_path().write_text(json.dumps(models, indent=2), encoding="utf-8")
+        _update_registry(lambda models: models.__setitem__(name, spec))
         click.echo(f"registered sda-{name}: {spec}")
 
     @sda_group.command(name="models")
@@ -112,8 +119,7 @@ def register_commands(cli):
         name = name[len("sda-"):] if name.startswith("sda-") and name not in models else name
         if name not in models:
             raise click.ClickException(f"no registered model {name!r}")
-        del models[name]
-        _registry_path().write_text(json.dumps(models, indent=2), encoding="utf-8")
+        _update_registry(lambda models: models.pop(name, None))
 
 
 class SDAModel(llm.Model):

@@ -236,13 +236,19 @@ def _check_new_name(name: str) -> None:
 
 
 def _save_user_model(name: str, record: dict) -> None:
-    """Adds one entry atomically (a temporary file renamed over the catalogue)."""
-    models = user_models()
-    models[name] = record
-    path = user_catalogue_path()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(models, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    """Adds one entry, locked and atomic (jsonl.update_json). A name taken meanwhile by another process is
+    refused, its entry kept."""
+    from .jsonl import update_json
+
+    def add(models: dict) -> None:
+        if name in models:
+            raise InputError(f"a model named {name!r} was registered meanwhile (choose another --name)")
+        models[name] = record
+
+    try:
+        update_json(user_catalogue_path(), add)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot update the user catalogue {user_catalogue_path()}: {exc}") from None
 
 
 def pull_source(source: str, *, name: Optional[str] = None, sha256: Optional[str] = None,

@@ -267,3 +267,79 @@ def test_list_all_with_no_stores_prints_the_catalogue_only(cache):
 
 def _same_fs(a: Path, b: Path) -> bool:
     return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+class RedirectServer:
+    """Hugging Face's shape: /resolve/ answers 302 to a CDN (another port, no sha256 there), publishing the
+    file's sha256 and size as X-Linked-Etag / X-Linked-Size on the 302 itself."""
+
+    def __init__(self, target_url: str, sha256: str, size: int):
+        self.target_url, self.sha256, self.size = target_url, sha256, size
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_response(302)
+                self.send_header("Location", server.target_url)
+                self.send_header("X-Linked-Etag", f'"{server.sha256}"')
+                self.send_header("X-Linked-Size", str(server.size))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_the_sha256_published_on_the_redirect_is_checked(model_path, cache):
+    cdn = GGUFServer(model_path, etag=False)  # the CDN's answer carries no checksum
+    size = len(cdn.data)
+    try:
+        for published, published_size, fragment in (("0" * 64, size, "checksum mismatch"),
+                                                    (cdn.sha256, size + 1, f"the server published {size + 1}"),
+                                                    (cdn.sha256, size, None)):
+            hub = RedirectServer(cdn.file_url(), published, published_size)
+            try:
+                out = run_cli("models", "pull", f"hf:org/repo/{model_path.name}", "--name", "hub",
+                              env=dict(cache, HF_ENDPOINT=hub.url))
+            finally:
+                hub.close()
+            err = out.stderr.decode()
+            if fragment is None:
+                assert out.returncode == 0, err
+                assert user_catalogue(cache)["hub"]["sha256"] == cdn.sha256
+            else:
+                assert out.returncode == 1 and fragment in err and "Traceback" not in err, err
+                assert user_catalogue(cache) == {} and no_partial_left(cache, model_path.name)
+    finally:
+        cdn.close()
+
+
+def test_plain_http_needs_a_sha256(cache):
+    # Refused before any connection: the host does not even resolve.
+    out = run_cli("models", "pull", "http://models.example.invalid/x.gguf", env=cache)
+    err = out.stderr.decode()
+    assert out.returncode == 1 and "--sha256" in err and "http://" in err and "Traceback" not in err, err
+
+
+_ADD_MODELS = """
+import sys
+from sda_local import models
+for i in range(int(sys.argv[2])):
+    models._save_user_model(f"m{sys.argv[1]}-{i}", {"path": "/x", "sha256": "0" * 64, "size": 1, "source": "x"})
+"""
+
+
+def test_catalogue_writes_from_several_processes_keep_every_entry(cache):
+    env = dict(os.environ, **cache)
+    procs = [subprocess.Popen([sys.executable, "-c", _ADD_MODELS, str(p), "25"], env=env) for p in range(6)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    assert sorted(user_catalogue(cache)) == sorted(f"m{p}-{i}" for p in range(6) for i in range(25))
+    assert not list(Path(cache["SDA_LOCAL_CACHE"]).glob(".user-models.json.*.tmp"))

@@ -210,3 +210,31 @@ def test_a_remote_judge_is_the_only_inet_connection(model_path, tmp_path):
     assert inet, "the remote judge was not contacted"
     for family, address in inet:
         assert family == "AF_INET" and f"sin_port=htons({port})" in address and '127.0.0.1' in address, inet
+
+
+def test_crash_reports_hold_no_credentials(tmp_path):
+    catalogue = tmp_path / "catalogue.json"
+    catalogue.write_text(json.dumps({"default": "x", "models": [{"name": "x"}]}))
+    state = tmp_path / "state"
+    proc = run_cli("serve", "--api-key", "sekrit-key-123", "--model", "x",
+                   env={"SDA_LOCAL_CATALOGUE": str(catalogue), "XDG_STATE_HOME": str(state),
+                        "HF_TOKEN": "hf_token_value_456"})
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "crash report:" in err, err
+    report = Path(re.search(r"crash report: (\S+)\)$", err.strip().splitlines()[-1]).group(1)).read_text()
+    assert "KeyError" in report and "--api-key" in report
+    assert "sekrit-key-123" not in report and "hf_token_value_456" not in report and "<redacted>" in report
+
+
+def test_redact_argv_hides_credential_values():
+    from sda_local.cli.common import redact_argv, redact_secrets
+
+    argv = ["sda-local", "serve", "--api-key", "k1-value", "--judge-api-key=k2-value", "--token", "t-value",
+            "--judge-url", "https://user:pw-value@judge.example/v1", "--port", "8080", "--max-tokens", "4096",
+            "--keywords", "a"]
+    shown = redact_argv(argv)
+    assert shown == ["sda-local", "serve", "--api-key", "<redacted>", "--judge-api-key=<redacted>", "--token",
+                     "<redacted>", "--judge-url", "https://<redacted>@judge.example/v1", "--port", "8080",
+                     "--max-tokens", "4096", "--keywords", "a"]
+    text = redact_secrets("got k1-value and k2-value, t-value, https://user:pw-value@judge.example", argv)
+    assert not any(s in text for s in ("k1-value", "k2-value", "t-value", "pw-value")), text

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
-from typing import Optional
+from typing import List, Optional
 
 import click
 
@@ -66,11 +67,49 @@ def write_crash_report(exc: BaseException) -> Optional[str]:
         folder = private_dir(state_dir() / "crash-reports")
         path = folder / time.strftime(f"crash-%Y%m%d-%H%M%S-{os.getpid()}.txt")
         body = (f"sda-local {__version__}, Python {sys.version.split()[0]}, {sys.platform}\n"
-                f"argv: {sys.argv!r}\n\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        write_private_text(path, body)
+                f"argv: {redact_argv(sys.argv)!r}\n\n"
+                + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        write_private_text(path, redact_secrets(body, sys.argv))
         return str(path)
     except Exception:
         return None
+
+
+# Options and environment variables whose values are credentials: never written to a crash report.
+_SECRET_OPTION = re.compile(r"^--?(?:\w+-)*(?:key|token|secret|password|passwd)$", re.IGNORECASE)
+SECRET_ENV = ("HF_TOKEN", "OPENAI_API_KEY", "SDA_JUDGE_API_KEY", "SDA_LOCAL_API_KEY")
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")
+REDACTED = "<redacted>"
+
+
+def redact_argv(argv: List[str]) -> List[str]:
+    """``argv`` with the values of credential options (--api-key X, --api-key=X) and URL passwords hidden."""
+    out, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        name, eq, _ = arg.partition("=")
+        if _SECRET_OPTION.match(name):
+            if eq:
+                arg = f"{name}={REDACTED}"
+            else:
+                hide_next = True
+        out.append(_URL_CREDENTIALS.sub(f"{REDACTED}@", arg))
+    return out
+
+
+def redact_secrets(text: str, argv: List[str]) -> str:
+    """``text`` with every credential value of ``argv`` and of SECRET_ENV replaced (a traceback may quote one)."""
+    secrets = {os.environ.get(name) for name in SECRET_ENV}
+    for original, shown in zip(argv, redact_argv(argv)):
+        if original != shown:
+            name, eq, value = original.partition("=")
+            secrets.add(value if eq and _SECRET_OPTION.match(name) else original)
+    for secret in sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return _URL_CREDENTIALS.sub(f"{REDACTED}@", text)
 
 
 def fail(message: str, code: int = 1):
@@ -128,7 +167,7 @@ def main():
 
 def steering_options(f):
     """--steering and its bounds; read them with ``steering_from_cli``."""
-    from ..engine.steering import DEFAULT_STEERING, STEERING_MODES
+    from ..engine.steering import DEFAULT_STEERING, GUARD_TARGETS, STEERING_MODES
 
     options = [
         click.option("--steering", "steering_mode", type=click.Choice(STEERING_MODES), default=DEFAULT_STEERING.mode,
@@ -138,6 +177,9 @@ def steering_options(f):
                      f"|l_with - l_without| (0 = none; default {DEFAULT_STEERING.clip:g})."),
         click.option("--echo-run", default=None, type=click.IntRange(0, 64), help="guarded: instruction runs of "
                      f"this many tokens get no steering (0 = no guard; default {DEFAULT_STEERING.echo_run})."),
+        click.option("--guard-to", default=None, type=click.Choice(GUARD_TARGETS), help="guarded: what a guarded "
+                     "token gets: 'without' its without-instruction log-prob, 'prompt' no more than prompting "
+                     f"gives it (default {DEFAULT_STEERING.guard_to})."),
         click.option("--plausibility", default=None, type=click.FloatRange(0, 1, max_open=True),
                      help=f"guarded: drop tokens below this share of the top with-instruction probability "
                      f"(default {DEFAULT_STEERING.plausibility:g})."),
@@ -147,17 +189,18 @@ def steering_options(f):
     return f
 
 
-def steering_from_cli(mode: str, clip, echo_run, plausibility):
+def steering_from_cli(mode: str, clip, echo_run, plausibility, guard_to):
     from ..engine.steering import DEFAULT_STEERING, PAPER, Steering
 
     if mode == "paper":
-        if any(v is not None for v in (clip, echo_run, plausibility)):
-            raise InputError("--steering-clip, --echo-run and --plausibility apply to --steering guarded")
+        if any(v is not None for v in (clip, echo_run, plausibility, guard_to)):
+            raise InputError("--steering-clip, --echo-run, --plausibility and --guard-to apply to --steering guarded")
         return PAPER
     base = DEFAULT_STEERING if DEFAULT_STEERING.mode == "guarded" else Steering("guarded")
     return Steering("guarded", clip=base.clip if clip is None else clip,
                     plausibility=base.plausibility if plausibility is None else plausibility,
-                    echo_run=base.echo_run if echo_run is None else echo_run).check()
+                    echo_run=base.echo_run if echo_run is None else echo_run,
+                    guard_to=base.guard_to if guard_to is None else guard_to).check()
 
 
 def engine_options(f):
