@@ -140,6 +140,23 @@ def test_metrics(server, client):
     assert 'endpoint="/v1/chat/completions",status="200"' in text
 
 
+def test_metrics_cannot_be_forged_or_grown(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    forged = requests.get(server.url + "/a%22%7D%201%0Asda_fake_metric%201")
+    assert forged.status_code == 404
+    for i in range(200):
+        requests.get(f"{server.url}/unknown/{i}")
+    text = requests.get(server.url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # a valid exposition
+    assert "sda_fake_metric" not in families and "sda_fake_metric" not in text
+    routes = {s.labels["endpoint"] for s in families["sda_requests"].samples if s.name == "sda_requests_total"}
+    assert routes <= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "other"}
+    other = [s.value for s in families["sda_requests"].samples
+             if s.name == "sda_requests_total" and s.labels == {"endpoint": "other", "status": "404"}]
+    assert other and other[0] >= 201
+
+
 # ---------------------------------------------------------------------------------------------- errors
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -194,7 +211,7 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     while time.time() < deadline:
         busy = [line for line in requests.get(server.url + "/metrics").text.splitlines()
                 if line.startswith("sda_slots_busy ")]
-        if busy == ["sda_slots_busy 0"]:
+        if busy and float(busy[0].split()[1]) == 0:
             return
         time.sleep(0.1)
     pytest.fail(f"the slot stayed busy: {busy}")
@@ -266,3 +283,155 @@ def test_the_llm_cli_through_its_openai_compatible_configuration(server, tmp_pat
     assert out.returncode == 0 and out.stdout.strip(), out.stderr
     logged = subprocess.run([llm, "logs", "--json", "-n", "1"], capture_output=True, text=True, env=env, timeout=60)
     assert json.loads(logged.stdout)[0]["response"] == out.stdout.strip()
+
+
+def _chat_requests_by_status(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(server.url + "/metrics").text
+    counts = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "sda_requests_total" and s.labels.get("endpoint") == CHAT:
+                counts[s.labels["status"]] = s.value
+    return counts
+
+
+def test_a_client_that_disconnects_is_logged_as_such_not_a_server_error(server):
+    before = _chat_requests_by_status(server)
+    # A prompt that this model answers at length (1500 tokens, seeds 1 and 2 checked): still running when
+    # the client goes.
+    body = json.dumps({"messages": [{"role": "user", "content": "Write a very long essay about the history of "
+                                     "Rome, with at least 40 paragraphs."}], "max_tokens": 1500, "seed": 1}).encode()
+    port = int(server.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # a wait for the generation to start, not a timing assertion
+        busy = [line for line in requests.get(server.url + "/metrics").text.splitlines()
+                if line.startswith("sda_slots_busy ")]
+        if busy and float(busy[0].split()[1]) > 0:
+            break
+        time.sleep(0.05)
+    sock.close()
+    after = before
+    while time.time() < deadline:
+        after = _chat_requests_by_status(server)
+        if after.get("499", 0) > before.get("499", 0):
+            break
+        time.sleep(0.1)
+    assert after.get("499", 0) == before.get("499", 0) + 1, after
+    assert after.get("500", 0) == before.get("500", 0)
+    # ... and its slot was given back
+    while time.time() < deadline:
+        busy = [line for line in requests.get(server.url + "/metrics").text.splitlines()
+                if line.startswith("sda_slots_busy ")]
+        if busy and float(busy[0].split()[1]) == 0:
+            return
+        time.sleep(0.1)
+    pytest.fail("the slot stayed busy after the client left")
+
+
+def test_slow_sockets_are_closed_while_normal_requests_are_answered(tmp_path):
+    # 50 slowloris sockets, one byte a second: half still in their headers, half in a body. The server
+    # answers 408 and closes each at its deadline, and answers normal requests meanwhile.
+    import select
+    import threading
+
+    header_timeout, body_timeout = 3.0, 3.0
+    with ServerProcess("--parallel", "1", "-c", "1024", "--threads", "2", "--header-timeout", str(header_timeout),
+                       "--body-timeout", str(body_timeout)) as s:
+        port = int(s.url.rsplit(":", 1)[1])
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        assert post(s, CHAT, body).status_code == 200  # warm: the first request's one-off costs are not counted
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        slow = []  # (socket, bytes still to send)
+        for i in range(50):
+            sock = socket.create_connection(("127.0.0.1", port))
+            if i % 2:
+                sock.sendall(head + b"Content-Length: 1000\r\n\r\n{")  # headers in, the body trickles
+                slow.append([sock, b'"' * 999])
+            else:
+                slow.append([sock, head + b"Content-Length: 2\r\n\r\n{}"])  # the headers trickle
+        opened = time.time()
+        closed_after, answers, latencies = {}, [], []
+
+        def normal_requests():  # meanwhile, from another thread, so that the slow sockets are watched all along
+            for _ in range(10):
+                started = time.time()
+                answers.append(post(s, CHAT, body).status_code)
+                latencies.append(time.time() - started)
+                time.sleep(0.3)
+
+        client = threading.Thread(target=normal_requests)
+        client.start()
+        deadline = opened + 10 * max(header_timeout, body_timeout) + 60
+        next_byte = opened
+        while len(closed_after) < len(slow) and time.time() < deadline:
+            if time.time() >= next_byte:  # one byte a second on every open slow socket
+                next_byte += 1.0
+                for i, (sock, rest) in enumerate(slow):
+                    if i in closed_after or not rest:
+                        continue
+                    try:
+                        sock.send(rest[:1])
+                        slow[i][1] = rest[1:]
+                    except OSError:
+                        closed_after[i] = (time.time() - opened, b"")
+            readable, _, _ = select.select([sock for i, (sock, _) in enumerate(slow) if i not in closed_after],
+                                           [], [], 0.05)
+            for sock in readable:
+                i = next(j for j, (x, _) in enumerate(slow) if x is sock)
+                try:
+                    data = sock.recv(4096)
+                except OSError:
+                    data = b""
+                closed_after[i] = (time.time() - opened, data)
+        client.join(300)
+        for sock, _ in slow:
+            sock.close()
+        assert len(closed_after) == 50, f"{50 - len(closed_after)} slow sockets were never closed"
+        assert all(data.startswith(b"HTTP/1.1 408") or data == b"" for _, data in closed_after.values())
+        # A byte sent just as the server closes can turn the 408 into a reset: most, not all, see the 408.
+        assert sum(data.startswith(b"HTTP/1.1 408") for _, data in closed_after.values()) >= 20
+        assert answers == [200] * 10, answers
+        # A connection that sends nothing, and a keep-alive one after its answer, are closed silently: a
+        # client reusing an idle connection must see it closed (and retry), never a 408 it takes for its answer.
+        idle = socket.create_connection(("127.0.0.1", port))
+        kept = socket.create_connection(("127.0.0.1", port))
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        for sock in (idle, kept):
+            sock.settimeout(60)
+            received = b""
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+            sock.close()
+            assert b"408" not in received, received
+            assert received.count(b"HTTP/1.1 ") == (1 if sock is kept else 0)
+        latencies.sort()
+        print(f"\nslow sockets: closed after {min(t for t, _ in closed_after.values()):.1f}-"
+              f"{max(t for t, _ in closed_after.values()):.1f} s (deadlines {header_timeout:g}/{body_timeout:g} s); "
+              f"normal requests meanwhile: median {latencies[len(latencies) // 2] * 1000:.0f} ms, "
+              f"max {latencies[-1] * 1000:.0f} ms")
+
+
+def test_completions_take_a_raw_prompt(server, engine):
+    # /v1/completions is a raw prompt, as llama-server's: its control tokens are the caller's and no chat
+    # template is put around it. With sda, the with-stream reads the instruction (plain text) before it.
+    from sda_local.prompts import resolve_alignment
+
+    raw = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    plain = post(server, "/v1/completions", {"prompt": raw, "max_tokens": 2, "seed": 1}).json()
+    assert plain["usage"]["prompt_tokens"] == len(engine.prompt_tokens(raw))
+    im_start = engine.model.tokenize("<|im_start|>", add_bos=False, special=True)
+    assert engine.prompt_tokens(raw).count(im_start[0]) == 2
+    steered = post(server, "/v1/completions", {"prompt": raw, "max_tokens": 2, "seed": 1,
+                                               "sda": {"align": "honesty", "strength": 0.5}}).json()
+    instruction = resolve_alignment("honesty").instruction
+    # The instruction has no special-token text: the same tokens as the whole string.
+    expected = engine.model.tokenize(instruction + "\n\n" + raw, add_bos=False, special=True)
+    assert steered["usage"]["prompt_tokens"] == len(expected)

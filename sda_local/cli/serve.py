@@ -23,6 +23,13 @@ from .common import judge_options, main, offline_option, remote_judge_options, r
               help="Require 'Authorization: Bearer KEY' (also $SDA_LOCAL_API_KEY).")
 @click.option("--max-body", default=1 << 20, show_default=True, type=click.IntRange(1024),
               help="Largest request body in bytes (413 beyond).")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds a request has for its headers (from the connection or the previous answer); "
+              "past it: 408 and the connection closed (slow clients).")
+@click.option("--body-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds a request has for its body once its headers are in.")
+@click.option("--keep-alive-timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds an idle keep-alive connection stays open.")
 @click.option("--alias", default=None, help="Model id in /v1/models and responses (default: the GGUF file name).")
 @judge_options
 @click.option("--model", "-m", default=None, help="GGUF path or catalogue name (default: the default model).")
@@ -34,7 +41,8 @@ from .common import judge_options, main, offline_option, remote_judge_options, r
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
 @repack_option
 @offline_option
-def serve(host, port, parallel, ctx_size, queue_size, api_key, max_body, alias, judge, judge_url, amplifier_map,
+def serve(host, port, parallel, ctx_size, queue_size, api_key, max_body, header_timeout, body_timeout,
+          keep_alive_timeout, alias, judge, judge_url, amplifier_map,
           model, n_threads, n_gpu_layers, streams, verbose):
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
 
@@ -70,7 +78,8 @@ def serve(host, port, parallel, ctx_size, queue_size, api_key, max_body, alias, 
             raise
 
     run_server(load, model_id=alias or _model_id(model, model_path), host=host, port=port, api_key=api_key,
-               queue_size=queue_size, max_body=max_body,
+               queue_size=queue_size, max_body=max_body, header_timeout=header_timeout,
+               body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout,
                on_listening=lambda url: click.echo(f"sda-local: listening on {url} ({parallel} slots of "
                                                    f"{n_ctx} tokens)", err=True))
 

@@ -3,7 +3,8 @@
     schemas.py   the request bodies (OpenAI's fields and the ``sda`` object)
     service.py   requests -> prompts -> jobs in the engine's scheduler, and the SDA pipeline's judge
     app.py       FastAPI routes, errors in OpenAI's format, server-sent events
-    metrics.py   Prometheus counters for /metrics
+    metrics.py   Prometheus counters for /metrics (prometheus_client)
+    protocol.py  uvicorn's HTTP protocol with deadlines for slow clients
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from typing import Callable, Optional
 from ..errors import InputError
 
 DEFAULT_PORT = 8080
+# Slow clients (protocol.py): seconds for a request's headers, for its body, and for an idle keep-alive
+# connection (uvicorn's own default for the last).
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 30.0
+DEFAULT_KEEP_ALIVE_TIMEOUT = 5.0
 
 
 def is_loopback(host: str) -> bool:
@@ -33,6 +39,7 @@ def is_loopback(host: str) -> bool:
 def _import_stack():
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn
     except ImportError as exc:
         raise InputError(f"the server needs its extra: pip install 'sda-local[server]' ({exc.name} is missing)") from None
@@ -61,9 +68,12 @@ def _server_class(uvicorn):
 
 def run_server(load: Callable[[], tuple], *, model_id: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                api_key: Optional[str] = None, queue_size: int = 16, max_body: int = 1 << 20,
+               header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+               keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
                on_listening: Callable[[str], None] = lambda url: None) -> None:
     """Serve until SIGTERM/SIGINT. ``load()`` -> (engine, judge) runs in the background while /health
-    answers 503. ``port`` 0 picks a free port; ``on_listening`` gets the URL once the socket is bound."""
+    answers 503. ``port`` 0 picks a free port; ``on_listening`` gets the URL once the socket is bound.
+    Deadlines (seconds): a request's headers, its body, and an idle keep-alive connection (protocol.py)."""
     uvicorn = _import_stack()
     from .app import ServerConfig, create_app
 
@@ -81,8 +91,11 @@ def run_server(load: Callable[[], tuple], *, model_id: str, host: str = "127.0.0
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     app = create_app(ServerConfig(model_id=model_id, api_key=api_key, max_body=max_body, queue_size=queue_size),
                      load)
+    from .protocol import deadline_protocol
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                            lifespan="on")
+                            lifespan="on", http=deadline_protocol(header_timeout, body_timeout),
+                            timeout_keep_alive=keep_alive_timeout)
     server = _server_class(uvicorn)(config)
     on_listening(f"http://{shown}:{bound}")
     try:

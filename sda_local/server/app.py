@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -17,15 +18,18 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import ContextOverflowError, InputError, SDAError
 from ..judging import JudgeError
-from .metrics import Metrics
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .service import GenerationService, Overloaded, Plan
+
+log = logging.getLogger("sda_local.server")
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop", "error": "stop"}
 
@@ -93,8 +97,9 @@ def create_app(config: ServerConfig, load: Callable[[], tuple]) -> FastAPI:
     def load_in_background():
         try:
             engine, judge = load()
-        except BaseException as exc:  # shown by /health and every route; the process stays up to say so
+        except BaseException as exc:  # told by every route (/health without detail); the process stays up
             state.load_error = str(exc) or type(exc).__name__
+            log.error("the model failed to load: %s", state.load_error)
             return
         scheduler = engine.scheduler
         metrics = Metrics({
@@ -138,22 +143,13 @@ def create_app(config: ServerConfig, load: Callable[[], tuple]) -> FastAPI:
         _count(state, request, 500)
         return _error_response(api_error_of(exc))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        key = config.api_key
-        if key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-                _count(state, request, 401)
-                return _error_response(ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                                code="invalid_api_key"))
-        return await call_next(request)
+    if config.api_key:
+        app.add_middleware(_ApiKeyGate, key=config.api_key, state=state)
 
     @app.get("/health")
     async def health():
-        if state.load_error is not None:
-            return JSONResponse(error_body(f"the model failed to load: {state.load_error}", "server_error"),
+        if state.load_error is not None:  # unauthenticated: the detail (a file path) is in the log only
+            return JSONResponse(error_body("the model failed to load (see the server's log)", "server_error"),
                                 status_code=503)
         if state.service is None:
             return JSONResponse(error_body("loading model", "unavailable_error", "loading"), status_code=503)
@@ -170,7 +166,7 @@ def create_app(config: ServerConfig, load: Callable[[], tuple]) -> FastAPI:
     async def metrics(request: Request):
         _ready(state)
         _count(state, request, 200)
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -181,6 +177,28 @@ def create_app(config: ServerConfig, load: Callable[[], tuple]) -> FastAPI:
         return await _complete(state, request, CompletionRequest, "text")
 
     return app
+
+
+class _ApiKeyGate:
+    """'Authorization: Bearer KEY' on every route but /health. Plain ASGI, not @app.middleware("http"):
+    Starlette's BaseHTTPMiddleware hides a client's disconnect from the route (request.is_disconnected()
+    stays False), so a generation would run on for a client long gone."""
+
+    def __init__(self, app, *, key: str, state: "ServerState"):
+        self.app, self.key, self.state = app, key.encode(), state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        given = Request(scope).headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
+            if self.state.metrics is not None:
+                self.state.metrics.observe_request(scope["path"], 401)
+            response = _error_response(ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                                code="invalid_api_key"))
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _shutdown(state: ServerState) -> None:
@@ -200,8 +218,8 @@ def _count(state: ServerState, request: Request, status: int) -> None:
 
 
 def _ready(state: ServerState) -> GenerationService:
-    if state.load_error is not None:
-        raise ApiError(503, f"the model failed to load: {state.load_error}", type_="server_error")
+    if state.load_error is not None:  # the detail (a file path) is in the server's log
+        raise ApiError(503, "the model failed to load (see the server's log)", type_="server_error")
     if state.service is None:
         raise ApiError(503, "loading model", type_="unavailable_error", code="loading")
     return state.service
@@ -216,11 +234,14 @@ async def _read_json(request: Request, max_body: int) -> dict:
     if declared is not None and declared.isdigit() and int(declared) > max_body:
         raise ApiError(413, f"the body is over {max_body} bytes", code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body:
-            raise ApiError(413, f"the body is over {max_body} bytes", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                raise ApiError(413, f"the body is over {max_body} bytes", code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone before its body was in (or cut off by the body deadline, protocol.py)
+        raise ClientGone() from None
     try:
         text = b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError:
@@ -247,7 +268,10 @@ def _validation_error(exc: ValidationError) -> ApiError:
 
 async def _complete(state: ServerState, request: Request, schema, kind: str):
     service = _ready(state)
-    raw = await _read_json(request, state.config.max_body)
+    try:
+        raw = await _read_json(request, state.config.max_body)
+    except ClientGone:
+        return _client_gone(state, request)
     try:
         body = schema.model_validate(raw)
     except ValidationError as exc:
@@ -270,6 +294,8 @@ async def _complete(state: ServerState, request: Request, schema, kind: str):
         return _EventStream(_stream(service, plan, kind, response_id, include_usage), service.release)
     try:
         text = await _collect(service, plan, request)
+    except ClientGone:  # nobody to answer: its generation was cancelled
+        return _client_gone(state, request)
     except BaseException as exc:
         raise api_error_of(exc) from None
     finally:
@@ -278,8 +304,22 @@ async def _complete(state: ServerState, request: Request, schema, kind: str):
     return _response(service, plan, kind, response_id, text)
 
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away before the answer
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def _client_gone(state: ServerState, request: Request) -> Response:
+    """Logged and counted as nginx does (499), never as a server error."""
+    log.warning("%s %s: the client disconnected before its answer (499)", request.method, request.url.path)
+    _count(state, request, CLIENT_CLOSED_REQUEST)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def _collect(service: GenerationService, plan: Plan, request: Request) -> str:
-    """The whole answer; stops the generation if the client disconnects meanwhile."""
+    """The whole answer; stops the generation (ClientGone) if the client disconnects meanwhile."""
     async def gather():
         return "".join([piece async for piece in service.run(plan)])
 
@@ -288,7 +328,11 @@ async def _collect(service: GenerationService, plan: Plan, request: Request) -> 
         done, _ = await asyncio.wait({task}, timeout=0.25)
         if not done and await request.is_disconnected():
             task.cancel()
-            break
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # whatever it ended with, nobody is there to hear it
+                pass
+            raise ClientGone()
     return await task
 
 
