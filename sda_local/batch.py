@@ -29,6 +29,7 @@ class BatchReport:
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    other_shards: int = 0  # lines left to the other shards (--shard)
 
 
 def read_jobs(path: Path) -> Iterator[Tuple[int, Optional[dict], Optional[str]]]:
@@ -92,12 +93,14 @@ def run_batch(
     on_event: Callable[[str], None],
     parallel: int = 1,
     on_interrupt: Callable[[], None] = lambda: None,
+    shard=None,
 ) -> BatchReport:
     """Run ``generate(job) -> result fields`` for each job; write ``{"id", **fields}`` lines to the output.
 
     ``parallel`` > 1 runs that many lines at once in threads (their generations share the engine's batched
     decode); results are still written in input order, each as soon as it and the lines before it are done.
-    On an interrupt, ``on_interrupt()`` stops the running generations (the lines written so far stay)."""
+    On an interrupt, ``on_interrupt()`` stops the running generations (the lines written so far stay).
+    ``shard`` (shards.Shard): only the lines whose id it holds; the others count as ``other_shards``."""
     if output_path.exists() and output_path.stat().st_size > 0 and not resume:
         raise InputError(f"{output_path} already has results: pass --resume to continue it, or choose another file")
     done = completed_ids(output_path) if resume else set()
@@ -129,6 +132,10 @@ def run_batch(
                     on_event(f"line {number}: {error}")
                     continue
                 key = _id_key(job["id"])
+                if shard is not None and not shard.holds(key):
+                    report.total -= 1
+                    report.other_shards += 1
+                    continue
                 if key in first_line:
                     report.failed += 1
                     on_event(f"line {number}: duplicate id {job['id']} (also on line {first_line[key]})")
@@ -171,3 +178,36 @@ class _Ran:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def merge_outputs(paths, out: Path, input_path: Optional[Path] = None) -> Tuple[int, Set[str]]:
+    """One output from the outputs of ``--shard`` batch runs: every result line once (an id in two files is
+    an error), in the input's order when ``input_path`` is given (else file by file). Returns (lines
+    written, ids of the input that no output has)."""
+    if out.exists() and out.stat().st_size > 0:
+        raise InputError(f"{out} already has results: choose another file")
+    results, origin = {}, {}
+    for path in paths:
+        try:
+            data = read_repaired(path)
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror}") from None
+        for number, raw in enumerate(data.splitlines(), 1):
+            try:
+                record = json.loads(raw)
+                key = _id_key(record["id"])
+            except (ValueError, KeyError, TypeError):
+                raise InputError(f"{path}, line {number}: not a batch result line") from None
+            if key in results:
+                raise InputError(f"id {record['id']} is in both {origin[key]} and {path}")
+            results[key], origin[key] = record, path
+    order = list(results)
+    missing: Set[str] = set()
+    if input_path is not None:
+        wanted = [_id_key(job["id"]) for _, job, _ in read_jobs(input_path) if job is not None]
+        missing = {k for k in wanted if k not in results}
+        order = [k for k in wanted if k in results] + [k for k in order if k not in set(wanted)]
+    with Appender(out) as sink:
+        for key in order:
+            sink.append(results[key])
+    return len(order), missing

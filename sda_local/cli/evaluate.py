@@ -10,6 +10,7 @@ from typing import Optional
 import click
 
 from ..errors import InputError
+from ..shards import parse_shard
 from ..judging.factory import DEFAULT_JUDGE
 from .common import (
     engine_options, is_remote, judge_from_cli, judge_options, main, make_engine, remote_judge_options,
@@ -65,10 +66,12 @@ def _eval_judge(config, judge_url: Optional[str]):
               help="Continue the run in this file (its settings are used).")
 @click.option("--parallel", "-np", "parallel", default=1, show_default=True, type=click.IntRange(1, 128),
               help="Units run at once, sharing one batched decode (same answers as 1).")
+@click.option("--shard", default=None, metavar="I/N", help="Only the units of shard I of N (0 <= I < N, split by "
+              "unit key), to fan a run out over machines; join the shards' run files with `sda-local merge`.")
 @engine_options
 def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample, seed, max_tokens, judge, judge_url,
-                 amplifier_map, verify, temperature_mode, no_fluency, steering_mode, steering_clip, echo_run, plausibility, verify_limit,
-                 verify_strength, verify_only, run_path, resume_path, parallel, model, n_ctx, n_threads, n_gpu_layers,
+                 amplifier_map, verify, temperature_mode, no_fluency, steering_mode, steering_clip, echo_run, plausibility, guard_to, verify_limit,
+                 verify_strength, verify_only, run_path, resume_path, parallel, shard, model, n_ctx, n_threads, n_gpu_layers,
                  streams, verbose):
     """Evaluate SDA as the paper does (pairwise judging, gain omega) and with verifiable instructions.
 
@@ -76,14 +79,13 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
     """
     import time as _time
 
-    from ..evaluation import (EvalConfig, Evaluation, RunFile, judged_units, summarize, summary_markdown,
-                             verify_units, write_chart)
+    from ..evaluation import EvalConfig, Evaluation, RunFile, judged_units, verify_units
     from ..judging import make_judge, redact_url
     from ..verifiable import VERIFIABLE
 
     if resume_path is not None:
-        if datasets or run_path:
-            raise InputError("--resume continues a run with its own settings: give no --dataset or --run")
+        if datasets or run_path or shard:
+            raise InputError("--resume continues a run with its own settings: give no --dataset, --run or --shard")
         run = RunFile(resume_path)
     else:
         from .. import ifeval
@@ -94,7 +96,7 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
             v = v.strip()
             verify_ids += list(VERIFIABLE) if v == "all" else ifeval.all_ids() if v == "ifeval" else [v] if v else []
         verify_ids = list(dict.fromkeys(verify_ids))  # "all,no_commas": each instruction once
-        steering = steering_from_cli(steering_mode, steering_clip, echo_run, plausibility)
+        steering = steering_from_cli(steering_mode, steering_clip, echo_run, plausibility, guard_to)
         datasets = [DEV_SET if str(p) == DEV_SET_NAME and not p.exists() else p for p in datasets]
         config = EvalConfig(
             # Resolved: a resumed run finds its files from any directory, and unit keys hash the resolved path.
@@ -107,7 +109,8 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
             judge_url=redact_url(judge_url) if judge_url else None, judge_options=remote_judge_options(),
             amplifier_map=amplifier_map, verify=verify_ids, verify_limit=verify_limit,
             verify_strength=verify_strength, model=model, verify_only=verify_only, steering=steering.to_dict(),
-            fluency=not no_fluency, temperature_mode=temperature_mode)
+            fluency=not no_fluency, temperature_mode=temperature_mode,
+            shard=list(parse_shard(shard)) if shard is not None else None)
         config.check()
         if "sda" not in config.arms:
             config.arms.append("sda")
@@ -134,6 +137,16 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
             judge_obj.close()
         run.close()
         engine.close()
+    write_summary(run, elapsed)
+    if evaluation.failed_units:  # as batch does: the summary is written, the exit code says work is left
+        click.echo(f"{evaluation.failed_units} unit(s) failed; --resume {run.path} retries them", err=True)
+        sys.exit(1)
+
+
+def write_summary(run, elapsed: float) -> None:
+    """RUN.summary.json, RUN.summary.md and the chart of a run, and the summary on the terminal."""
+    from ..evaluation import summarize, summary_markdown, write_chart
+
     summary = summarize(run.records)
     summary["run"] = str(run.path)
     summary["elapsed_seconds_this_session"] = elapsed
@@ -147,6 +160,37 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
     click.echo(f"\nrun: {run.path}; summary: {base}.summary.md, {base}.summary.json"
                + (f", chart: {chart}" if drew else " (pip install 'sda-local[plot]' for the chart)")
                + f"; {elapsed:.0f} s")
-    if evaluation.failed_units:  # as batch does: the summary is written, the exit code says work is left
-        click.echo(f"{evaluation.failed_units} unit(s) failed; --resume {run.path} retries them", err=True)
+
+
+@main.command("merge")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--input", "input_path", default=None, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Batch outputs: the input file, to write the results in its order and name missing ids.")
+def merge_command(output, shards, input_path):
+    """Join the outputs of --shard runs into OUTPUT: eval run files (then the summary, as eval writes it) or
+    batch outputs of `generate --input`. Every shard once; a shard missing is named, and the exit code is 1."""
+    from ..batch import merge_outputs
+    from ..evaluation import merge_runs
+
+    with open(shards[0], "rb") as f:
+        first = f.readline()
+    try:
+        is_run = json.loads(first).get("type") == "run"
+    except (ValueError, AttributeError):
+        is_run = False
+    if is_run:
+        if input_path is not None:
+            raise InputError("--input is for batch outputs; eval run files carry their own settings")
+        run, missing = merge_runs(list(shards), output)
+        write_summary(run, 0.0)
+        if missing:
+            click.echo(f"shard(s) {', '.join(map(str, missing))} missing: the merged run is incomplete (--resume "
+                       "it to run their units here)", err=True)
+            sys.exit(1)
+        return
+    written, missing = merge_outputs(list(shards), output, input_path)
+    click.echo(f"{written} result lines -> {output}", err=True)
+    if missing:
+        click.echo(f"{len(missing)} input id(s) have no result line", err=True)
         sys.exit(1)

@@ -10,6 +10,7 @@ import click
 
 from ..engine.fusion import DEFAULT_TEMPERATURE_MODE, TEMPERATURE_MODES
 from ..errors import InputError
+from ..shards import parse_shard
 from .common import (
     decode_arg, engine_options, is_remote, judge_from_cli, judge_options, main, make_engine, print_stats,
     remote_judge_options, report_judgement, seed_callback, steering_from_cli, steering_options, strength_range,
@@ -46,10 +47,12 @@ from .common import (
 @click.option("--resume", is_flag=True, help="Batch mode: skip ids already in --output.")
 @click.option("--parallel", "-np", "parallel", default=1, show_default=True, type=click.IntRange(1, 128),
               help="Batch mode: lines generated at once, sharing one batched decode (same results as 1).")
+@click.option("--shard", default=None, metavar="I/N", help="Batch mode: only the lines of shard I of N (0 <= I < "
+              "N, split by id); join the shards' outputs with `sda-local merge`.")
 @engine_options
 def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_failure, max_tokens, seed,
              temperature_mode, t0, top_p, system, as_json, show_stats, compare, steering_mode, steering_clip, echo_run,
-             plausibility, input_path, output_path, resume, parallel, model, n_ctx, n_threads, n_gpu_layers, streams,
+             plausibility, guard_to, input_path, output_path, resume, parallel, shard, model, n_ctx, n_threads, n_gpu_layers, streams,
              verbose):
     """Answer QUERY with SDA steering towards --align (streamed to stdout).
 
@@ -61,7 +64,7 @@ def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_f
     if align is not None and align.strip().lower() == "none":
         align = None
     system = decode_arg("--system", system)
-    steering = steering_from_cli(steering_mode, steering_clip, echo_run, plausibility)
+    steering = steering_from_cli(steering_mode, steering_clip, echo_run, plausibility, guard_to)
     options = dict(max_tokens=max_tokens, t0=t0, top_p=top_p, temperature_mode=temperature_mode, seed=seed,
                    system=system, steering=steering)
     pipeline = dict(strength=strength, amplifier_map=amplifier_map, on_judge_failure=on_judge_failure,
@@ -77,8 +80,10 @@ def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_f
         if input_path is None or output_path is None:
             raise InputError("batch mode needs both --input and --output")
         _generate_batch(input_path, output_path, resume, align, options, pipeline, judge_spec,
-                        (model, n_ctx, n_threads, n_gpu_layers, streams, verbose), parallel)
+                        (model, n_ctx, n_threads, n_gpu_layers, streams, verbose), parallel, parse_shard(shard))
         return
+    if shard is not None:
+        raise InputError("--shard applies to batch mode (--input/--output)")
     if parallel != 1:
         raise InputError("--parallel applies to batch mode (--input/--output)")
     if query is None:
@@ -135,7 +140,8 @@ def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_f
 
 
 
-def _generate_batch(input_path, output_path, resume, align, options, pipeline, judge_spec, engine_args, parallel):
+def _generate_batch(input_path, output_path, resume, align, options, pipeline, judge_spec, engine_args, parallel,
+                    shard):
     import threading
 
     from ..batch import LINE_OPTIONS, run_batch
@@ -173,12 +179,13 @@ def _generate_batch(input_path, output_path, resume, align, options, pipeline, j
     try:
         report = run_batch(input_path, output_path, generate_one, resume=resume,
                            on_event=lambda msg: click.echo(msg, err=True), parallel=parallel,
-                           on_interrupt=engine.scheduler.stop)
+                           on_interrupt=engine.scheduler.stop, shard=shard)
     finally:
         if judges.get("judge") is not None:
             judges["judge"].close()
         engine.close()
+    others = f"; {report.other_shards} left to other shards" if shard is not None else ""
     click.echo(f"{report.done} generated, {report.skipped} already done, {report.failed} failed "
-               f"(of {report.total} lines) -> {output_path}", err=True)
+               f"(of {report.total} lines{others}) -> {output_path}", err=True)
     if report.failed:
         sys.exit(1)
