@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Deque, Iterator, Optional, Set, Tuple
 
 from .errors import InputError, SDAError
-from .jsonl import Appender, read_repaired
+from .jsonl import Appender, read_complete, read_repaired
 
 LINE_OPTIONS = ("instruction", "strength", "seed", "max_tokens", "temperature_mode")
 
@@ -189,10 +189,12 @@ def merge_outputs(paths, out: Path, input_path: Optional[Path] = None) -> Tuple[
     results, origin = {}, {}
     for path in paths:
         try:
-            data = read_repaired(path)
+            data = read_complete(path)  # the shard's file is left as it is
         except OSError as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from None
         for number, raw in enumerate(data.splitlines(), 1):
+            if not raw.strip():
+                continue
             try:
                 record = json.loads(raw)
                 key = _id_key(record["id"])
@@ -204,9 +206,10 @@ def merge_outputs(paths, out: Path, input_path: Optional[Path] = None) -> Tuple[
     order = list(results)
     missing: Set[str] = set()
     if input_path is not None:
-        wanted = [_id_key(job["id"]) for _, job, _ in read_jobs(input_path) if job is not None]
+        wanted = list(dict.fromkeys(_id_key(job["id"]) for _, job, _ in read_jobs(input_path) if job is not None))
+        wanted_set = set(wanted)
         missing = {k for k in wanted if k not in results}
-        order = [k for k in wanted if k in results] + [k for k in order if k not in set(wanted)]
+        order = [k for k in wanted if k in results] + [k for k in order if k not in wanted_set]
     with Appender(out) as sink:
         for key in order:
             sink.append(results[key])

@@ -41,7 +41,7 @@ from .charts import pyplot
 from .datasets import PAPER_OMEGA, load_dataset
 from .errors import InputError, ModelError
 from .judging import JudgeError
-from .jsonl import Appender, read_repaired
+from .jsonl import Appender, read_complete, read_repaired
 from .pipeline import amplifier_of
 from .prompts import resolve_alignment
 from .rubrics import rubric_for
@@ -149,8 +149,10 @@ class EvalConfig:
 class RunFile:
     """Append-only JSONL record of a run: a header line, then answers, scores, judgements, checks."""
 
-    def __init__(self, path: Path, config: Optional[EvalConfig] = None):
+    def __init__(self, path: Path, config: Optional[EvalConfig] = None, *, read_only: bool = False):
+        """``config``: a new run; None: resume ``path`` (``read_only``: only read it, as merge does)."""
         self.path = path
+        self._read_only = read_only
         self.records: List[dict] = []
         self.version = RUN_VERSION
         if config is None:  # resume
@@ -160,13 +162,14 @@ class RunFile:
             if path.exists() and path.stat().st_size > 0:
                 raise InputError(f"{path} already holds a run: use --resume {path}, or choose another file")
             self.config = config
-        self._out = Appender(path)
+        self._out = None if read_only else Appender(path)
         if config is not None:
             self.append({"type": "run", "version": RUN_VERSION, "config": config.__dict__})
 
     def _load(self) -> EvalConfig:
         try:
-            data = read_repaired(self.path)  # a crash mid-write: the partial record is dropped, and redone
+            # A crash mid-write: the partial record is dropped, and redone (only in memory when read-only).
+            data = read_complete(self.path) if self._read_only else read_repaired(self.path)
         except OSError as exc:
             raise InputError(f"cannot read run file {self.path}: {exc.strerror}") from None
         lines = data.splitlines()
@@ -193,7 +196,8 @@ class RunFile:
             self.records.append(record)
 
     def close(self) -> None:
-        self._out.close()
+        if self._out is not None:
+            self._out.close()
 
 
 def merge_runs(paths: List[Path], out: Path) -> Tuple[RunFile, List[int]]:
@@ -201,12 +205,7 @@ def merge_runs(paths: List[Path], out: Path) -> Tuple[RunFile, List[int]]:
     shard, each shard once. Returns the merged run (closed) and the shard indexes none of ``paths`` had."""
     runs, seen = [], {}
     for path in paths:
-        try:
-            run = RunFile(path)
-        except InputError:
-            raise
-        run.close()
-        runs.append(run)
+        runs.append(RunFile(path, read_only=True))  # a shard still being written is left as it is
     first = dict(runs[0].config.__dict__, shard=None)
     count = None
     for path, run in zip(paths, runs):

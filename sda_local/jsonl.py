@@ -27,6 +27,13 @@ def read_repaired(path: Path) -> bytes:
     return data
 
 
+def read_complete(path: Path) -> bytes:
+    """The file's complete lines, leaving the file as it is (a partial last line is dropped in memory only:
+    the file may be a run still being written). Raises OSError."""
+    data = path.read_bytes()
+    return data if not data or data.endswith(b"\n") else data[:data.rfind(b"\n") + 1]
+
+
 class Appender:
     """Appends one JSON record per line and makes each durable before returning (flush + fsync), so a
     crash loses at most the line being written; ``read_repaired`` cuts that one off on resume.

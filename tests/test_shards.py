@@ -50,6 +50,14 @@ def test_batch_shards_merge_to_the_whole_run(model_path, tmp_path):
         return [(r["id"], r["text"]) for r in map(json.loads, (tmp_path / name).read_text().splitlines())]
 
     assert texts("merged.jsonl") == texts("whole.jsonl")  # same answers, in the input's order
+    # A shard still being written (a partial last line) is merged without its partial line, and left as it is.
+    with open(tmp_path / "part1.jsonl", "a") as f:
+        f.write('{"id": "q9", "te')
+    before = (tmp_path / "part1.jsonl").read_bytes()
+    _ok(run_cli("merge", str(tmp_path / "again.jsonl"), str(tmp_path / "part0.jsonl"), str(tmp_path / "part1.jsonl"),
+                "--input", str(inp)))
+    assert (tmp_path / "part1.jsonl").read_bytes() == before
+    assert texts("again.jsonl") == texts("whole.jsonl")
     # A shard missing is said, with exit code 1; the same shard twice is refused.
     missing = run_cli("merge", str(tmp_path / "half.jsonl"), str(tmp_path / "part0.jsonl"), "--input", str(inp))
     assert missing.returncode == 1 and b"have no result line" in missing.stderr

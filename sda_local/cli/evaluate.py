@@ -173,8 +173,11 @@ def merge_command(output, shards, input_path):
     from ..batch import merge_outputs
     from ..evaluation import merge_runs
 
-    with open(shards[0], "rb") as f:
-        first = f.readline()
+    try:
+        with open(shards[0], "rb") as f:
+            first = f.readline()
+    except OSError as exc:
+        raise InputError(f"cannot read {shards[0]}: {exc.strerror}") from None
     try:
         is_run = json.loads(first).get("type") == "run"
     except (ValueError, AttributeError):

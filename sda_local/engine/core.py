@@ -32,6 +32,8 @@ from .scheduler import Job, Scheduler
 MAX_PARALLEL = 128
 
 
+_ASCII_SPACE = " \t\n\r\f\v"
+
 class GenerationStream:
     """Iterate for text pieces as they are decoded; ``result`` is set once the iteration is complete.
     Nothing runs before the iteration starts; leaving it early cancels the generation."""
@@ -339,10 +341,10 @@ class SDAEngine:
             nonlocal strip_head
             text = "".join(run)
             run.clear()
-            if strip_head:
-                text, strip_head = text.lstrip(), False
+            if strip_head:  # llama.cpp strips ASCII whitespace only (isspace)
+                text, strip_head = text.lstrip(_ASCII_SPACE), False
             if strip_tail:
-                text = text.rstrip()
+                text = text.rstrip(_ASCII_SPACE)
             if text:
                 tokens.extend(model.tokenize(text, add_bos=False, special=False))
 

@@ -157,18 +157,23 @@ class Scheduler:
             return job.state == DONE or (for_output and bool(job.pieces))
 
         while True:
+            ended_here = False
             with self._cond:
                 while not ready():
                     if self.closed:  # closed under it (another thread closed the engine)
                         job.error = job.error or ModelError("the engine is closed")
                         self._end(job, "error")
-                        return
+                        ended_here = True
+                        break
                     if not self._driving and self._driver is None:
                         self._driving = True
                         break
                     self._cond.wait()
                 else:
                     return
+            if ended_here:
+                self._tell([job])
+                return
             try:
                 self.step()
             finally:
