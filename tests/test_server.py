@@ -207,14 +207,8 @@ def test_a_client_that_disconnects_frees_its_slot(server):
         lines = response.iter_lines()
         for _ in range(4):
             next(lines)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        busy = [line for line in requests.get(server.url + "/metrics").text.splitlines()
-                if line.startswith("sda_slots_busy ")]
-        if busy and float(busy[0].split()[1]) == 0:
-            return
-        time.sleep(0.1)
-    pytest.fail(f"the slot stayed busy: {busy}")
+    if not wait_until(lambda: slots_busy(server) == 0, 10):
+        pytest.fail(f"the slot stayed busy: {slots_busy(server)}")
 
 
 def test_past_the_queue_the_server_answers_429(model_path):
@@ -285,6 +279,24 @@ def test_the_llm_cli_through_its_openai_compatible_configuration(server, tmp_pat
     assert json.loads(logged.stdout)[0]["response"] == out.stdout.strip()
 
 
+def slots_busy(server) -> float:
+    """The server's sda_slots_busy gauge now."""
+    for line in requests.get(server.url + "/metrics").text.splitlines():
+        if line.startswith("sda_slots_busy "):
+            return float(line.split()[1])
+    raise AssertionError("no sda_slots_busy in /metrics")
+
+
+def wait_until(condition, seconds: float) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass (a wait, never a timing assertion)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
 def _chat_requests_by_status(server):
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -307,30 +319,15 @@ def test_a_client_that_disconnects_is_logged_as_such_not_a_server_error(server):
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    deadline = time.time() + 60
-    while time.time() < deadline:  # a wait for the generation to start, not a timing assertion
-        busy = [line for line in requests.get(server.url + "/metrics").text.splitlines()
-                if line.startswith("sda_slots_busy ")]
-        if busy and float(busy[0].split()[1]) > 0:
-            break
-        time.sleep(0.05)
+    wait_until(lambda: slots_busy(server) > 0, 60)  # the generation has started (a wait, not an assertion)
     sock.close()
-    after = before
-    while time.time() < deadline:
-        after = _chat_requests_by_status(server)
-        if after.get("499", 0) > before.get("499", 0):
-            break
-        time.sleep(0.1)
+    wait_until(lambda: _chat_requests_by_status(server).get("499", 0) > before.get("499", 0), 60)
+    after = _chat_requests_by_status(server)
     assert after.get("499", 0) == before.get("499", 0) + 1, after
     assert after.get("500", 0) == before.get("500", 0)
     # ... and its slot was given back
-    while time.time() < deadline:
-        busy = [line for line in requests.get(server.url + "/metrics").text.splitlines()
-                if line.startswith("sda_slots_busy ")]
-        if busy and float(busy[0].split()[1]) == 0:
-            return
-        time.sleep(0.1)
-    pytest.fail("the slot stayed busy after the client left")
+    if not wait_until(lambda: slots_busy(server) == 0, 60):
+        pytest.fail("the slot stayed busy after the client left")
 
 
 def test_slow_sockets_are_closed_while_normal_requests_are_answered(tmp_path):
