@@ -30,6 +30,7 @@ from .steering import DEFAULT_STEERING, Steering
 from .scheduler import Job, Scheduler
 
 MAX_PARALLEL = 128
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
 
 
 _ASCII_SPACE = " \t\n\r\f\v"
@@ -188,11 +189,12 @@ class SDAEngine:
                 max_tokens: int = 256, t0: float = DEFAULT_T0, top_p: float = DEFAULT_TOP_P,
                 temperature_mode: str = DEFAULT_TEMPERATURE_MODE, seed: Optional[int] = None, k: float = DEFAULT_K,
                 ignore_eos: bool = False, stop: Sequence[str] = (), grammar: Optional[str] = None,
-                capture_logits: bool = False, steering: Optional[Steering] = None,
-                instruction: Optional[str] = None) -> GenerationRequest:
+                greedy: bool = False, capture_logits: bool = False, steering: Optional[Steering] = None,
+                instruction: Optional[str] = None, logprobs: Optional[int] = None,
+                token_stats: bool = False) -> GenerationRequest:
         """A validated, tokenized request from rendered prompts (``prompt_without`` None: plain).
         ``steering``: how the streams are contrasted (steering.py); its echo guard needs the ``instruction``
-        text."""
+        text. ``grammar``, ``greedy``, ``logprobs``, ``token_stats``: GenerationRequest's."""
         if self.model is None:
             raise ModelError("the engine is closed")
         check_fusion_params(strength, k, t0, temperature_mode)
@@ -204,6 +206,11 @@ class SDAEngine:
             stop = (stop,)
         if not all(isinstance(s, str) for s in stop):
             raise InputError("stop must be a string or a list of strings")
+        if greedy and (grammar is None or prompt_without is not None):
+            raise InputError("greedy decoding is for a grammar-constrained plain completion")
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise InputError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
         seed = secrets.randbelow(2**31) if seed is None else check_seed(seed)
         steering = DEFAULT_STEERING if steering is None else steering
         if not isinstance(steering, Steering):
@@ -217,6 +224,7 @@ class SDAEngine:
             tokens_without=self.tokenize_prompt(prompt_without) if prompt_without is not None else None,
             max_tokens=max_tokens, seed=seed, strength=float(strength), k=float(k), t0=float(t0),
             top_p=float(top_p), temperature_mode=temperature_mode, ignore_eos=ignore_eos, grammar=grammar,
+            greedy=greedy, logprobs=logprobs, token_stats=bool(token_stats),
             stop=tuple(stop), capture_logits=capture_logits, steering=steering, echo_sources=echo_sources,
             prompt_with=prompt_with, prompt_without=prompt_without)
 
@@ -239,7 +247,7 @@ class SDAEngine:
         steered = request.steered
         injection = next((i for i in self._injections()
                           if i.seed in (None, request.seed) and (steered or i.row == "with")), None)
-        if request.grammar is not None:  # the judge's completions: only seedless injections reach them
+        if request.greedy:  # the judge's completions: only seedless injections reach them
             injection = next((i for i in self._injections() if i.seed is None and i.row == "with"), None)
         sampler = RequestSampler(self.model, self._native, request, injection, numpy_fusion=self._numpy_fusion)
         stats = GenerationStats(

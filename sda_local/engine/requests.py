@@ -15,9 +15,12 @@ from .steering import PAPER, Steering
 @dataclass
 class GenerationRequest:
     """One generation. ``tokens_without`` None is plain generation (one stream, temperature ``t0`` and top-p);
-    otherwise SDA with amplifier ``strength``. ``grammar`` (plain only): greedy decoding constrained by a
-    GBNF grammar. ``stop``: strings that end the answer (not included in it). ``capture_logits``: keep
-    copies of the first step's raw rows (``Job.first_logits``)."""
+    otherwise SDA with amplifier ``strength``. ``grammar``: a GBNF grammar the answer must follow, applied
+    after the fusion (``greedy``: decode it greedily, plain only, as the local judge does). ``stop``: strings
+    that end the answer (not included in it). ``capture_logits``: keep copies of the first step's raw rows
+    (``Job.first_logits``). ``logprobs`` (None: off): report each sampled token's log-probability under the
+    distribution it was drawn from, with that many alternatives; ``token_stats``: report each SDA token's JS
+    divergence, temperature and the with-stream's own first choice (``Job.token_infos``)."""
 
     tokens_with: List[int]
     tokens_without: Optional[List[int]] = None
@@ -30,7 +33,10 @@ class GenerationRequest:
     temperature_mode: str = DEFAULT_TEMPERATURE_MODE
     ignore_eos: bool = False
     grammar: Optional[str] = None
+    greedy: bool = False
     stop: Tuple[str, ...] = ()
+    logprobs: Optional[int] = None
+    token_stats: bool = False
     capture_logits: bool = False
     steering: Steering = PAPER
     # The instruction's tokens as the answer might copy them (the echo guard's runs; empty: no guard).
@@ -43,8 +49,25 @@ class GenerationRequest:
         return self.tokens_without is not None
 
     @property
+    def inspected(self) -> bool:
+        """Sampled from a distribution built in numpy (grammar after fusion, or logprobs to report)."""
+        return (self.grammar is not None and not self.greedy) or self.logprobs is not None
+
+    @property
     def prompts(self) -> List[List[int]]:
         return [self.tokens_with] if self.tokens_without is None else [self.tokens_with, self.tokens_without]
+
+
+@dataclass
+class TokenInfo:
+    """One sampled token as the request asked to see it (``logprobs``, ``token_stats``)."""
+
+    token: int
+    logprob: Optional[float] = None  # under the distribution sampled (after fusion, temperature, grammar)
+    top: Tuple[Tuple[int, float], ...] = ()  # the most likely tokens of that distribution, best first
+    js: Optional[float] = None  # SDA: the JS divergence between the two streams at this step (nats)
+    temperature: Optional[float] = None  # SDA: the temperature used at this step
+    prompt_top: Optional[int] = None  # SDA: the token the with-instruction stream alone ranked first
 
 
 @dataclass

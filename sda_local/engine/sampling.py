@@ -7,8 +7,12 @@
 * Plain: [guard (refuses NaN/+inf rows, libsda), (EOG ban), nucleus at temperature t0].
 * Without libsda at all: llama.cpp's own temp, top-p and dist in place of the nucleus, and the rows are
   checked in numpy.
-* Grammar (the local judge): [grammar, greedy], the row checked in numpy (the grammar sampler indexes
-  tokens by id, so the guard, which hands the chain a -1 candidate, cannot go in front of it).
+* Greedy grammar (the local judge): [grammar, greedy], the row checked in numpy (the grammar sampler
+  indexes tokens by id, so the guard, which hands the chain a -1 candidate, cannot go in front of it).
+* Inspected (a grammar to follow, or logprobs to report; SDA or plain): the distribution is built in numpy
+  (the numpy fusion, or the row at t0), then [grammar, (EOG ban)] masks it, the log-probabilities reported
+  are read off it, and [nucleus at temperature 1] draws from it. So the grammar applies after the fusion and
+  the logprobs are those of the distribution sampled (before top-p's cut, as llama-server's ``n_probs``).
 
 The head sampler goes first: it must see every raw logit, to refuse a non-finite row before anything
 samples it. A native head that meets one hands back LLAMA_TOKEN_NULL (-1), so the per-token cost of the
@@ -24,6 +28,7 @@ from typing import Optional, Tuple
 
 import llama_cpp
 import numpy as np
+from scipy.special import log_softmax
 
 from ..errors import InputError, ModelError
 from ..gguf_model import GGUFModel
@@ -37,7 +42,7 @@ from .fusion import (
     generation_stopped,
     nonfinite_value,
 )
-from .requests import GenerationRequest
+from .requests import GenerationRequest, TokenInfo
 from .steering import EchoTracker, fuse_steered_numpy
 
 TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
@@ -63,17 +68,19 @@ class RequestSampler:
         self._head = None
         self._candidates = None
         self.backend: Optional[str] = None  # the fusion's: "native", "numpy", or None (plain generation)
+        self.last: Optional[TokenInfo] = None  # the last token's figures, when the request asks for them
+        self._pre = None  # the inspected path's masks, applied before the logprobs are read
+        self._stats_seen = (0.0, 0.0)  # the native sampler's running (sum JS, sum T) at the last token
         r = request
-        if r.grammar is not None:
-            if r.steered:
-                raise InputError("a grammar constrains plain generation only")
-            grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, r.grammar.encode("utf-8"), b"root")
-            if not grammar:
-                raise InputError("invalid grammar")
-            self.chain = _chain([grammar, llama_cpp.llama_sampler_init_greedy()])
+        self._wants_info = r.logprobs is not None or (r.token_stats and r.steered)
+        self._echo = None  # the numpy fusion's echo guard (the native sampler keeps its own)
+        if r.greedy:
+            self.chain = _chain([_grammar(model, r.grammar), llama_cpp.llama_sampler_init_greedy()])
             self._sample = self._sample_row_checked
             return
-        self._echo = None  # the numpy fusion's echo guard (the native sampler keeps its own)
+        if r.inspected:
+            self._init_inspected(model, lib, r)
+            return
         if r.steered:
             native_fusion = lib is not None and not numpy_fusion
             self.backend = "native" if native_fusion else "numpy"
@@ -95,9 +102,7 @@ class RequestSampler:
                 self._sample = self._sample_row_checked
         samplers = [self._head] if self._head is not None else []
         if r.ignore_eos:
-            eog = model.eog_tokens()
-            biases = (llama_cpp.llama_logit_bias * len(eog))(*[(t, -math.inf) for t in eog])
-            samplers.append(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(eog), biases))
+            samplers.append(_eog_ban(model))
         # Plain generation samples at T0; SDA's head already applied its temperature.
         temperature = 1.0 if r.steered else r.t0
         if lib is not None:  # temperature, top-p and the draw without a pass each nor sorting the vocabulary
@@ -110,6 +115,23 @@ class RequestSampler:
         self.chain = _chain(samplers)
         if injection is not None and self._head is not None:
             native.inject_fault(lib, self._head, INJECTION_VALUES[injection.value], injection.step, injection.row)
+
+    def _init_inspected(self, model: GGUFModel, lib, r: GenerationRequest) -> None:
+        masks = [_grammar(model, r.grammar)] if r.grammar is not None else []
+        if r.ignore_eos:
+            masks.append(_eog_ban(model))
+        self._pre = _chain(masks) if masks else None
+        self._one = np.zeros(1, dtype=TOKEN_DATA)
+        if lib is not None:
+            self.chain = _chain([native.nucleus_sampler_init(lib, r.top_p, r.seed, 1.0)])
+        else:
+            self.chain = _chain([llama_cpp.llama_sampler_init_top_p(r.top_p, 1),
+                                 llama_cpp.llama_sampler_init_dist(r.seed)])
+        if r.steered:
+            self.backend = "numpy"
+            if r.echo_sources:
+                self._echo = EchoTracker(r.echo_sources, r.steering.echo_run)
+        self._sample = self._sample_inspected
 
     # -- public ---------------------------------------------------------------------------------------
     def sample(self, with_row: RowPointer, without_row: Optional[RowPointer]) -> int:
@@ -137,6 +159,9 @@ class RequestSampler:
         return totals[0] / n_steps, totals[1] / n_steps, totals[2] / n_steps * 1e6, in_place
 
     def free(self) -> None:
+        if self._pre is not None:
+            llama_cpp.llama_sampler_free(self._pre)
+            self._pre = None
         if self.chain is not None:
             llama_cpp.llama_sampler_free(self.chain)  # frees the samplers it holds, the head included
             self.chain = None
@@ -157,6 +182,12 @@ class RequestSampler:
         token = llama_cpp.llama_sampler_sample(self.chain, *with_row)
         if token < 0:
             raise self._refused()
+        if self._wants_info:  # token_stats: this step's share of the native sampler's running totals
+            s = native.sampler_stats(self.lib, self._sda)
+            js, temperature = s.sum_js - self._stats_seen[0], s.sum_temperature - self._stats_seen[1]
+            self._stats_seen = (s.sum_js, s.sum_temperature)
+            self.last = TokenInfo(token, js=js, temperature=temperature,
+                                  prompt_top=int(np.argmax(self._row(with_row))))
         return token
 
     def _sample_native(self, with_row, without_row) -> int:
@@ -181,11 +212,9 @@ class RequestSampler:
             raise generation_stopped(value, None, self.steps)
         return llama_cpp.llama_sampler_sample(self.chain, *with_row)
 
-    def _sample_numpy(self, with_row, without_row) -> int:
-        n, r = self.model.n_vocab, self.request
-        if self._candidates is None:
-            self._candidates = np.zeros(n, dtype=TOKEN_DATA)
-            self._token_ids = np.arange(n, dtype=np.int32)
+    def _fuse_numpy(self, with_row, without_row):
+        """(fused log-probs, temperature, js, raw with-row) of this step, the numpy fusion's."""
+        r = self.request
         z_with = self._injected(self._row(with_row), "with")
         z_without = self._injected(self._row(without_row), "without")
         started = time.perf_counter()
@@ -202,18 +231,107 @@ class RequestSampler:
         self._totals[0] += js
         self._totals[1] += temperature
         self._totals[2] += time.perf_counter() - started
+        return fused, temperature, js, z_with
+
+    def _candidates_of(self, logits: np.ndarray):
+        n = self.model.n_vocab
+        if self._candidates is None:
+            self._candidates = np.zeros(n, dtype=TOKEN_DATA)
+            self._token_ids = np.arange(n, dtype=np.int32)
         cand = self._candidates
         cand["id"] = self._token_ids  # top-p reorders the array in place
-        cand["logit"] = fused
+        cand["logit"] = logits
         arr = llama_cpp.llama_token_data_array(
             data=cand.ctypes.data_as(llama_cpp.llama_token_data_p), size=n, selected=-1, sorted=False
         )
+        return cand, arr
+
+    def _draw(self, arr) -> int:
         llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(arr))
-        token = arr.data[arr.selected].id
+        return arr.data[arr.selected].id
+
+    def _accept(self, token: int) -> None:
         llama_cpp.llama_sampler_accept(self.chain, token)
+        if self._pre is not None:
+            llama_cpp.llama_sampler_accept(self._pre, token)
         if self._echo is not None:
             self._echo.accept(token)
+
+    def _allowed(self, token: int) -> bool:
+        """Whether the masks (the grammar) let ``token`` through: one candidate instead of the vocabulary."""
+        one = self._one
+        one["id"], one["logit"] = token, 0.0
+        arr = llama_cpp.llama_token_data_array(data=one.ctypes.data_as(llama_cpp.llama_token_data_p), size=1,
+                                               selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self._pre, ctypes.byref(arr))
+        return bool(np.isfinite(one["logit"][0]))
+
+    def _sample_numpy(self, with_row, without_row) -> int:
+        fused, temperature, js, z_with = self._fuse_numpy(with_row, without_row)
+        _, arr = self._candidates_of(fused)
+        token = self._draw(arr)
+        self._accept(token)
+        if self._wants_info:
+            self.last = TokenInfo(token, js=js, temperature=temperature, prompt_top=int(np.argmax(z_with)))
         return token
+
+    def _sample_inspected(self, with_row, without_row) -> int:
+        r = self.request
+        js = temperature = prompt_top = None
+        if r.steered:
+            logits, temperature, js, z_with = self._fuse_numpy(with_row, without_row)
+            prompt_top = int(np.argmax(z_with))
+        else:
+            z_with = self._injected(self._row(with_row), "with")
+            value = nonfinite_value(z_with)
+            if value is not None:
+                raise generation_stopped(value, None, self.steps)
+            logits = z_with / np.float32(r.t0)
+        cand, arr = self._candidates_of(logits)
+        token, log_probs = None, None
+        if self._pre is not None and r.logprobs is None:
+            # llama.cpp's common sampler does the same: draw unmasked and keep the token if the grammar allows
+            # it (masking the whole vocabulary costs milliseconds a token); else mask, then draw again.
+            token = self._draw(arr)
+            if not self._allowed(token):
+                cand, arr = self._candidates_of(logits)
+                token = None
+        if token is None:
+            if self._pre is not None:  # the grammar's and the EOG ban's masks (-inf), in place, order kept
+                llama_cpp.llama_sampler_apply(self._pre, ctypes.byref(arr))
+            if r.logprobs is not None:
+                log_probs = log_softmax(cand["logit"].astype(np.float64))
+            token = self._draw(arr)
+        self._accept(token)
+        if self._wants_info:
+            info = TokenInfo(token, js=js, temperature=temperature, prompt_top=prompt_top)
+            if log_probs is not None:
+                info.logprob = float(log_probs[token])
+                info.top = _best(log_probs, r.logprobs)
+            self.last = info
+        return token
+
+
+def _best(log_probs: np.ndarray, n: int):
+    """The ``n`` most likely (token, log-prob), best first (ties: the lower id), without sorting the vocabulary."""
+    if n <= 0:
+        return ()
+    ids = np.argpartition(-log_probs, n - 1)[:n]
+    ids = ids[np.lexsort((ids, -log_probs[ids]))]
+    return tuple((int(i), float(log_probs[i])) for i in ids)
+
+
+def _grammar(model: GGUFModel, grammar: str):
+    sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        raise InputError("invalid grammar")
+    return sampler
+
+
+def _eog_ban(model: GGUFModel):
+    eog = model.eog_tokens()
+    biases = (llama_cpp.llama_logit_bias * len(eog))(*[(t, -math.inf) for t in eog])
+    return llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(eog), biases)
 
 
 def _chain(samplers):

@@ -32,7 +32,7 @@ from typing import Callable, Deque, List, Optional
 from ..errors import ModelError
 from ..gguf_model import GGUFModel
 from .layout import N_BATCH, WITH, WITHOUT, KVLayout, common_prefix_length
-from .requests import GenerationRequest, GenerationStats
+from .requests import GenerationRequest, GenerationStats, TokenInfo
 from .sampling import RequestSampler
 from .text import TextAssembler
 
@@ -71,6 +71,8 @@ class Job:
         self.slot: Optional[Slot] = None
         self.tokens: List[int] = []
         self.pieces: Deque[str] = collections.deque()
+        # TokenInfo of each sampled token, when the request asks for logprobs or token_stats
+        self.token_infos: Deque[TokenInfo] = collections.deque()
         self.error: Optional[BaseException] = None
         self.cancelled = False
         self.listener: Optional[Callable[["Job"], None]] = None
@@ -375,6 +377,9 @@ class Scheduler:
             self._end(job, "stop")
             return
         job.tokens.append(token)
+        if job.sampler.last is not None:
+            job.token_infos.append(job.sampler.last)
+            job.sampler.last = None
         piece = job._assembler.feed(self.model.piece(token))
         if piece:
             job.pieces.append(piece)
@@ -432,7 +437,7 @@ class Scheduler:
     def _publish(self, jobs: List[Job]) -> None:
         with self._cond:
             self._cond.notify_all()
-        self._tell([job for job in jobs if job.pieces or job.state == DONE])
+        self._tell([job for job in jobs if job.pieces or job.token_infos or job.state == DONE])
 
     @staticmethod
     def _tell(jobs: List[Job]) -> None:

@@ -96,7 +96,8 @@ def _distribution(logprobs: np.ndarray) -> Tuple[np.ndarray, float]:
 def complete_with_grammar(engine, system: Optional[str], user: str, grammar: str, *, max_tokens: int = 32) -> str:
     """Greedy plain completion of [system, user] constrained by a GBNF grammar, through the engine's
     scheduler (a judgement is a short request like any other)."""
-    request = engine.request(engine.render(system, user), None, max_tokens=max_tokens, seed=0, grammar=grammar)
+    request = engine.request(engine.render(system, user), None, max_tokens=max_tokens, seed=0, grammar=grammar,
+                             greedy=True)
     job = engine.submit(request)
     engine.scheduler.wait(job)
     if job.error is not None:
