@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import click
 
 from ..engine.layout import STREAM_MODES
 from ..errors import InputError
 from .common import judge_options, main, offline_option, remote_judge_options, repack_option, warn
+
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
 
 
 @main.command()
@@ -30,6 +34,12 @@ from .common import judge_options, main, offline_option, remote_judge_options, r
               help="Seconds a request has for its body once its headers are in.")
 @click.option("--keep-alive-timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 3600),
               help="Seconds an idle keep-alive connection stays open.")
+@click.option("--sse-keepalive", default=2.0, show_default=True, type=click.FloatRange(0.05, 60),
+              help="Seconds of silence after which a stream sends an SSE comment (judging a first answer can take "
+              "longer than a proxy or front end waits for a byte).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let pages of ORIGIN (e.g. http://localhost:3000) call the API from a browser; repeatable. "
+              "Off by default.")
 @click.option("--alias", default=None, help="Model id in /v1/models and responses (default: the GGUF file name).")
 @judge_options
 @click.option("--model", "-m", default=None, help="GGUF path or catalogue name (default: the default model).")
@@ -42,9 +52,10 @@ from .common import judge_options, main, offline_option, remote_judge_options, r
 @repack_option
 @offline_option
 def serve(host, port, parallel, ctx_size, queue_size, api_key, max_body, header_timeout, body_timeout,
-          keep_alive_timeout, alias, judge, judge_url, amplifier_map,
+          keep_alive_timeout, sse_keepalive, cors_origins, alias, judge, judge_url, amplifier_map,
           model, n_threads, n_gpu_layers, streams, verbose):
-    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+    """OpenAI-compatible server and its chat page: /, /v1/chat/completions, /v1/completions, /v1/models,
+    /health, /metrics.
 
     A request steers with a top-level "sda" object ({"align": ..., "strength": ...}; the openai SDK sends
     it with extra_body); without one it is plain generation. Requests share one batched decode.
@@ -54,6 +65,10 @@ def serve(host, port, parallel, ctx_size, queue_size, api_key, max_body, header_
 
     if amplifier_map != "sigmoid":
         raise InputError("--amplifier-map is chosen per request in serve (sda.amplifier_map)")
+    for origin in cors_origins:
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise InputError(f"--cors-origin {origin!r} is not an origin: give scheme://host[:port] "
+                             "(no path), e.g. http://localhost:3000, or * for any")
     n_ctx = (ctx_size // parallel) if ctx_size is not None else 4096
     if n_ctx < 16:
         raise InputError(f"--ctx-size {ctx_size} leaves {n_ctx} tokens per slot; give at least {16 * parallel}")
@@ -79,7 +94,8 @@ def serve(host, port, parallel, ctx_size, queue_size, api_key, max_body, header_
 
     run_server(load, model_id=alias or _model_id(model, model_path), host=host, port=port, api_key=api_key,
                queue_size=queue_size, max_body=max_body, header_timeout=header_timeout,
-               body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout,
+               body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout, sse_keepalive=sse_keepalive,
+               cors_origins=cors_origins,
                on_listening=lambda url: click.echo(f"sda-local: listening on {url} ({parallel} slots of "
                                                    f"{n_ctx} tokens)", err=True))
 

@@ -300,7 +300,8 @@ class RequestSampler:
             if self._pre is not None:  # the grammar's and the EOG ban's masks (-inf), in place, order kept
                 llama_cpp.llama_sampler_apply(self._pre, ctypes.byref(arr))
             if r.logprobs is not None:
-                log_probs = log_softmax(cand["logit"].astype(np.float64))
+                with np.errstate(invalid="ignore", divide="ignore"):  # masked tokens: -inf, as they should be
+                    log_probs = log_softmax(cand["logit"].astype(np.float64))
             token = self._draw(arr)
         self._accept(token)
         if self._wants_info:

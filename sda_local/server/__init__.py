@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from ..errors import InputError
 
@@ -69,11 +69,14 @@ def _server_class(uvicorn):
 def run_server(load: Callable[[], tuple], *, model_id: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                api_key: Optional[str] = None, queue_size: int = 16, max_body: int = 1 << 20,
                header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-               keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT,
+               keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT, sse_keepalive: Optional[float] = None,
+               cors_origins: Sequence[str] = (),
                on_listening: Callable[[str], None] = lambda url: None) -> None:
     """Serve until SIGTERM/SIGINT. ``load()`` -> (engine, judge) runs in the background while /health
     answers 503. ``port`` 0 picks a free port; ``on_listening`` gets the URL once the socket is bound.
-    Deadlines (seconds): a request's headers, its body, and an idle keep-alive connection (protocol.py)."""
+    Deadlines (seconds): a request's headers, its body, and an idle keep-alive connection (protocol.py).
+    ``sse_keepalive``: seconds of silence after which a stream sends an SSE comment (None: app.py's default);
+    ``cors_origins``: origins whose pages may call the API (none by default)."""
     uvicorn = _import_stack()
     from .app import ServerConfig, create_app
 
@@ -89,8 +92,11 @@ def run_server(load: Callable[[], tuple], *, model_id: str, host: str = "127.0.0
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    app = create_app(ServerConfig(model_id=model_id, api_key=api_key, max_body=max_body, queue_size=queue_size),
-                     load)
+    config = ServerConfig(model_id=model_id, api_key=api_key, max_body=max_body, queue_size=queue_size,
+                          cors_origins=tuple(cors_origins))
+    if sse_keepalive is not None:
+        config.keepalive = sse_keepalive
+    app = create_app(config, load)
     from .protocol import deadline_protocol
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API (FastAPI): routes, request reading, errors, streaming.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``,
-``GET /metrics``. Every error is OpenAI's ``{"error": {"message", "type", "code", "param"}}``.
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``,
+``GET /health``, ``GET /metrics``, and the chat page (``GET /``, ui.py). Every error is OpenAI's
+``{"error": {"message", "type", "code", "param"}}``. A stream sends an SSE comment whenever it has had nothing
+to send for ``keepalive`` seconds (judging a first answer can take longer than a proxy waits).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import hmac
 import json
 import logging
 import threading
-import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,12 +27,14 @@ from starlette.requests import ClientDisconnect
 from ..errors import ContextOverflowError, InputError, SDAError
 from ..judging import JudgeError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import ChatCompletionRequest, CompletionRequest, UnsupportedField
 from .service import GenerationService, Overloaded, Plan
+from .shapes import Collected, Shaper
+from .ui import PUBLIC_PATHS, add_ui_routes
 
 log = logging.getLogger("sda_local.server")
 
-FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop", "error": "stop"}
+KEEPALIVE_SECONDS = 2.0  # well inside the 5 s a front end or proxy may be set to wait for a byte
 
 
 @dataclass
@@ -41,6 +44,8 @@ class ServerConfig:
     max_body: int = 1 << 20
     queue_size: int = 16
     retry_after: int = 1  # seconds, for 429
+    keepalive: float = KEEPALIVE_SECONDS  # a stream's SSE comment after this long with nothing to send
+    cors_origins: tuple = ()  # origins whose pages may call the API (--cors-origin); none by default
 
 
 class ApiError(Exception):
@@ -145,6 +150,11 @@ def create_app(config: ServerConfig, load: Callable[[], tuple]) -> FastAPI:
 
     if config.api_key:
         app.add_middleware(_ApiKeyGate, key=config.api_key, state=state)
+    if config.cors_origins:  # outermost: a browser's preflight (no Authorization header) is answered here
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     @app.get("/health")
     async def health():
@@ -155,12 +165,27 @@ def create_app(config: ServerConfig, load: Callable[[], tuple]) -> FastAPI:
             return JSONResponse(error_body("loading model", "unavailable_error", "loading"), status_code=503)
         return {"status": "ok"}
 
+    def model_object(service: GenerationService) -> dict:
+        # "sda": what a front end (the chat page) needs to offer the request's choices
+        return {"id": config.model_id, "object": "model", "created": 0, "owned_by": "sda-local",
+                "sda": service.capabilities()}
+
     @app.get("/v1/models")
     async def models(request: Request):
-        _ready(state)
+        service = _ready(state)
         _count(state, request, 200)
-        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": 0,
-                                            "owned_by": "sda-local"}]}
+        return {"object": "list", "data": [model_object(service)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        service = _ready(state)
+        if model_id != config.model_id:
+            raise ApiError(404, f"no model {model_id!r}: this server serves {config.model_id!r}",
+                           code="model_not_found", param="model")
+        _count(state, request, 200)
+        return model_object(service)
+
+    add_ui_routes(app)
 
     @app.get("/metrics")
     async def metrics(request: Request):
@@ -188,7 +213,7 @@ class _ApiKeyGate:
         self.app, self.key, self.state = app, key.encode(), state
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] == "/health":
+        if scope["type"] != "http" or scope["path"] == "/health" or scope["path"] in PUBLIC_PATHS:
             return await self.app(scope, receive, send)
         given = Request(scope).headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
@@ -263,6 +288,9 @@ def _validation_error(exc: ValidationError) -> ApiError:
         message = message[len("Value error, "):]
     if first.get("type") == "extra_forbidden":
         message = "unknown field"
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, UnsupportedField):
+        return ApiError(400, str(cause), code="unsupported_field", param=cause.field)
     return ApiError(400, f"{where}: {message}" if where else message, param=where or None)
 
 
@@ -288,12 +316,13 @@ async def _complete(state: ServerState, request: Request, schema, kind: str):
         service.release()
         raise api_error_of(exc) from None
     response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    shaper = Shaper(service.engine.model, service.model_id, plan, kind, response_id)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         _count(state, request, 200)
-        return _EventStream(_stream(service, plan, kind, response_id, include_usage), service.release)
+        return _EventStream(_stream(service, plan, shaper, include_usage, state.config.keepalive), service.release)
     try:
-        text = await _collect(service, plan, request)
+        collected = await _collect(service, plan, request)
     except ClientGone:  # nobody to answer: its generation was cancelled
         return _client_gone(state, request)
     except BaseException as exc:
@@ -301,7 +330,7 @@ async def _complete(state: ServerState, request: Request, schema, kind: str):
     finally:
         service.release()
     _count(state, request, 200)
-    return _response(service, plan, kind, response_id, text)
+    return shaper.response(collected)
 
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away before the answer
@@ -318,10 +347,13 @@ def _client_gone(state: ServerState, request: Request) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-async def _collect(service: GenerationService, plan: Plan, request: Request) -> str:
+async def _collect(service: GenerationService, plan: Plan, request: Request) -> Collected:
     """The whole answer; stops the generation (ClientGone) if the client disconnects meanwhile."""
     async def gather():
-        return "".join([piece async for piece in service.run(plan)])
+        collected = Collected()
+        async for delta in service.run(plan):
+            collected.add(delta)
+        return collected
 
     task = asyncio.ensure_future(gather())
     while not task.done():
@@ -336,75 +368,52 @@ async def _collect(service: GenerationService, plan: Plan, request: Request) -> 
     return await task
 
 
-def _usage(plan: Plan) -> dict:
-    s = plan.job.stats if plan.job is not None else None
-    prompt = s.prompt_tokens_with if s else 0
-    completion = s.generated_tokens if s else 0
-    cached = 0
-    if s:  # the with-stream's reuse: the prompt the client sent (plus the instruction)
-        cached = s.prompt_tokens_with - s.prefill_tokens_with
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def _sda_report(plan: Plan) -> Optional[dict]:
-    if plan.sda is None:
-        return None
-    return dict(plan.report)
-
-
-def _finish_reason(plan: Plan) -> str:
-    return FINISH_REASONS.get(plan.job.stats.finish_reason, "stop") if plan.job is not None else "stop"
-
-
-def _response(service: GenerationService, plan: Plan, kind: str, response_id: str, text: str) -> dict:
-    created = int(time.time())
-    if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": _finish_reason(plan)}
-        out = {"id": response_id, "object": "chat.completion", "created": created, "model": service.model_id,
-               "choices": [choice], "usage": _usage(plan)}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(plan)}
-        out = {"id": response_id, "object": "text_completion", "created": created, "model": service.model_id,
-               "choices": [choice], "usage": _usage(plan)}
-    if plan.sda is not None:
-        out["sda"] = _sda_report(plan)
-    return out
-
-
 def _sse(data) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _stream(service: GenerationService, plan: Plan, kind: str, response_id: str, include_usage: bool):
-    created = int(time.time())
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+KEEPALIVE_EVENT = ": keep-alive\n\n"  # an SSE comment: every client's parser skips it
 
-    def chunk(delta: Optional[dict] = None, text: Optional[str] = None, finish: Optional[str] = None, **extra):
-        if kind == "chat":
-            choices = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]
-        else:
-            choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
-        return {"id": response_id, "object": obj, "created": created, "model": service.model_id,
-                "choices": choices, **extra}
 
-    if kind == "chat":
-        yield _sse(chunk({"role": "assistant", "content": ""}))
+async def _stream(service: GenerationService, plan: Plan, shaper: Shaper, include_usage: bool, keepalive: float):
+    if shaper.kind == "chat":
+        yield _sse(shaper.chunk(delta={"role": "assistant", "content": ""}))
+    deltas = service.run(plan).__aiter__()
+    pending: Optional[asyncio.Future] = None
     try:
-        async for piece in service.run(plan):
-            yield _sse(chunk({"content": piece}, text=piece))
-    except (SDAError, ApiError) as exc:  # the status is sent already: the error goes in the stream
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(deltas.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=keepalive)
+            if not done:  # judging, a long prefill, a queue: a byte so that no proxy takes the stream for dead
+                yield KEEPALIVE_EVENT
+                continue
+            finished, pending = pending, None
+            try:
+                delta = finished.result()
+            except StopAsyncIteration:
+                break
+            chunk = shaper.delta_chunk(delta)
+            if chunk is not None:
+                yield _sse(chunk)
+    except Exception as exc:  # of any kind: the status is sent already, so the error goes in the stream
         error = api_error_of(exc)
+        if error.status >= 500 and not isinstance(exc, (SDAError, ApiError)):
+            log.exception("a stream failed")
         yield _sse(error_body(error.message, error.type, error.code))
         yield "data: [DONE]\n\n"
         return
-    extra = {"sda": _sda_report(plan)} if plan.sda is not None else {}
-    yield _sse(chunk(finish=_finish_reason(plan), **extra))
+    finally:
+        if pending is not None:  # the client went away mid-wait: stop the generation under it
+            pending.cancel()
+            try:
+                await pending
+            except BaseException:  # its cancellation, or whatever it was failing with: nobody to tell
+                pass
+        await deltas.aclose()
+    yield _sse(shaper.final_chunk())
     if include_usage:
-        usage = chunk(usage=_usage(plan))
-        usage["choices"] = []
-        yield _sse(usage)
+        yield _sse(shaper.usage_chunk())
     yield "data: [DONE]\n\n"
 
 
@@ -413,7 +422,9 @@ class _EventStream(StreamingResponse):
     failed, or cut by a client that went away (then the generation is cancelled at the next step)."""
 
     def __init__(self, events, on_close: Callable[[], None]):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        # X-Accel-Buffering: nginx (and proxies that follow it) pass each event on at once.
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._events, self._on_close = events, on_close
 
     async def __call__(self, scope, receive, send):

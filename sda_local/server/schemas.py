@@ -1,15 +1,16 @@
 """The request bodies the server accepts: OpenAI's chat and completion fields, plus a top-level ``sda`` object.
 
 Unknown top-level fields are ignored, as OpenAI-compatible servers do (clients send fields of newer API
-versions); unknown keys inside ``sda`` are refused, because a typo there would silently change what the
-model is steered toward.
+versions), except the OpenAI fields that would change the answer and that sda-local does not implement
+(``UNSUPPORTED_FIELDS``): those are a 400 naming the field, never silently dropped. Unknown keys inside
+``sda`` are refused, because a typo there would silently change what the model is steered toward.
 """
 
 from __future__ import annotations
 
 from typing import List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..amplifier import AMPLIFIER_MAPS
 from ..errors import InputError
@@ -18,8 +19,34 @@ from ..engine.steering import DEFAULT_STEERING, STEERING_MODES
 from ..seeds import MAX_SEED
 
 # A request may ask for at most this many new tokens; more is refused (the slot's context bounds it too).
+# Without max_tokens a request generates until EOS or until its slot's context is full, as llama-server does.
 MAX_COMPLETION_TOKENS = 32768
-DEFAULT_MAX_TOKENS = 512
+MAX_TOP_LOGPROBS = 20
+
+
+def _set(value) -> bool:
+    return value is not None and value is not False and value != [] and value != {}
+
+
+# OpenAI request fields sda-local does not implement, each with the test a value must pass to be accepted
+# (its neutral value). Any other value is refused with a 400 that names the field (README "Server").
+UNSUPPORTED_FIELDS = {
+    "tools": lambda v: not _set(v),
+    "tool_choice": lambda v: v is None or v == "none",
+    "functions": lambda v: not _set(v),
+    "function_call": lambda v: v is None or v == "none",
+    "parallel_tool_calls": lambda v: v is None or v is False,
+    "logit_bias": lambda v: not _set(v),
+    "presence_penalty": lambda v: v is None or v == 0,
+    "frequency_penalty": lambda v: v is None or v == 0,
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v is None or list(v) == ["text"],
+    "prediction": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+    "best_of": lambda v: v is None or v == 1,
+    "echo": lambda v: v is None or v is False,
+    "suffix": lambda v: v is None or v == "",
+}
 
 
 class SDAOptions(BaseModel):
@@ -37,6 +64,11 @@ class SDAOptions(BaseModel):
     on_judge_failure: str = "fixed:0.5"
     # "guarded": the default steering (engine/steering.py, README "Steering without echo"); "paper": the formula.
     steering: Literal[STEERING_MODES] = DEFAULT_STEERING.mode  # type: ignore[valid-type]
+    # Stream the judged first answer as reasoning_content deltas, then a line with the score and a.
+    show_judging: bool = True
+    # Per-token figures of the steered answer in the response: JS divergence, temperature, and the token the
+    # with-instruction stream alone ranked first (README "Server").
+    token_stats: bool = False
 
     @field_validator("align")
     @classmethod
@@ -84,6 +116,17 @@ class Message(BaseModel):
         return "".join(parts)
 
 
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[dict] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and not isinstance((self.json_schema or {}).get("schema"), dict):
+            raise ValueError('type "json_schema" needs json_schema.schema (an object)')
+        return self
+
+
 class _Sampling(BaseModel):
     model: Optional[str] = None
     stream: bool = False
@@ -95,7 +138,27 @@ class _Sampling(BaseModel):
     stop: Optional[Union[str, List[str]]] = None
     n: int = 1
     user: Optional[str] = None
+    response_format: Optional[ResponseFormat] = None
     sda: Optional[SDAOptions] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unimplemented(cls, data):
+        if isinstance(data, dict):
+            for name, accepted in UNSUPPORTED_FIELDS.items():
+                if name in data:
+                    try:
+                        ok = accepted(data[name])
+                    except TypeError:
+                        ok = False
+                    if not ok:
+                        raise UnsupportedField(name)
+        return data
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _no_limit(cls, value):
+        return None if value == -1 else value  # llama-server's "no limit" (its web UI sends it)
 
     @field_validator("n")
     @classmethod
@@ -116,26 +179,34 @@ class _Sampling(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: List[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_COMPLETION_TOKENS)
-    tools: Optional[list] = None
-    tool_choice: Optional[object] = None
-    functions: Optional[list] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    @field_validator("tools", "functions")
+    @field_validator("max_completion_tokens", mode="before")
     @classmethod
-    def _no_tools(cls, value):
-        if value:
-            raise ValueError("tools and function calling are not supported")
-        return value
+    def _no_completion_limit(cls, value):
+        return None if value == -1 else value
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @property
-    def token_limit(self) -> int:
-        return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
+    def token_limit(self) -> Optional[int]:
+        """None: until EOS or the slot's context is full."""
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def logprob_count(self) -> Optional[int]:
+        """None: no logprobs; else how many alternatives per token (0: the sampled token's only)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, List[str]]
-    echo: bool = False
-    suffix: Optional[str] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
@@ -148,13 +219,19 @@ class CompletionRequest(_Sampling):
             raise ValueError("the prompt is empty")
         return value
 
-    @field_validator("echo", "suffix")
-    @classmethod
-    def _unsupported(cls, value, info):
-        if value:
-            raise ValueError(f"{info.field_name} is not supported")
-        return value
+    @property
+    def token_limit(self) -> Optional[int]:
+        """None: until EOS or the slot's context is full (llama-server's default, not OpenAI's 16)."""
+        return self.max_tokens
 
     @property
-    def token_limit(self) -> int:
-        return self.max_tokens or 16
+    def logprob_count(self) -> Optional[int]:
+        return self.logprobs
+
+
+class UnsupportedField(ValueError):
+    """An OpenAI field sda-local does not implement, set to a value that would change the answer."""
+
+    def __init__(self, name: str):
+        super().__init__(f"{name} is not supported by sda-local (README \"Server\" lists the fields it refuses)")
+        self.field = name

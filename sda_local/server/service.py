@@ -12,14 +12,16 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, List, Optional, Tuple
 
 from ..engine import SDAEngine
-from ..engine.fusion import DEFAULT_T0, DEFAULT_TOP_P, MIN_T0
-from ..engine.requests import GenerationRequest
-from ..engine.steering import DEFAULT_STEERING, PAPER
+from ..engine.fusion import (DEFAULT_T0, DEFAULT_TEMPERATURE_MODE, DEFAULT_TOP_P, MAX_STRENGTH, MIN_T0,
+                             TEMPERATURE_MODES)
+from ..engine.requests import GenerationRequest, TokenInfo
+from ..engine.steering import DEFAULT_STEERING, PAPER, STEERING_MODES
 from ..engine.scheduler import Job
 from ..errors import InputError
+from ..grammars import grammar_for
 from ..judging import JudgeError
 from ..pipeline import DEFAULT_STRENGTH, amplifier_of, parse_failure_policy
-from ..prompts import Alignment, Prompt, check_text, resolve_alignment
+from ..prompts import PRESETS, Alignment, Prompt, check_text, resolve_alignment
 from ..rubrics import rubric_for
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, SDAOptions
@@ -34,6 +36,16 @@ class Conversation:
     system: Optional[str]
     history: List[Tuple[str, str]]
     query: str
+
+
+@dataclass
+class Delta:
+    """What one wake of a response adds: answer text (with its tokens' figures, when asked for), or the
+    judging's text (the first answer and the judge's verdict), sent as reasoning_content."""
+
+    content: str = ""
+    reasoning: str = ""
+    tokens: List[TokenInfo] = field(default_factory=list)
 
 
 @dataclass
@@ -84,6 +96,14 @@ class GenerationService:
         self.capacity = engine.parallel + queue_size
         self.in_flight = 0
 
+    def capabilities(self) -> dict:
+        """The server's SDA choices: its judge, the alignment presets, the temperature modes, the bounds."""
+        return {"judge": self.judge.identity if self.judge is not None else None, "presets": sorted(PRESETS),
+                "temperature_modes": list(TEMPERATURE_MODES), "default_temperature_mode": DEFAULT_TEMPERATURE_MODE,
+                "steering_modes": list(STEERING_MODES),
+                "max_strength": MAX_STRENGTH, "default_strength": DEFAULT_STRENGTH, "n_ctx": self.engine.n_ctx,
+                "slots": self.engine.parallel}
+
     # -- admission ------------------------------------------------------------------------------------
     def admit(self) -> None:
         if self.in_flight >= self.capacity:
@@ -126,10 +146,13 @@ class GenerationService:
     def _options(self, body, sda: Optional[SDAOptions]) -> dict:
         t0 = sda.t0 if sda is not None and sda.t0 is not None else body.temperature
         t0 = DEFAULT_T0 if t0 is None else max(t0, MIN_T0)  # temperature 0: as good as greedy
-        options = dict(max_tokens=body.token_limit, t0=t0, top_p=body.top_p or DEFAULT_TOP_P, seed=body.seed,
-                       stop=tuple(body.stop or ()))
+        # No max_tokens: until EOS or the slot's context is full (the scheduler ends it there first).
+        max_tokens = body.token_limit or self.engine.n_ctx
+        options = dict(max_tokens=max_tokens, t0=t0, top_p=body.top_p or DEFAULT_TOP_P, seed=body.seed,
+                       stop=tuple(body.stop or ()), grammar=grammar_for(body.response_format),
+                       logprobs=body.logprob_count)
         if sda is not None:
-            options.update(k=sda.k, temperature_mode=sda.temperature_mode)
+            options.update(k=sda.k, temperature_mode=sda.temperature_mode, token_stats=sda.token_stats)
         return options
 
     def _sda_plan(self, prompt_with, prompt_without, options, sda: SDAOptions, conv, alignment) -> Plan:
@@ -143,26 +166,31 @@ class GenerationService:
         plan.report = {"amplifier": strength, "score": None, "judge": None, "rubric_version": None,
                        "amplifier_source": "strength" if sda.strength is not None else "default"}
         if judged:
-            plain = {k: v for k, v in options.items() if k not in ("k", "temperature_mode")}
+            # The first answer follows the same response format; what is reported is the steered answer's.
+            plain = {k: v for k, v in options.items() if k not in ("k", "temperature_mode", "token_stats", "logprobs")}
             plan.initial = engine.request(prompt_without, None, **plain)
         return plan
 
     # -- running --------------------------------------------------------------------------------------
-    async def run(self, plan: Plan) -> AsyncIterator[str]:
-        """The answer's text pieces; ``plan.report`` and the job's stats are complete when it ends."""
+    async def run(self, plan: Plan) -> AsyncIterator[Delta]:
+        """The response's deltas: the judging's (when the request is judged and shows it), then the answer's;
+        ``plan.report`` and the job's stats are complete when it ends."""
         if plan.initial is not None:
-            await self._judge(plan)
-        plan.job, pieces = self._start(plan.request)
+            async for delta in self._judge(plan):
+                yield delta
+        plan.job, deltas = self._start(plan.request)
         try:
-            async for piece in pieces:
-                yield piece
+            async for delta in deltas:
+                yield delta
         finally:
             self._account(plan, plan.job)
 
-    async def _judge(self, plan: Plan) -> None:
-        job, pieces = self._start(plan.initial)
-        async for _ in pieces:
-            pass
+    async def _judge(self, plan: Plan) -> AsyncIterator[Delta]:
+        show = plan.sda.show_judging
+        job, deltas = self._start(plan.initial, reasoning=True)
+        async for delta in deltas:
+            if show:
+                yield delta
         rubric = rubric_for(plan.alignment)
         report = plan.report
         report.update(judge=self.judge.identity, rubric_version=rubric.version)
@@ -172,6 +200,7 @@ class GenerationService:
             a = amplifier_of(judgement, plan.sda.amplifier_map)
             report.update(amplifier=a, score=judgement.score, amplifier_source="judge",
                           rubric_version=judgement.rubric_version)
+            verdict = f"judge {self.judge.identity}: score {judgement.score:.3g}, a = {a:.3g}"
         except JudgeError as exc:
             kind, value = parse_failure_policy(plan.sda.on_judge_failure)
             if kind == "error":
@@ -182,26 +211,37 @@ class GenerationService:
                 a = 0.0
                 plan.request.temperature_mode = "fixed"
             report.update(amplifier=a, amplifier_source="judge-failure", judge_failure=str(exc))
+            verdict = f"judge {self.judge.identity} failed ({exc}): a = {a:.3g}"
         plan.request.strength = float(a)
         self.metrics.observe_amplifier(a)
+        if show:
+            yield Delta(reasoning=("\n\n" if job.text else "") + verdict)
 
-    def _start(self, request: GenerationRequest):
+    def _start(self, request: GenerationRequest, *, reasoning: bool = False):
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         job = self.engine.submit(request, listener=lambda _: loop.call_soon_threadsafe(wake.set))
-        return job, self._pieces(job, wake)
+        return job, self._deltas(job, wake, reasoning)
 
-    async def _pieces(self, job: Job, wake: asyncio.Event) -> AsyncIterator[str]:
+    async def _deltas(self, job: Job, wake: asyncio.Event, reasoning: bool) -> AsyncIterator[Delta]:
         try:
             while True:
+                # The scheduler thread appends while this reads: popleft() on a deque is atomic.
+                pieces, infos = [], []
+                while job.token_infos:
+                    infos.append(job.token_infos.popleft())
                 while job.pieces:
-                    yield job.pieces.popleft()
-                if job.done:
+                    pieces.append(job.pieces.popleft())
+                if pieces or infos:
+                    text = "".join(pieces)
+                    yield Delta(reasoning=text) if reasoning else Delta(content=text, tokens=infos)
+                if job.done and not job.pieces and not job.token_infos:
                     if job.error is not None:
                         raise job.error
                     return
-                await wake.wait()
-                wake.clear()
+                if not job.done:
+                    await wake.wait()
+                    wake.clear()
         finally:
             if not job.done:  # the client went away, or the server is stopping
                 self.engine.scheduler.cancel(job)
