@@ -52,6 +52,40 @@ def parse_failure_policy(policy: str) -> Tuple[str, Optional[float]]:
 
 
 @dataclass
+class AmplifierChoice:
+    """What a judgement of the first answer sets: a, where it came from, and the temperature mode when a
+    judge failure falls back to prompting alone."""
+
+    amplifier: float
+    source: str  # "judge" or "judge-failure"
+    rubric_version: str
+    judgement: Optional[Judgement] = None
+    temperature_mode: Optional[str] = None  # "fixed" for the prompt-only fallback, else the request's own
+    failure: Optional[str] = None  # the judge's error
+    note: Optional[str] = None  # what was done instead, for a warning
+
+
+def judge_amplifier(judge, query: str, answer: str, alignment, *, amplifier_map: str = DEFAULT_MAP,
+                    on_judge_failure: str = DEFAULT_ON_JUDGE_FAILURE, history=()) -> AmplifierChoice:
+    """Steps 2-3 of the pipeline, for every path that runs it (``align_stream`` here, the server): the judge
+    scores ``answer`` to ``query`` (after the conversation's earlier turns ``history``) under ``alignment``'s
+    rubric, and a follows; a JudgeError is resolved by ``on_judge_failure`` (raised for "error")."""
+    rubric = rubric_for(alignment)
+    try:
+        judgement = judge.score(query, answer, rubric, history=tuple(history))
+    except JudgeError as exc:
+        kind, value = parse_failure_policy(on_judge_failure)
+        if kind == "error":
+            raise
+        if kind == "fixed":
+            return AmplifierChoice(value, "judge-failure", rubric.version, failure=str(exc), note=f"using a = {value:g}")
+        return AmplifierChoice(0.0, "judge-failure", rubric.version, temperature_mode="fixed", failure=str(exc),
+                               note="using prompting alone (a = 0, fixed temperature)")
+    # The rubric version as judged (expected scoring marks its scale).
+    return AmplifierChoice(amplifier_of(judgement, amplifier_map), "judge", judgement.rubric_version, judgement)
+
+
+@dataclass
 class AlignmentResult:
     """The SDA answer (``text``, ``tokens``, ``stats``) and how its amplifier was chosen."""
 
@@ -147,7 +181,7 @@ def _align_stream(
         raise InputError("align() needs an alignment preset or instruction")
     if amplifier_map not in AMPLIFIER_MAPS:
         raise InputError(f"unknown amplifier map {amplifier_map!r} (choose from {', '.join(AMPLIFIER_MAPS)})")
-    policy = parse_failure_policy(on_judge_failure)
+    parse_failure_policy(on_judge_failure)  # refused now, before any generation
     instruction = alignment.preset or alignment.instruction
     # Validate every option before any generation starts.
     engine.stream(query, instruction, strength=strength or 0.0, temperature_mode=temperature_mode,
@@ -166,29 +200,21 @@ def _align_stream(
             initial = engine.generate(query, None, **{**generate_options, "system": alignment.system})
             stages["initial"] = time.perf_counter() - started
             result_fields.update(initial_text=initial.text, initial_tokens_per_second=initial.stats.tokens_per_second)
-            rubric = rubric_for(alignment)
-            result_fields.update(judge=judge.identity, rubric_version=rubric.version, amplifier_map=amplifier_map)
             started = time.perf_counter()
-            try:
-                judgement: Judgement = judge.score(query, initial.text, rubric)
-                a, source = amplifier_of(judgement, amplifier_map), "judge"
-                # The rubric version as judged (expected scoring marks its scale), and no map when the judge set a.
+            choice = judge_amplifier(judge, query, initial.text, alignment, amplifier_map=amplifier_map,
+                                     on_judge_failure=on_judge_failure, history=generate_options.get("history", ()))
+            stages["judge"] = time.perf_counter() - started
+            a, source, mode = choice.amplifier, choice.source, choice.temperature_mode or mode
+            result_fields.update(judge=judge.identity, rubric_version=choice.rubric_version, amplifier_map=amplifier_map)
+            judgement = choice.judgement
+            if judgement is not None:  # no map when the judge set a itself
                 result_fields.update(score=judgement.score, scoring=judgement.scoring, score_spread=judgement.spread,
-                                     rubric_version=judgement.rubric_version, judge_reply=judgement.raw,
+                                     judge_reply=judgement.raw,
                                      amplifier_map=None if judgement.amplifier is not None else amplifier_map)
                 on_judged(judgement, a)
-            except JudgeError as exc:
-                kind, value = policy
-                if kind == "error":
-                    raise
-                if kind == "fixed":
-                    a, note = value, f"using a = {value:g}"
-                else:
-                    a, mode, note = 0.0, "fixed", "using prompting alone (a = 0, fixed temperature)"
-                source = "judge-failure"
-                result_fields["judge_failure"] = str(exc)
-                on_warning(f"judge failed: {exc}; {note}")
-            stages["judge"] = time.perf_counter() - started
+            else:
+                result_fields["judge_failure"] = choice.failure
+                on_warning(f"judge failed: {choice.failure}; {choice.note}")
         started = time.perf_counter()
         # The SDA pass reuses the cache the initial answer (its without-prompt) left in the slot.
         stream = engine.stream(query, instruction, strength=a, temperature_mode=mode, **generate_options)

@@ -170,13 +170,13 @@ class LocalJudge:
         return rescale(mean), std * (SCALE_MAX - 1) / (DIGIT_SCALE_MAX - 1)
 
     # -- the judge interface --------------------------------------------------------------------------
-    def score(self, query: str, answer: str, rubric: Rubric) -> Judgement:
+    def score(self, query: str, answer: str, rubric: Rubric, history=()) -> Judgement:
         started = time.perf_counter()
         if self.scoring == "greedy":
-            reply = self._complete(judge_messages(rubric, query, answer), SCORE_GRAMMAR, 16)
+            reply = self._complete(judge_messages(rubric, query, answer, history=history), SCORE_GRAMMAR, 16)
             return Judgement(parse_judge_reply(reply), self.identity, rubric.version, reply,
                              time.perf_counter() - started, scoring="greedy")
-        (p,), coverage = self._expected(judge_messages(rubric, query, answer, DIGIT_SCALE_MAX), 1)
+        (p,), coverage = self._expected(judge_messages(rubric, query, answer, DIGIT_SCALE_MAX, history), 1)
         mean, spread = self._moments(p)
         return Judgement(round(mean, 3), self.identity, f"{rubric.version}/scale-{DIGIT_SCALE_MAX}",
                          _describe(p), time.perf_counter() - started, scoring="expected", spread=round(spread, 3),

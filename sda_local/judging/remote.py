@@ -207,9 +207,9 @@ class RemoteJudge:
                              f"{'null' if content is None else type(content).__name__}")
         return content
 
-    def score(self, query: str, answer: str, rubric: Rubric) -> Judgement:
+    def score(self, query: str, answer: str, rubric: Rubric, history=()) -> Judgement:
         started = time.perf_counter()
-        reply = self._ask(judge_messages(rubric, query, answer), SCORE_SCHEMA)
+        reply = self._ask(judge_messages(rubric, query, answer, history=history), SCORE_SCHEMA)
         return Judgement(parse_judge_reply(reply), self.identity, rubric.version, reply,
                          time.perf_counter() - started)
 

@@ -51,13 +51,14 @@ class SelfJudge:
         self.engine = engine
         self.identity = f"self:{engine.model_path.name}"
 
-    def ratio(self, query: str, answer: str, alignment) -> float:
-        """r of ``answer`` to ``query`` under ``alignment``'s instruction (see the module docstring)."""
+    def ratio(self, query: str, answer: str, alignment, history=()) -> float:
+        """r of ``answer`` to ``query`` under ``alignment``'s instruction (see the module docstring), after the
+        conversation's earlier (user, assistant) turns ``history``: the prompts of the SDA pass itself."""
         engine = self.engine
         answer_tokens = engine.model.tokenize(answer, add_bos=False, special=False)
         if not answer_tokens:
             raise JudgeError("self judge: the answer is empty, so it has no likelihood to compare")
-        prompt_with, prompt_without = engine.formatter.pair(query, alignment)
+        prompt_with, prompt_without = engine.formatter.pair(query, alignment, history)
         try:
             prompts = [engine.tokenize_prompt(prompt_with), engine.tokenize_prompt(prompt_without)]
             with engine.forcing() as forcing:
@@ -66,11 +67,11 @@ class SelfJudge:
             raise JudgeError(f"self judge: {exc}") from None
         return float(np.mean(with_ - without))
 
-    def score(self, query: str, answer: str, rubric: Rubric) -> Judgement:
+    def score(self, query: str, answer: str, rubric: Rubric, history=()) -> Judgement:
         if rubric.alignment is None:
             raise JudgeError("self judge: it needs the alignment instruction, which this rubric does not carry")
         started = time.perf_counter()
-        r = self.ratio(query, answer, rubric.alignment)
+        r = self.ratio(query, answer, rubric.alignment, history)
         return Judgement(round(r, 6), self.identity, VERSION, f"r = {r:.6f}", time.perf_counter() - started,
                          scoring="self", amplifier=self_amplifier(r))
 
