@@ -47,8 +47,9 @@ def json_schema_grammar(schema: dict) -> str:
 
     try:
         return json_schema_to_gbnf(json.dumps(schema))
-    except (ValueError, KeyError, TypeError, RecursionError, NotImplementedError) as exc:
-        raise InputError(f"response_format.json_schema.schema cannot be turned into a grammar: {exc}") from None
+    except Exception as exc:  # the converter asserts on what it does not support (e.g. unanchored patterns)
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise InputError(f"the JSON schema of response_format cannot be turned into a grammar: {detail}") from None
 
 
 def grammar_for(response_format) -> Optional[str]:
@@ -56,5 +57,6 @@ def grammar_for(response_format) -> Optional[str]:
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        return JSON_OBJECT
+        # llama-server's extension: {"type": "json_object", "schema": {...}} constrains to that schema
+        return json_schema_grammar(response_format.schema_) if response_format.schema_ else JSON_OBJECT
     return json_schema_grammar(response_format.json_schema["schema"])

@@ -64,6 +64,13 @@ def test_no_max_tokens_runs_to_a_natural_end(client):
     assert r.usage.completion_tokens > 0
 
 
+@pytest.mark.slow
+def test_no_max_tokens_runs_past_the_old_512_cut(client):
+    # a raw count the model carries on with: it ends by EOS or by the slot's context (2048), never by a default
+    r = client.completions.create(model="m", seed=1, prompt=", ".join(str(i) for i in range(1, 40)) + ",")
+    assert r.usage.completion_tokens > 512, r.choices[0].text[-200:]
+
+
 def test_no_max_tokens_on_completions_is_not_cut_at_16(client):
     r = client.completions.create(model="m", prompt="Once upon a time", seed=3)
     assert r.usage.completion_tokens > 16 or r.choices[0].finish_reason == "stop"
@@ -72,10 +79,9 @@ def test_no_max_tokens_on_completions_is_not_cut_at_16(client):
 # -------------------------------------------------------------------------------------- refused fields
 REFUSED = {
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-    "tool_choice": "auto",
+    "tool_choice": "required",
     "functions": [{"name": "f", "parameters": {}}],
-    "function_call": "auto",
-    "parallel_tool_calls": True,
+    "function_call": {"name": "f"},
     "logit_bias": {"42": 5},
     "presence_penalty": 0.5,
     "frequency_penalty": -0.3,
@@ -90,6 +96,8 @@ REFUSED = {
 NEUTRAL = {"tool_choice": "none", "function_call": "none", "parallel_tool_calls": False, "logit_bias": {},
            "presence_penalty": 0, "frequency_penalty": 0.0, "modalities": ["text"], "best_of": 1, "echo": False,
            "tools": [], "suffix": ""}
+# What clients send by default with no tools: without effect, so accepted.
+HARMLESS = {"tool_choice": "auto", "function_call": "auto", "parallel_tool_calls": True, "logprobs": None}
 
 
 def test_the_refused_list_is_the_one_tested():
@@ -108,9 +116,15 @@ def test_unimplemented_field_is_a_400_naming_it(server, name, path):
     assert error["message"].startswith(name + " is not supported")
 
 
-def test_neutral_values_of_those_fields_are_accepted(server):
-    r = post(server, {"messages": MESSAGES, "max_tokens": 1, **NEUTRAL})
+@pytest.mark.parametrize("fields", [NEUTRAL, HARMLESS], ids=["neutral", "no-effect"])
+def test_neutral_values_of_those_fields_are_accepted(server, fields):
+    r = post(server, {"messages": MESSAGES, "max_tokens": 1, **fields})
     assert r.status_code == 200, r.text
+
+
+def test_completions_logprobs_false_is_off(server):
+    r = post(server, {"prompt": "Hi", "max_tokens": 2, "logprobs": False}, "/v1/completions")
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None
 
 
 @pytest.mark.parametrize("body, param", [
@@ -118,6 +132,9 @@ def test_neutral_values_of_those_fields_are_accepted(server):
     ({"top_logprobs": 2}, None),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
+    # llama.cpp's converter cannot take an unanchored pattern: a 400 before any generation, not a 500
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "abc"}}}},
+     None),
 ])
 def test_other_refusals(server, body, param):
     r = post(server, {"messages": MESSAGES, "max_tokens": 1, **body})
@@ -137,6 +154,23 @@ def test_json_object_parses_in_20_of_20_seeds(client, sda):
         text = r.choices[0].message.content
         assert isinstance(json.loads(text), dict), (seed, text)
         assert r.choices[0].finish_reason == "stop"
+
+
+def test_llama_server_json_object_with_schema(server):
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"],
+              "additionalProperties": False}
+    r = post(server, {"messages": JSON_MESSAGES, "seed": 1, "response_format": {"type": "json_object", "schema": schema}})
+    assert list(json.loads(r.json()["choices"][0]["message"]["content"])) == ["age"]
+
+
+def test_json_with_logprobs(client):
+    r = client.chat.completions.create(model="m", messages=JSON_MESSAGES, seed=2, response_format={"type": "json_object"},
+                                       logprobs=True, top_logprobs=2, extra_body={"sda": SDA})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    # the grammar's mask is in the distribution reported: the first token can only open the object
+    assert content[0].top_logprobs and all(t.token.startswith("{") for t in content[0].top_logprobs)
 
 
 @pytest.mark.parametrize("sda", [None, SDA], ids=["plain", "sda"])
@@ -222,6 +256,22 @@ def test_token_stats_per_token(server):
     assert streamed == tokens  # same seed, same tokens, same figures
 
 
+def test_token_stats_texts_are_whole_characters(server):
+    # Accented letters and an emoji: tokens that end inside a UTF-8 character add "" and the next one adds
+    # the character, so the texts always join into the answer and never hold a replacement character.
+    sda = {"align": "Answer in French, with emoji.", "strength": 0.5, "token_stats": True}
+    for seed in range(3):
+        whole = post(server, {"messages": [{"role": "user", "content": "Décris un café à Paris 😀☕"}],
+                              "max_tokens": 40, "seed": seed, "sda": sda}).json()
+        texts = [t["text"] for t in whole["sda"]["tokens"]]
+        content = whole["choices"][0]["message"]["content"]
+        joined = "".join(texts)
+        assert not any("\ufffd" in t for t in texts) and content.startswith(joined)
+        # only an answer cut by max_tokens inside a character ends with bytes of no token (shown as U+FFFD)
+        assert content == joined or (whole["choices"][0]["finish_reason"] == "length"
+                                     and set(content[len(joined):]) == {"\ufffd"})
+
+
 # ----------------------------------------------------------------------------- judging and keep-alives
 def test_judging_streams_as_reasoning_content(server):
     body = {"messages": MESSAGES, "max_tokens": 8, "seed": 1, "stream": True, "sda": {"align": "helpfulness"}}
@@ -245,19 +295,22 @@ def test_judging_streams_as_reasoning_content(server):
 
 def test_a_slow_judge_keeps_the_stream_alive(model_path):
     # The judge answers after 3 s (a real socket); the server, set to 0.5 s, fills the silence with comments.
+    # Both kinds: chat without showing the judging, and /v1/completions, whose first answer sends nothing (it
+    # has no reasoning field), so only comments can fill the first answer and the judge's call.
     with FaultServer([("delay", 3.0, ("score", 70))]) as judge, \
             ServerProcess("--model", str(model_path), "--judge-url", judge.url, "--sse-keepalive", "0.5",
                           "--threads", "2", "--parallel", "1") as s:
-        body = {"messages": MESSAGES, "max_tokens": 4, "seed": 1, "stream": True,
-                "sda": {"align": "helpfulness", "show_judging": False}}
-        with post(s, body, stream=True) as r:
-            seen = events(r)
-    first_data = [i for i, (kind, _) in enumerate(seen) if kind == "data"]
-    comments_before_answer = [i for i, (kind, _) in enumerate(seen) if kind == "comment" and i < first_data[1]]
-    assert len(comments_before_answer) >= 2, seen
-    assert seen[-1] == ("data", "[DONE]")
-    final = [d for kind, d in seen if kind == "data" and d != "[DONE]" and d.get("sda")][-1]["sda"]
-    assert final["score"] == 70 or final["amplifier_source"] == "judge"
+        for path, body in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "Hi"})):
+            body.update(max_tokens=4, seed=1, stream=True, sda={"align": "helpfulness", "show_judging": False})
+            with post(s, body, path, stream=True) as r:
+                seen = events(r)
+            answer = [i for i, (kind, d) in enumerate(seen) if kind == "data" and d != "[DONE]" and d["choices"]
+                      and (d["choices"][0].get("text") or d["choices"][0].get("delta", {}).get("content"))]
+            comments_before_answer = [i for i, (kind, _) in enumerate(seen) if kind == "comment" and i < answer[0]]
+            assert len(comments_before_answer) >= 2, (path, seen)
+            assert seen[-1] == ("data", "[DONE]")
+            final = [d for kind, d in seen if kind == "data" and d != "[DONE]" and d.get("sda")][-1]["sda"]
+            assert final["amplifier_source"] == "judge" and final["score"] == 70
 
 
 # ------------------------------------------------------------------------------- models and CORS

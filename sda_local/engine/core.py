@@ -25,7 +25,7 @@ from .fusion import (DEFAULT_K, DEFAULT_T0, DEFAULT_TEMPERATURE_MODE, DEFAULT_TO
                      logit_injection_from_env)
 from .layout import STREAM_MODES, KVLayout, common_prefix_length
 from .requests import GenerationRequest, GenerationResult, GenerationStats
-from .sampling import RequestSampler
+from .sampling import RequestSampler, check_grammar
 from .steering import DEFAULT_STEERING, Steering
 from .scheduler import Job, Scheduler
 
@@ -208,6 +208,8 @@ class SDAEngine:
             raise InputError("stop must be a string or a list of strings")
         if greedy and (grammar is None or prompt_without is not None):
             raise InputError("greedy decoding is for a grammar-constrained plain completion")
+        if grammar is not None:
+            check_grammar(self.model, grammar)  # here, so that a server answers 400, not a failed stream
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
                                      or not 0 <= logprobs <= MAX_LOGPROBS):
             raise InputError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")

@@ -18,9 +18,10 @@ class GenerationRequest:
     otherwise SDA with amplifier ``strength``. ``grammar``: a GBNF grammar the answer must follow, applied
     after the fusion (``greedy``: decode it greedily, plain only, as the local judge does). ``stop``: strings
     that end the answer (not included in it). ``capture_logits``: keep copies of the first step's raw rows
-    (``Job.first_logits``). ``logprobs`` (None: off): report each sampled token's log-probability under the
-    distribution it was drawn from, with that many alternatives; ``token_stats``: report each SDA token's JS
-    divergence, temperature and the with-stream's own first choice (``Job.token_infos``)."""
+    (``Job.first_logits``). ``logprobs`` (None: off): report each sampled token's log-probability in the
+    step's distribution (after fusion, temperature and grammar, before top-p's cut), with that many
+    alternatives; ``token_stats``: report each SDA token's JS divergence, temperature and the with-stream's own
+    first choice. Either makes ``Job.pieces`` hold TokenInfo items (each with its text) instead of strings."""
 
     tokens_with: List[int]
     tokens_without: Optional[List[int]] = None
@@ -63,7 +64,8 @@ class TokenInfo:
     """One sampled token as the request asked to see it (``logprobs``, ``token_stats``)."""
 
     token: int
-    logprob: Optional[float] = None  # under the distribution sampled (after fusion, temperature, grammar)
+    text: str = ""  # the answer text this step added (whole characters: a partial UTF-8 piece waits)
+    logprob: Optional[float] = None  # in the step's distribution (after fusion, temperature, grammar; before top-p)
     top: Tuple[Tuple[int, float], ...] = ()  # the most likely tokens of that distribution, best first
     js: Optional[float] = None  # SDA: the JS divergence between the two streams at this step (nats)
     temperature: Optional[float] = None  # SDA: the temperature used at this step

@@ -11,8 +11,10 @@
   indexes tokens by id, so the guard, which hands the chain a -1 candidate, cannot go in front of it).
 * Inspected (a grammar to follow, or logprobs to report; SDA or plain): the distribution is built in numpy
   (the numpy fusion, or the row at t0), then [grammar, (EOG ban)] masks it, the log-probabilities reported
-  are read off it, and [nucleus at temperature 1] draws from it. So the grammar applies after the fusion and
-  the logprobs are those of the distribution sampled (before top-p's cut, as llama-server's ``n_probs``).
+  are read off it (before top-p's cut, as llama-server's ``n_probs``), and [nucleus at temperature 1] draws
+  from it. So the grammar applies after the fusion. Without logprobs, a grammar is checked as llama.cpp's
+  common sampler checks it: the unmasked draw is kept when the grammar allows it, else the masked
+  distribution is drawn from (with top-p < 1 that is a mixture of the two nuclei, as there).
 
 The head sampler goes first: it must see every raw logit, to refuse a non-finite row before anything
 samples it. A native head that meets one hands back LLAMA_TOKEN_NULL (-1), so the per-token cost of the
@@ -70,7 +72,6 @@ class RequestSampler:
         self.backend: Optional[str] = None  # the fusion's: "native", "numpy", or None (plain generation)
         self.last: Optional[TokenInfo] = None  # the last token's figures, when the request asks for them
         self._pre = None  # the inspected path's masks, applied before the logprobs are read
-        self._stats_seen = (0.0, 0.0)  # the native sampler's running (sum JS, sum T) at the last token
         r = request
         self._wants_info = r.logprobs is not None or (r.token_stats and r.steered)
         self._echo = None  # the numpy fusion's echo guard (the native sampler keeps its own)
@@ -182,11 +183,9 @@ class RequestSampler:
         token = llama_cpp.llama_sampler_sample(self.chain, *with_row)
         if token < 0:
             raise self._refused()
-        if self._wants_info:  # token_stats: this step's share of the native sampler's running totals
+        if self._wants_info:  # token_stats: the native sampler's figures of this step
             s = native.sampler_stats(self.lib, self._sda)
-            js, temperature = s.sum_js - self._stats_seen[0], s.sum_temperature - self._stats_seen[1]
-            self._stats_seen = (s.sum_js, s.sum_temperature)
-            self.last = TokenInfo(token, js=js, temperature=temperature,
+            self.last = TokenInfo(token, js=float(s.last_js), temperature=float(s.last_temperature),
                                   prompt_top=int(np.argmax(self._row(with_row))))
         return token
 
@@ -299,6 +298,8 @@ class RequestSampler:
         if token is None:
             if self._pre is not None:  # the grammar's and the EOG ban's masks (-inf), in place, order kept
                 llama_cpp.llama_sampler_apply(self._pre, ctypes.byref(arr))
+                if np.isneginf(cand["logit"]).all():  # e.g. a finished grammar with EOS banned
+                    raise ModelError("the grammar allows no token here; generation stopped")
             if r.logprobs is not None:
                 with np.errstate(invalid="ignore", divide="ignore"):  # masked tokens: -inf, as they should be
                     log_probs = log_softmax(cand["logit"].astype(np.float64))
@@ -314,12 +315,13 @@ class RequestSampler:
 
 
 def _best(log_probs: np.ndarray, n: int):
-    """The ``n`` most likely (token, log-prob), best first (ties: the lower id), without sorting the vocabulary."""
+    """The ``n`` most likely (token, log-prob), best first (ties: the lower id), without sorting the vocabulary;
+    tokens a grammar masked (-inf) are never among them, so there may be fewer than ``n``."""
     if n <= 0:
         return ()
     ids = np.argpartition(-log_probs, n - 1)[:n]
     ids = ids[np.lexsort((ids, -log_probs[ids]))]
-    return tuple((int(i), float(log_probs[i])) for i in ids)
+    return tuple((int(i), float(log_probs[i])) for i in ids if np.isfinite(log_probs[i]))
 
 
 def _grammar(model: GGUFModel, grammar: str):
@@ -327,6 +329,13 @@ def _grammar(model: GGUFModel, grammar: str):
     if not sampler:
         raise InputError("invalid grammar")
     return sampler
+
+
+def check_grammar(model: GGUFModel, grammar: str) -> None:
+    """Raise InputError unless llama.cpp parses ``grammar`` (GBNF, rule ``root``)."""
+    if not isinstance(grammar, str) or not grammar.strip():
+        raise InputError("the grammar is empty")
+    llama_cpp.llama_sampler_free(_grammar(model, grammar))
 
 
 def _eog_ban(model: GGUFModel):

@@ -27,7 +27,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable, Deque, List, Optional
+from typing import Callable, Deque, List, Optional, Union
 
 from ..errors import ModelError
 from ..gguf_model import GGUFModel
@@ -70,9 +70,9 @@ class Job:
         self.state = QUEUED
         self.slot: Optional[Slot] = None
         self.tokens: List[int] = []
-        self.pieces: Deque[str] = collections.deque()
-        # TokenInfo of each sampled token, when the request asks for logprobs or token_stats
-        self.token_infos: Deque[TokenInfo] = collections.deque()
+        # The answer as it comes: text pieces, or, when the request asks for logprobs or token_stats, one
+        # TokenInfo per token carrying its text (one deque, so a reader never sees text without its token).
+        self.pieces: Deque[Union[str, TokenInfo]] = collections.deque()
         self.error: Optional[BaseException] = None
         self.cancelled = False
         self.listener: Optional[Callable[["Job"], None]] = None
@@ -184,11 +184,13 @@ class Scheduler:
                     self._cond.notify_all()
 
     def pieces(self, job: Job):
-        """The job's text pieces as they come; raises its error, if it failed, once they are read."""
+        """The job's text pieces as they come (a TokenInfo's text, when the request asked for them); raises its
+        error, if it failed, once they are read."""
         while True:
             self.wait(job, for_output=True)
             while job.pieces:
-                yield job.pieces.popleft()
+                piece = job.pieces.popleft()
+                yield piece if isinstance(piece, str) else piece.text
             if job.state == DONE:
                 if job.error is not None:
                     raise job.error
@@ -377,11 +379,12 @@ class Scheduler:
             self._end(job, "stop")
             return
         job.tokens.append(token)
-        if job.sampler.last is not None:
-            job.token_infos.append(job.sampler.last)
-            job.sampler.last = None
         piece = job._assembler.feed(self.model.piece(token))
-        if piece:
+        info, job.sampler.last = job.sampler.last, None
+        if info is not None:
+            info.text = piece
+            job.pieces.append(info)
+        elif piece:
             job.pieces.append(piece)
         if job._assembler.stopped:
             self._end(job, "stop")
@@ -437,7 +440,7 @@ class Scheduler:
     def _publish(self, jobs: List[Job]) -> None:
         with self._cond:
             self._cond.notify_all()
-        self._tell([job for job in jobs if job.pieces or job.token_infos or job.state == DONE])
+        self._tell([job for job in jobs if job.pieces or job.state == DONE])
 
     @staticmethod
     def _tell(jobs: List[Job]) -> None:

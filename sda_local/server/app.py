@@ -378,15 +378,20 @@ KEEPALIVE_EVENT = ": keep-alive\n\n"  # an SSE comment: every client's parser sk
 async def _stream(service: GenerationService, plan: Plan, shaper: Shaper, include_usage: bool, keepalive: float):
     if shaper.kind == "chat":
         yield _sse(shaper.chunk(delta={"role": "assistant", "content": ""}))
+    loop = asyncio.get_running_loop()
     deltas = service.run(plan).__aiter__()
     pending: Optional[asyncio.Future] = None
+    last_sent = loop.time()
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(deltas.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=keepalive)
+            # Silence counts from the last byte sent: a delta that sends nothing (reasoning on /v1/completions)
+            # does not reset it.
+            done, _ = await asyncio.wait({pending}, timeout=max(0.0, last_sent + keepalive - loop.time()))
             if not done:  # judging, a long prefill, a queue: a byte so that no proxy takes the stream for dead
                 yield KEEPALIVE_EVENT
+                last_sent = loop.time()
                 continue
             finished, pending = pending, None
             try:
@@ -396,6 +401,7 @@ async def _stream(service: GenerationService, plan: Plan, shaper: Shaper, includ
             chunk = shaper.delta_chunk(delta)
             if chunk is not None:
                 yield _sse(chunk)
+                last_sent = loop.time()
     except Exception as exc:  # of any kind: the status is sent already, so the error goes in the stream
         error = api_error_of(exc)
         if error.status >= 500 and not isinstance(exc, (SDAError, ApiError)):

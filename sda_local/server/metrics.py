@@ -51,6 +51,8 @@ class Metrics:
         self._cached_tokens = Counter("sda_prompt_tokens_cached", "Prompt tokens reused from a slot's cache.",
                                       registry=registry)
         self._generated_tokens = Counter("sda_generated_tokens", "Tokens generated.", registry=registry)
+        self._cancelled = Counter("sda_generations_cancelled", "Generations stopped because their client went away "
+                                  "(a stop button, a closed tab) or the server stopped.", registry=registry)
         self._amplifier = _Mean()
         self._js = _Mean()
         Gauge("sda_amplifier_mean", "Mean amplifier a of the SDA requests so far.",
@@ -72,6 +74,9 @@ class Metrics:
         self._generated_tokens.inc(stats.generated_tokens)
         if stats.mean_js is not None:
             self._js.add(stats.mean_js)
+
+    def observe_cancelled(self) -> None:
+        self._cancelled.inc()
 
     def observe_amplifier(self, a: float) -> None:
         self._amplifier.add(a)

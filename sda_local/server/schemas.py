@@ -28,24 +28,27 @@ def _set(value) -> bool:
     return value is not None and value is not False and value != [] and value != {}
 
 
-# OpenAI request fields sda-local does not implement, each with the test a value must pass to be accepted
-# (its neutral value). Any other value is refused with a 400 that names the field (README "Server").
+def _no_tools(body: dict) -> bool:
+    return not _set(body.get("tools")) and not _set(body.get("functions"))
+
+
+# OpenAI request fields sda-local does not implement, each with the test (value, whole body) a request must
+# pass to be accepted: the field's neutral value, or one without effect (tool_choice "auto" with no tools).
 UNSUPPORTED_FIELDS = {
-    "tools": lambda v: not _set(v),
-    "tool_choice": lambda v: v is None or v == "none",
-    "functions": lambda v: not _set(v),
-    "function_call": lambda v: v is None or v == "none",
-    "parallel_tool_calls": lambda v: v is None or v is False,
-    "logit_bias": lambda v: not _set(v),
-    "presence_penalty": lambda v: v is None or v == 0,
-    "frequency_penalty": lambda v: v is None or v == 0,
-    "audio": lambda v: v is None,
-    "modalities": lambda v: v is None or list(v) == ["text"],
-    "prediction": lambda v: v is None,
-    "web_search_options": lambda v: v is None,
-    "best_of": lambda v: v is None or v == 1,
-    "echo": lambda v: v is None or v is False,
-    "suffix": lambda v: v is None or v == "",
+    "tools": lambda v, body: not _set(v),
+    "tool_choice": lambda v, body: v is None or v == "none" or (v == "auto" and _no_tools(body)),
+    "functions": lambda v, body: not _set(v),
+    "function_call": lambda v, body: v is None or v == "none" or (v == "auto" and _no_tools(body)),
+    "logit_bias": lambda v, body: not _set(v),
+    "presence_penalty": lambda v, body: v is None or v == 0,
+    "frequency_penalty": lambda v, body: v is None or v == 0,
+    "audio": lambda v, body: v is None,
+    "modalities": lambda v, body: v is None or list(v) == ["text"],
+    "prediction": lambda v, body: v is None,
+    "web_search_options": lambda v, body: v is None,
+    "best_of": lambda v, body: v is None or v == 1,
+    "echo": lambda v, body: v is None or v is False,
+    "suffix": lambda v, body: v is None or v == "",
 }
 
 
@@ -119,6 +122,7 @@ class Message(BaseModel):
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: Optional[dict] = None
+    schema_: Optional[dict] = Field(default=None, alias="schema")  # llama-server's json_object + schema
 
     @model_validator(mode="after")
     def _schema_given(self):
@@ -148,7 +152,7 @@ class _Sampling(BaseModel):
             for name, accepted in UNSUPPORTED_FIELDS.items():
                 if name in data:
                     try:
-                        ok = accepted(data[name])
+                        ok = accepted(data[name], data)
                     except TypeError:
                         ok = False
                     if not ok:
@@ -179,7 +183,7 @@ class _Sampling(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: List[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_COMPLETION_TOKENS)
-    logprobs: bool = False
+    logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("max_completion_tokens", mode="before")
@@ -207,6 +211,11 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: Union[str, List[str]]
     logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs_off(cls, value):
+        return None if value is False else value  # some clients send false for "none"
 
     @field_validator("prompt")
     @classmethod

@@ -8,6 +8,7 @@ the SDA pipeline (teacher forcing, or a remote call) runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass, field
 from typing import AsyncIterator, List, Optional, Tuple
 
@@ -19,12 +20,14 @@ from ..engine.steering import DEFAULT_STEERING, PAPER, STEERING_MODES
 from ..engine.scheduler import Job
 from ..errors import InputError
 from ..grammars import grammar_for
-from ..judging import JudgeError
-from ..pipeline import DEFAULT_STRENGTH, amplifier_of, parse_failure_policy
+from ..pipeline import DEFAULT_STRENGTH, judge_amplifier
 from ..prompts import PRESETS, Alignment, Prompt, check_text, resolve_alignment
-from ..rubrics import rubric_for
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, SDAOptions
+
+
+# The judged first answer's length at most: enough to judge an answer by, and what the judge's prompt holds.
+JUDGED_ANSWER_TOKENS = 512
 
 
 class Overloaded(Exception):
@@ -166,8 +169,10 @@ class GenerationService:
         plan.report = {"amplifier": strength, "score": None, "judge": None, "rubric_version": None,
                        "amplifier_source": "strength" if sda.strength is not None else "default"}
         if judged:
-            # The first answer follows the same response format; what is reported is the steered answer's.
+            # The first answer follows the same response format; what is reported is the steered answer's. It
+            # is only judged: without a max_tokens it stops at JUDGED_ANSWER_TOKENS, not at the context's end.
             plain = {k: v for k, v in options.items() if k not in ("k", "temperature_mode", "token_stats", "logprobs")}
+            plain["max_tokens"] = min(options["max_tokens"], JUDGED_ANSWER_TOKENS)
             plan.initial = engine.request(prompt_without, None, **plain)
         return plan
 
@@ -176,42 +181,46 @@ class GenerationService:
         """The response's deltas: the judging's (when the request is judged and shows it), then the answer's;
         ``plan.report`` and the job's stats are complete when it ends."""
         if plan.initial is not None:
-            async for delta in self._judge(plan):
-                yield delta
+            judging = self._judge(plan)
+            try:
+                async for delta in judging:
+                    yield delta
+            finally:  # closed now, not by the garbage collector: that cancels the first answer's job
+                await judging.aclose()
         plan.job, deltas = self._start(plan.request)
         try:
             async for delta in deltas:
                 yield delta
         finally:
+            await deltas.aclose()  # cancels the job first, if it is still running, then accounts for it
             self._account(plan, plan.job)
 
     async def _judge(self, plan: Plan) -> AsyncIterator[Delta]:
         show = plan.sda.show_judging
         job, deltas = self._start(plan.initial, reasoning=True)
-        async for delta in deltas:
-            if show:
-                yield delta
-        rubric = rubric_for(plan.alignment)
-        report = plan.report
-        report.update(judge=self.judge.identity, rubric_version=rubric.version)
-        loop = asyncio.get_running_loop()
         try:
-            judgement = await loop.run_in_executor(None, self.judge.score, plan.conversation.query, job.text, rubric)
-            a = amplifier_of(judgement, plan.sda.amplifier_map)
-            report.update(amplifier=a, score=judgement.score, amplifier_source="judge",
-                          rubric_version=judgement.rubric_version)
-            verdict = f"judge {self.judge.identity}: score {judgement.score:.3g}, a = {a:.3g}"
-        except JudgeError as exc:
-            kind, value = parse_failure_policy(plan.sda.on_judge_failure)
-            if kind == "error":
-                raise
-            if kind == "fixed":
-                a = value
-            else:
-                a = 0.0
-                plan.request.temperature_mode = "fixed"
-            report.update(amplifier=a, amplifier_source="judge-failure", judge_failure=str(exc))
-            verdict = f"judge {self.judge.identity} failed ({exc}): a = {a:.3g}"
+            async for delta in deltas:
+                if show:
+                    yield delta
+        finally:
+            await deltas.aclose()
+        report = plan.report
+        sda, conv = plan.sda, plan.conversation
+        choose = functools.partial(judge_amplifier, self.judge, conv.query, job.text, plan.alignment,
+                                   amplifier_map=sda.amplifier_map, on_judge_failure=sda.on_judge_failure,
+                                   history=conv.history)
+        choice = await asyncio.get_running_loop().run_in_executor(None, choose)  # "error": the JudgeError, raised
+        a = choice.amplifier
+        report.update(judge=self.judge.identity, rubric_version=choice.rubric_version, amplifier=a,
+                      amplifier_source=choice.source)
+        if choice.judgement is not None:
+            report["score"] = choice.judgement.score
+            verdict = f"judge {self.judge.identity}: score {choice.judgement.score:.3g}, a = {a:.3g}"
+        else:
+            report["judge_failure"] = choice.failure
+            if choice.temperature_mode is not None:
+                plan.request.temperature_mode = choice.temperature_mode
+            verdict = f"judge {self.judge.identity} failed ({choice.failure}): a = {a:.3g}"
         plan.request.strength = float(a)
         self.metrics.observe_amplifier(a)
         if show:
@@ -226,16 +235,20 @@ class GenerationService:
     async def _deltas(self, job: Job, wake: asyncio.Event, reasoning: bool) -> AsyncIterator[Delta]:
         try:
             while True:
-                # The scheduler thread appends while this reads: popleft() on a deque is atomic.
-                pieces, infos = [], []
-                while job.token_infos:
-                    infos.append(job.token_infos.popleft())
+                # The scheduler thread appends while this reads: popleft() on a deque is atomic, and a token's
+                # text travels inside its TokenInfo, so the two never come apart.
+                texts, infos = [], []
                 while job.pieces:
-                    pieces.append(job.pieces.popleft())
-                if pieces or infos:
-                    text = "".join(pieces)
+                    piece = job.pieces.popleft()
+                    if isinstance(piece, str):
+                        texts.append(piece)
+                    else:
+                        texts.append(piece.text)
+                        infos.append(piece)
+                if texts or infos:
+                    text = "".join(texts)
                     yield Delta(reasoning=text) if reasoning else Delta(content=text, tokens=infos)
-                if job.done and not job.pieces and not job.token_infos:
+                if job.done and not job.pieces:
                     if job.error is not None:
                         raise job.error
                     return
@@ -245,6 +258,7 @@ class GenerationService:
         finally:
             if not job.done:  # the client went away, or the server is stopping
                 self.engine.scheduler.cancel(job)
+                self.metrics.observe_cancelled()
 
     def _account(self, plan: Plan, job: Job) -> None:
         s = job.stats

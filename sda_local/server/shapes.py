@@ -1,9 +1,9 @@
 """The OpenAI shapes of what a response sends: whole responses, stream chunks, usage, logprobs, and sda-local's
 own per-token figures (``sda.token_stats``).
 
-Logprobs are those of the distribution the token was drawn from (engine/sampling.py, "Inspected"): for an
-SDA request the fused, steered one after its temperature; for a plain one the model's at ``temperature``;
-with a ``response_format`` after the grammar's mask. They are read before top-p's cut, as llama-server's.
+Logprobs are those of the step's distribution (engine/sampling.py, "Inspected"): for an SDA request the
+fused, steered one after its temperature; for a plain one the model's at ``temperature``; with a
+``response_format`` after the grammar's mask. They are read before top-p's cut, as llama-server's.
 """
 
 from __future__ import annotations
@@ -88,9 +88,10 @@ class Shaper:
         return out
 
     def sda_tokens(self, infos: List[TokenInfo]) -> List[dict]:
-        """``sda.token_stats``: per answer token its text, the JS divergence between the two streams (nats),
-        the temperature used, and the token the with-instruction stream alone ranked first."""
-        return [{"text": self._text(i.token), "js": i.js, "temperature": i.temperature,
+        """``sda.token_stats``: per answer token the text it added (whole characters: a token ending inside a
+        UTF-8 character adds "" and the next one the character), the JS divergence between the two streams
+        (nats), the temperature used, and the token the with-instruction stream alone ranked first."""
+        return [{"text": i.text, "js": i.js, "temperature": i.temperature,
                  "prompt_top": self._text(i.prompt_top) if i.prompt_top is not None else None} for i in infos]
 
     def report(self) -> Optional[dict]:

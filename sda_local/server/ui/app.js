@@ -9,21 +9,47 @@ const SHADE_JS = 0.3; // JS divergence (nats) shaded at full strength
 
 const $ = (id) => document.getElementById(id);
 let conversations = load();
-let currentId = localStorage.getItem(CURRENT);
+let currentId = stored(CURRENT);
 let running = []; // AbortControllers of the answer(s) streaming now
+
+function stored(key) {
+  try {
+    return localStorage.getItem(key);
+  } catch (e) { // storage disabled: the page still works, it only forgets on reload
+    return null;
+  }
+}
+
+function wellFormed(conv) {
+  return conv && typeof conv.id === "string" && Array.isArray(conv.messages) && conv.messages.every((m) =>
+    m && (m.role === "user" ? typeof m.content === "string"
+                            : m.role === "assistant" && Array.isArray(m.answers) && m.answers.length > 0));
+}
 
 function load() {
   try {
-    const data = JSON.parse(localStorage.getItem(STORE) || "[]");
-    return Array.isArray(data) ? data : [];
+    const data = JSON.parse(stored(STORE) || "[]");
+    return Array.isArray(data) ? data.filter(wellFormed) : [];
   } catch (e) {
     return [];
   }
 }
 
 function save() {
-  localStorage.setItem(STORE, JSON.stringify(conversations));
-  if (currentId) localStorage.setItem(CURRENT, currentId);
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      localStorage.setItem(STORE, JSON.stringify(conversations));
+      if (currentId) localStorage.setItem(CURRENT, currentId);
+      return;
+    } catch (e) {
+      // Full (per-token figures are large): keep the text, drop the figures of the other conversations.
+      for (const conv of conversations) {
+        if (conv.id === currentId) continue;
+        for (const m of conv.messages) if (m.answers) for (const a of m.answers) a.tokens = null;
+      }
+    }
+  }
+  $("server-status").textContent = "this browser's storage is full or disabled: conversations are not kept";
 }
 
 function current() {
@@ -45,7 +71,8 @@ function el(tag, className, text) {
 
 function headers() {
   const h = { "Content-Type": "application/json" };
-  const key = sessionStorage.getItem(KEY);
+  let key = null;
+  try { key = sessionStorage.getItem(KEY); } catch (e) { /* storage disabled */ }
   if (key) h["Authorization"] = "Bearer " + key;
   return h;
 }
@@ -154,6 +181,7 @@ async function send(text) {
   }));
   setRunning(false);
   save();
+  renderAll(); // what was put off while it streamed (a shading toggle, another conversation)
 }
 
 async function stream(body, answer, view) {
@@ -213,13 +241,20 @@ function onChunk(chunk, answer, view) {
       answer.judging.text += delta.reasoning_content;
       renderJudging(answer, view);
     }
-    if (delta.content) {
-      answer.content += delta.content;
-      if (answer.tokens && chunk.sda && chunk.sda.tokens) {
-        answer.tokens.push(...chunk.sda.tokens);
-        appendTokens(view.querySelector(".text"), chunk.sda.tokens);
-      } else {
-        view.querySelector(".text").append(delta.content);
+    const text = delta.content || "";
+    const tokens = answer.tokens && chunk.sda && chunk.sda.tokens ? chunk.sda.tokens : [];
+    if (text || tokens.length) {
+      answer.content += text;
+      // a chunk's text is its tokens' texts, then at most a tail without a token (the last bytes held back)
+      const covered = tokens.map((t) => t.text).join("");
+      if (tokens.length) {
+        answer.tokens.push(...tokens);
+        appendTokens(view.querySelector(".text"), tokens);
+      }
+      const rest = text.startsWith(covered) ? text.slice(covered.length) : (tokens.length ? "" : text);
+      if (rest) {
+        if (answer.tokens) answer.tokens.push({ text: rest, js: null, temperature: null, prompt_top: null });
+        view.querySelector(".text").append(rest);
       }
     }
   }
@@ -250,6 +285,7 @@ function stop() {
 
 // -- rendering ---------------------------------------------------------------------------------------------
 function shade(span, token) {
+  if (token.js === null || token.js === undefined) return; // text without a token of its own
   span.dataset.js = String(token.js);
   span.dataset.temperature = String(token.temperature);
   let tip = "JS " + Number(token.js).toFixed(4) + " nats · T " + Number(token.temperature).toFixed(3);
@@ -265,6 +301,10 @@ function shade(span, token) {
 
 function appendTokens(container, tokens) {
   for (const token of tokens) {
+    if (token.js === null || token.js === undefined) {
+      container.append(token.text);
+      continue;
+    }
     const span = el("span", "tok", token.text);
     shade(span, token);
     container.appendChild(span);
@@ -322,6 +362,7 @@ function renderAnswer(answer) {
 }
 
 function renderAll() {
+  if (running.length) return; // the streams write into the nodes on screen: redraw once they end
   const list = $("conversations");
   list.textContent = "";
   for (const conv of conversations) {
