@@ -311,6 +311,14 @@ def test_a_slow_judge_keeps_the_stream_alive(model_path):
             assert seen[-1] == ("data", "[DONE]")
             final = [d for kind, d in seen if kind == "data" and d != "[DONE]" and d.get("sda")][-1]["sda"]
             assert final["amplifier_source"] == "judge" and final["score"] == 70
+        # a follow-up is judged in its conversation: the judge is sent the earlier turns
+        history = [{"role": "user", "content": "Name two fruits."},
+                   {"role": "assistant", "content": "Apples and mangoes."},
+                   {"role": "user", "content": "And the second one, what colour is it?"}]
+        r = post(s, {"messages": history, "max_tokens": 4, "seed": 1, "sda": {"align": "helpfulness"}})
+        assert r.status_code == 200 and r.json()["sda"]["score"] == 70
+        sent = judge.requests[-1]["json"]["messages"][1]["content"]
+        assert "Apples and mangoes." in sent and "what colour is it?" in sent
 
 
 # ------------------------------------------------------------------------------- models and CORS
