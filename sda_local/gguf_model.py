@@ -10,7 +10,7 @@ import ctypes
 import os
 import weakref
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import llama_cpp
 
@@ -165,7 +165,29 @@ class GGUFModel:
         return self._eog_tokens
 
     # -- contexts -------------------------------------------------------------------------------
-    def new_context(self, *, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int, n_seq_max: int = 1, kv_unified: bool = False):
+    def meta(self, key: str) -> Optional[str]:
+        """A GGUF metadata value as text, or None when the file has no such key."""
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def attention_shape(self) -> Tuple[int, int, int, int]:
+        """(layers, KV heads, K head size, V head size): what one KV cell holds (engine/kvcache.py)."""
+        model = self.model
+        n_head = max(1, llama_cpp.llama_model_n_head(model))
+        default = llama_cpp.llama_model_n_embd(model) // n_head
+        arch = self.meta("general.architecture") or ""
+
+        def size(name: str) -> int:
+            value = self.meta(f"{arch}.attention.{name}")
+            return int(value) if value and value.isdigit() else default
+
+        return (llama_cpp.llama_model_n_layer(model), llama_cpp.llama_model_n_head_kv(model), size("key_length"),
+                size("value_length"))
+
+    def new_context(self, *, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int, n_seq_max: int = 1,
+                    kv_unified: bool = False, kv=None):
+        """A llama.cpp context; ``kv``: engine.kvcache.KVConfig (None: llama.cpp's defaults, f16 and auto)."""
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
@@ -175,6 +197,8 @@ class GGUFModel:
         params.n_threads_batch = n_threads
         params.kv_unified = kv_unified
         params.no_perf = True
+        if kv is not None:
+            kv.apply(params)
         self._log.recent_errors = []
         ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not ctx:

@@ -139,6 +139,10 @@ class SDAModel(llm.Model):
         n_ctx: Optional[int] = Field(None, ge=16, description="Context per stream (4096)")
         n_gpu_layers: Optional[int] = Field(None, ge=-1, description="Layers offloaded to a GPU (-1: all)")
         streams: Optional[Literal["batched", "contexts"]] = None
+        cache_type_k: Optional[Literal["f16", "q8_0", "q4_0"]] = Field(None, description="KV cache type of K (f16)")
+        cache_type_v: Optional[Literal["f16", "q8_0", "q4_0"]] = Field(
+            None, description="KV cache type of V (f16; quantized needs flash attention)")
+        flash_attn: Optional[Literal["auto", "on", "off"]] = Field(None, description="Flash attention (auto)")
         steering: Optional[Literal["guarded", "paper"]] = Field(
             None, description="guarded (default: bounded, no echo) or paper (the paper's formula)")
 
@@ -159,11 +163,13 @@ class SDAModel(llm.Model):
     def _engine(self, options: "SDAModel.Options"):
         from .engine import SDAEngine
 
-        key = (self.model, options.n_ctx or 4096, options.n_gpu_layers or 0, options.streams or "batched")
+        key = (self.model, options.n_ctx or 4096, options.n_gpu_layers or 0, options.streams or "batched",
+               options.cache_type_k or "f16", options.cache_type_v or "f16", options.flash_attn or "auto")
         with _engines_lock:
             engine = _engines.get(key)
             if engine is None:
-                engine = _engines[key] = SDAEngine(self.model, n_ctx=key[1], n_gpu_layers=key[2], streams=key[3])
+                engine = _engines[key] = SDAEngine(self.model, n_ctx=key[1], n_gpu_layers=key[2], streams=key[3],
+                                                   cache_type_k=key[4], cache_type_v=key[5], flash_attn=key[6])
         return engine
 
     def execute(self, prompt, stream, response, conversation):

@@ -16,9 +16,14 @@ def model_path():
     return models.resolve(None)  # fetches SmolLM2-135M-Instruct on first use, verifying its sha256
 
 
+# SDA_LOCAL_TEST_CACHE_TYPE=q8_0 runs the tests on the shared engine with that KV cache type (K and V).
+TEST_CACHE_TYPE = os.environ.get("SDA_LOCAL_TEST_CACHE_TYPE", "f16")
+
+
 @pytest.fixture(scope="session")
 def engine(model_path):
-    with SDAEngine(str(model_path), n_ctx=2048, n_threads=2, streams="batched") as e:
+    with SDAEngine(str(model_path), n_ctx=2048, n_threads=2, streams="batched", cache_type_k=TEST_CACHE_TYPE,
+                   cache_type_v=TEST_CACHE_TYPE) as e:
         yield e
 
 
@@ -31,7 +36,8 @@ def gemma_engine():
 
 @pytest.fixture(scope="session")
 def engine_contexts(model_path):
-    with SDAEngine(str(model_path), n_ctx=2048, n_threads=2, streams="contexts") as e:
+    with SDAEngine(str(model_path), n_ctx=2048, n_threads=2, streams="contexts", cache_type_k=TEST_CACHE_TYPE,
+                   cache_type_v=TEST_CACHE_TYPE) as e:
         yield e
 
 

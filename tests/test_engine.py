@@ -8,6 +8,8 @@ import pytest
 from sda_local import ContextOverflowError, InputError, ModelError, SDAEngine, fuse
 from sda_local.prompts import PRESETS
 
+from conftest import TEST_CACHE_TYPE
+
 QUERY = "How do I fix a flat bike tyre?"
 
 
@@ -45,7 +47,8 @@ def test_zero_strength_fixed_temperature_is_plain_prompting_with_the_instruction
 
 
 def test_native_sampler_and_numpy_fallback_sample_the_same_tokens(model_path, engine):
-    with SDAEngine(str(model_path), n_ctx=1024, n_threads=2, fusion_backend="numpy") as fallback:
+    with SDAEngine(str(model_path), n_ctx=1024, n_threads=2, fusion_backend="numpy", cache_type_k=TEST_CACHE_TYPE,
+                   cache_type_v=TEST_CACHE_TYPE) as fallback:
         for seed in (3, 4):
             a = engine.generate(QUERY, "helpfulness", strength=0.5, seed=seed, max_tokens=40)
             b = fallback.generate(QUERY, "helpfulness", strength=0.5, seed=seed, max_tokens=40)

@@ -397,3 +397,9 @@ def test_bad_cors_origin_is_one_line():
     err = out.stderr.decode()
     assert out.returncode != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "--cors-origin 'localhost:3000/app' is not an origin" in err
+
+
+def test_serve_prints_the_kv_memory_at_load(server):
+    # 2 slots of 2048 tokens on the default model: 2 streams x 2048 x 22.5 KiB per slot
+    assert any("KV cache (f16/f16): 90 MiB per slot, 180 MiB for 2 slots" in line for line in server.stderr_lines), \
+        server.stderr_lines

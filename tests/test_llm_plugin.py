@@ -86,6 +86,7 @@ def test_a_two_turn_conversation_carries_its_history(run_llm):
     (["-o", "bogus", "1"], "bogus"),
     (["-o", "top_p", "2"], "top_p"),
     (["-o", "streams", "three"], "streams"),
+    (["-o", "cache_type_v", "q8_0", "-o", "flash_attn", "off"], "a quantized V cache needs flash attention"),
 ])
 def test_bad_options_are_llm_errors_without_a_traceback(run_llm, options, fragment):
     out = run_llm("-m", "sda", *options, "Hi")
@@ -107,3 +108,9 @@ def test_registered_models_and_a_missing_file(run_llm, model_path, tmp_path):
     assert len(gone.stderr.strip().splitlines()) == 1, gone.stderr
     refused = run_llm("sda", "register", str(tmp_path / "nothing.gguf"), "--name", "x")
     assert refused.returncode != 0 and "no such file" in refused.stderr
+
+
+def test_kv_cache_options(run_llm):
+    out = run_llm("-m", "sda", "-o", "cache_type_k", "q8_0", "-o", "cache_type_v", "q8_0", "-o", "max_tokens", "6",
+                  "-o", "seed", "2", "Name a colour.")
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr

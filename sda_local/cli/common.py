@@ -213,12 +213,38 @@ def engine_options(f):
         click.option("--streams", type=click.Choice(STREAM_MODES), default="batched", show_default=True,
                      help="batched: one context, two sequences; contexts: two contexts on the same weights."),
         click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
+        *kv_options,
         repack_option,
         offline_option,
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _store_kv(ctx, param, value):
+    """The KV cache options reach make_engine through the click context (every command that loads a model
+    has them, and none needs them itself)."""
+    ctx.meta.setdefault("sda_kv", {})[param.name] = value
+    return value
+
+
+# llama.cpp's names and choices; engine/kvcache.py
+kv_options = [
+    click.option("--cache-type-k", "-ctk", "cache_type_k", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16",
+                 show_default=True, expose_value=False, callback=_store_kv, help="KV cache type of K."),
+    click.option("--cache-type-v", "-ctv", "cache_type_v", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16",
+                 show_default=True, expose_value=False, callback=_store_kv,
+                 help="KV cache type of V (quantized: needs flash attention)."),
+    click.option("--flash-attn", "-fa", "flash_attn", type=click.Choice(["auto", "on", "off"]), default="auto",
+                 show_default=True, expose_value=False, callback=_store_kv, help="Flash attention, as llama.cpp's."),
+]
+
+
+def kv_settings() -> dict:
+    """--cache-type-k/-v and --flash-attn of the running command (SDAEngine's keyword arguments)."""
+    ctx = click.get_current_context(silent=True)
+    return dict(ctx.meta.get("sda_kv", {})) if ctx is not None else {}
 
 
 def set_repack(ctx, param, value):
@@ -321,7 +347,7 @@ def make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose, paralle
     from ..engine import SDAEngine
 
     engine = SDAEngine(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, streams=streams,
-                       verbose=verbose, parallel=parallel)
+                       verbose=verbose, parallel=parallel, **kv_settings())
     for notice in engine.notices:
         click.echo(f"note: {notice}", err=True)
     return engine

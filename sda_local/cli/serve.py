@@ -8,7 +8,8 @@ import click
 
 from ..engine.layout import STREAM_MODES
 from ..errors import InputError
-from .common import judge_options, main, offline_option, remote_judge_options, repack_option, warn
+from .common import (judge_options, kv_options, kv_settings, main, offline_option, remote_judge_options,
+                     repack_option, warn)
 
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
 
@@ -49,6 +50,9 @@ _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
 @click.option("--streams", type=click.Choice(STREAM_MODES), default="batched", show_default=True,
               help="batched: one context, every stream a sequence; contexts: two contexts on the same weights.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
+@kv_options[0]
+@kv_options[1]
+@kv_options[2]
 @repack_option
 @offline_option
 def serve(host, port, parallel, ctx_size, queue_size, api_key, max_body, header_timeout, body_timeout,
@@ -77,15 +81,17 @@ def serve(host, port, parallel, ctx_size, queue_size, api_key, max_body, header_
     model_path = catalogue.resolve(model)  # fetch (or fail) before the port opens
     judge_spec = (judge, judge_url)
     judge_options = remote_judge_options()
+    kv = kv_settings()
 
     def load():
         from ..engine import SDAEngine
         from ..judging import make_judge
 
         engine = SDAEngine(str(model_path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                           streams=streams, parallel=parallel, verbose=verbose)
+                           streams=streams, parallel=parallel, verbose=verbose, **kv)
         for notice in engine.notices:
             click.echo(f"note: {notice}", err=True)
+        click.echo(f"sda-local: {engine.kv_memory.describe()}", err=True)
         try:
             return engine, make_judge(judge_spec[0], engine, url=judge_spec[1], **judge_options)
         except BaseException:

@@ -23,6 +23,7 @@ from ..seeds import check_seed
 from . import native
 from .fusion import (DEFAULT_K, DEFAULT_T0, DEFAULT_TEMPERATURE_MODE, DEFAULT_TOP_P, MIN_TOP_P, check_fusion_params,
                      logit_injection_from_env)
+from .kvcache import KVConfig, kv_memory
 from .layout import STREAM_MODES, KVLayout, common_prefix_length
 from .requests import GenerationRequest, GenerationResult, GenerationStats
 from .sampling import RequestSampler, check_grammar
@@ -75,6 +76,9 @@ class SDAEngine:
     host logits, so CPU, CUDA and Metal builds of llama-cpp-python all work; ``n_gpu_layers`` offloads
     layers as in llama.cpp. ``repack``: "auto" (llama.cpp's weight repacking, except on Intel AMX CPUs
     where its AMX kernels crash), "on" or "off"; None reads $SDA_LOCAL_REPACK, else "auto".
+    ``cache_type_k``/``cache_type_v``: the KV cache's element types, "f16", "q8_0" or "q4_0" (a quantized V
+    needs flash attention); ``flash_attn``: "auto", "on" or "off", as llama.cpp's. ``kv_memory`` says what
+    the caches take (engine/kvcache.py).
     """
 
     def __init__(
@@ -89,6 +93,9 @@ class SDAEngine:
         verbose: bool = False,
         fusion_backend: str = "auto",
         repack: Optional[str] = None,
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
+        flash_attn: str = "auto",
     ):
         if streams not in STREAM_MODES:
             raise InputError(f"unknown streams mode {streams!r} (choose from {', '.join(STREAM_MODES)})")
@@ -99,6 +106,7 @@ class SDAEngine:
         if fusion_backend not in ("auto", "native", "numpy"):
             raise InputError(f"unknown fusion backend {fusion_backend!r} (choose from auto, native, numpy)")
         repack = hardware.check_repack(repack)
+        self.kv = KVConfig(cache_type_k, cache_type_v, flash_attn).check()
         self.model_path = models.resolve(model)
         self.model = GGUFModel(self.model_path, n_gpu_layers=n_gpu_layers, verbose=verbose, repack=repack)
         self.repack = repack
@@ -120,7 +128,8 @@ class SDAEngine:
         # forcing come from different threads, and two llama.cpp thread pools on the same cores spin
         # against each other.
         self.compute_lock = threading.Lock()
-        layout = KVLayout(streams, self.model, n_slots=parallel, n_ctx=n_ctx, n_threads=self.n_threads)
+        self.kv_memory = kv_memory(self.model.attention_shape(), self.kv, n_ctx=n_ctx, slots=parallel)
+        layout = KVLayout(streams, self.model, n_slots=parallel, n_ctx=n_ctx, n_threads=self.n_threads, kv=self.kv)
         self.scheduler = Scheduler(self.model, layout, compute_lock=self.compute_lock)
         self._forcing = None  # for the judges that read distributions (expected, self), created on first use
         self._forcing_guard = threading.Lock()
@@ -299,7 +308,7 @@ class SDAEngine:
             if self._forcing is None:
                 from .forcing import ForcingContext
 
-                self._forcing = ForcingContext(self.model, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                self._forcing = ForcingContext(self.model, n_ctx=self.n_ctx, n_threads=self.n_threads, kv=self.kv,
                                                compute_lock=self.compute_lock)
                 self._forcing.injection = next((i for i in self._injections() if i.seed is None and i.row == "with"),
                                                None)

@@ -36,14 +36,14 @@ class ForcingContext:
 
     ``n_ctx`` is per sequence."""
 
-    def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int, compute_lock=None):
+    def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int, compute_lock=None, kv=None):
         self.model = model
         self._compute_lock = compute_lock or threading.Lock()  # shared with the engine's scheduler
         self._user = threading.RLock()  # one judge at a time: a judgement is a series of calls
         self._closing = False  # set by close(): a judgement still running stops at its next decode
         self.n_ctx = n_ctx
         self.ctx = model.new_context(n_ctx=N_SEQ * n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads,
-                                     n_seq_max=N_SEQ, kv_unified=True)
+                                     n_seq_max=N_SEQ, kv_unified=True, kv=kv)
         self._box = [self.ctx]
         self._finalizer = weakref.finalize(self, _free, self._box)
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, N_SEQ)

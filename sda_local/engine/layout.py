@@ -95,7 +95,7 @@ class Batch:
 class KVLayout:
     """The llama.cpp contexts of ``n_slots`` slots, each with two streams of ``n_ctx`` cells."""
 
-    def __init__(self, mode: str, model: GGUFModel, *, n_slots: int, n_ctx: int, n_threads: int):
+    def __init__(self, mode: str, model: GGUFModel, *, n_slots: int, n_ctx: int, n_threads: int, kv=None):
         if mode not in STREAM_MODES:
             raise InputError(f"unknown streams mode {mode!r} (choose from {', '.join(STREAM_MODES)})")
         per_context = 2 * n_slots if mode == "batched" else n_slots
@@ -108,7 +108,8 @@ class KVLayout:
         self._finalizer = weakref.finalize(self, _free_contexts, self.contexts)
         for _ in range(1 if mode == "batched" else 2):
             self.contexts.append(model.new_context(n_ctx=per_context * n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH,
-                                                   n_threads=n_threads, n_seq_max=per_context, kv_unified=False))
+                                                   n_threads=n_threads, n_seq_max=per_context, kv_unified=False,
+                                                   kv=kv))
         self._memories = [llama_cpp.llama_get_memory(ctx) for ctx in self.contexts]
         self.batches = [Batch(N_BATCH) for _ in self.contexts]
 
