@@ -87,3 +87,12 @@ def test_cli_kv_options_and_stats(model_path):
     bad_err = bad.stderr.decode()
     assert bad.returncode != 0 and "Traceback" not in bad_err
     assert "a quantized V cache needs flash attention" in bad_err
+
+
+def test_info_estimates_a_models_kv_memory(model_path):
+    out = run_cli("info", "--json", "-m", str(model_path), "--n-ctx", "1024", "--parallel", "2")
+    assert out.returncode == 0, out.stderr.decode()
+    kv = json.loads(out.stdout)["kv_cache"]
+    assert kv["per_slot_bytes"] == 2 * 1024 * 30 * 3 * (64 * 2 + 64 * 2) and kv["total_bytes"] == 2 * kv["per_slot_bytes"]
+    text = run_cli("info", "-m", str(model_path), "--n-ctx", "1024", "-np", "4", "-ctk", "q8_0", "-ctv", "q8_0")
+    assert "kv_cache: KV cache (q8_0/q8_0): 24 MiB per slot, 96 MiB for 4 slots" in text.stdout.decode()

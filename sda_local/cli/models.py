@@ -10,7 +10,7 @@ import click
 
 from .. import __version__
 from ..errors import InputError
-from .common import Group, main, offline_option, repack_option
+from .common import Group, kv_options, main, offline_option, repack_option
 
 
 @main.group(cls=Group)
@@ -114,21 +114,51 @@ def info_dict() -> dict:
     }
 
 
+def kv_estimate(model, n_ctx: int, parallel: int) -> dict:
+    """What the KV caches of ``serve --parallel P -c P*n_ctx`` (or any command at --n-ctx) take on ``model``,
+    from its metadata: the weights are memory-mapped, not read."""
+    from ..engine.kvcache import KVConfig, kv_memory
+    from ..gguf_model import GGUFModel
+    from .. import models as catalogue
+    from .common import kv_settings
+
+    kv = kv_settings()
+    config = KVConfig(kv.get("cache_type_k", "f16"), kv.get("cache_type_v", "f16"), kv.get("flash_attn", "auto")).check()
+    loaded = GGUFModel(catalogue.resolve(model), repack="off")
+    try:
+        memory = kv_memory(loaded.attention_shape(), config, n_ctx=n_ctx, slots=parallel)
+    finally:
+        loaded.close()
+    return dict(memory.to_dict(), n_ctx=n_ctx, summary=memory.describe())
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--model", "-m", default=None, help="Also estimate the KV cache memory of this model (GGUF path or "
+              "catalogue name) at --n-ctx and --parallel.")
+@click.option("--n-ctx", default=4096, show_default=True, type=click.IntRange(16), help="Context per stream.")
+@click.option("--parallel", "-np", default=1, show_default=True, type=click.IntRange(1, 128), help="Slots.")
+@kv_options[0]
+@kv_options[1]
+@kv_options[2]
 @repack_option
 @offline_option
-def info(as_json):
-    """Versions, compiled-in llama.cpp backends, CPU features and the repack decision, native hook, model cache."""
+def info(as_json, model, n_ctx, parallel):
+    """Versions, compiled-in llama.cpp backends, CPU features and the repack decision, native hook, model cache;
+    with --model, the KV cache memory a run of it takes."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         data = info_dict()
+    if model is not None:
+        data["kv_cache"] = kv_estimate(model, n_ctx, parallel)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     for key, value in data.items():
-        if isinstance(value, dict):
+        if key == "kv_cache":
+            value = value["summary"]
+        elif isinstance(value, dict):
             value = "; ".join(f"{k}: {' '.join(v) if isinstance(v, list) else v}" for k, v in value.items())
         click.echo(f"{key:>18}: {value}")
