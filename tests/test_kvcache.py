@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from sda_local import SDAEngine, models
@@ -96,3 +97,28 @@ def test_info_estimates_a_models_kv_memory(model_path):
     assert kv["per_slot_bytes"] == 2 * 1024 * 30 * 3 * (64 * 2 + 64 * 2) and kv["total_bytes"] == 2 * kv["per_slot_bytes"]
     text = run_cli("info", "-m", str(model_path), "--n-ctx", "1024", "-np", "4", "-ctk", "q8_0", "-ctv", "q8_0")
     assert "kv_cache: KV cache (q8_0/q8_0): 24 MiB per slot, 96 MiB for 4 slots" in text.stdout.decode()
+
+
+def test_the_forcing_context_starts_small_and_grows_to_the_same_numbers(engine):
+    from sda_local.engine.forcing import START_CELLS, ForcingContext
+
+    model = engine.model
+    prompt = model.tokenize("Tell me everything about the sea. " * 120, add_bos=False, special=False)  # > 1024
+    answer = model.tokenize("The sea is large, deep and salty, and it covers most of the Earth. " * 16,
+                            add_bos=False, special=False)
+    assert len(prompt) < START_CELLS < len(prompt) + len(answer) <= 2048
+    growing = ForcingContext(model, n_ctx=2048, n_threads=2)
+    full = ForcingContext(model, n_ctx=2048, n_threads=2)
+    try:
+        assert growing.capacity == START_CELLS
+        full._grow(2048)
+        a = growing.continuation_logprobs([prompt, prompt[5:]], answer)
+        assert growing.capacity == 2048  # grew in the middle of the call, its prefix decoded again
+        b = full.continuation_logprobs([prompt, prompt[5:]], answer)
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, atol=1e-4)
+        short = growing.continuation_logprobs([prompt[:50]], answer[:10])  # and goes on working
+        assert len(short[0]) == 10
+    finally:
+        growing.close()
+        full.close()

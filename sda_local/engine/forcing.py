@@ -24,6 +24,9 @@ from ..gguf_model import GGUFModel
 from .layout import N_BATCH, N_UBATCH, common_prefix_length
 
 N_SEQ = 2
+# Cells per sequence the context starts with: what a judged first answer and its prompt take. A longer input
+# grows it (up to n_ctx), so the judges do not hold a second full-size KV cache beside the slots' for nothing.
+START_CELLS = 1024
 
 
 def _free(ctx_box: list) -> None:
@@ -34,7 +37,9 @@ def _free(ctx_box: list) -> None:
 class ForcingContext:
     """Decodes token sequences and reads the log-probabilities the model gives to chosen tokens.
 
-    ``n_ctx`` is per sequence."""
+    ``n_ctx`` is the most a sequence may hold; the context starts with ``min(n_ctx, START_CELLS)`` cells a
+    sequence (``capacity``) and is made again, larger, when an input needs more (what its sequences held is
+    decoded again there)."""
 
     def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int, compute_lock=None, kv=None):
         self.model = model
@@ -42,12 +47,14 @@ class ForcingContext:
         self._user = threading.RLock()  # one judge at a time: a judgement is a series of calls
         self._closing = False  # set by close(): a judgement still running stops at its next decode
         self.n_ctx = n_ctx
-        self.ctx = model.new_context(n_ctx=N_SEQ * n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=n_threads,
-                                     n_seq_max=N_SEQ, kv_unified=True, kv=kv)
+        self._n_threads, self._kv = n_threads, kv
+        self.capacity = min(n_ctx, START_CELLS)
+        self.ctx = self._new_context(self.capacity)
         self._box = [self.ctx]
         self._finalizer = weakref.finalize(self, _free, self._box)
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, N_SEQ)
         self._lengths = [0] * N_SEQ  # tokens in each sequence's cache
+        self._tokens: List[List[int]] = [[] for _ in range(N_SEQ)]  # those tokens, to decode them again on growth
         # TEST ONLY (fusion.logit_injection_from_env): overwrite logit 0 of the first part's STEP-th row (the
         # last row when it has fewer) before the non-finite check, in every decode.
         self.injection = None
@@ -69,19 +76,41 @@ class ForcingContext:
             raise ModelError("the engine is closing")
         return self.ctx
 
+    def _new_context(self, cells: int):
+        return self.model.new_context(n_ctx=N_SEQ * cells, n_batch=N_BATCH, n_ubatch=N_UBATCH,
+                                      n_threads=self._n_threads, n_seq_max=N_SEQ, kv_unified=True, kv=self._kv)
+
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._live()), True)
         self._lengths = [0] * N_SEQ
+        self._tokens = [[] for _ in range(N_SEQ)]
 
     def truncate(self, seq: int, length: int) -> None:
         """Forget positions >= length of a sequence (to try another branch after a shared prefix)."""
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._live()), seq, length, -1)
         self._lengths[seq] = min(self._lengths[seq], length)
+        del self._tokens[seq][length:]
 
-    def _check_room(self, seq: int, extra: int) -> None:
-        if self._lengths[seq] + extra > self.n_ctx:
-            raise ContextOverflowError(f"the judged text is {self._lengths[seq] + extra} tokens but the judge's "
-                                       f"context holds {self.n_ctx} (raise --n-ctx)")
+    def _make_room(self, parts) -> None:
+        needed = [self._lengths[seq] for seq in range(N_SEQ)]
+        for seq, tokens, _ in parts:
+            needed[seq] += len(tokens)
+        most = max(needed)
+        if most > self.n_ctx:
+            raise ContextOverflowError(f"the judged text is {most} tokens but the judge's context holds "
+                                       f"{self.n_ctx} (raise --n-ctx)")
+        if most > self.capacity:
+            self._grow(min(self.n_ctx, max(most, 2 * self.capacity)))
+
+    def _grow(self, cells: int) -> None:
+        """A context of ``cells`` a sequence in place of this one, holding what this one held."""
+        old = self._live()
+        new = self._new_context(cells)
+        self._box[0], self.ctx, self.capacity = new, new, cells
+        llama_cpp.llama_free(old)
+        held = self._tokens
+        self._lengths, self._tokens = [0] * N_SEQ, [[] for _ in range(N_SEQ)]
+        self.decode([(seq, tokens, 0) for seq, tokens in enumerate(held) if tokens])
 
     def decode(self, parts: Sequence[Tuple[int, Sequence[int], int]]) -> List[np.ndarray]:
         """Append tokens to sequences and return, per part, the logit rows of its last ``n_rows`` tokens
@@ -89,8 +118,7 @@ class ForcingContext:
 
         ``parts``: (sequence, tokens, n_rows). All parts go through the same batches, so two sequences'
         prompts are one prefill."""
-        for seq, tokens, _ in parts:
-            self._check_room(seq, len(tokens))
+        self._make_room(parts)
         entries = []  # (token, pos, seq, part index or -1)
         for index, (seq, tokens, n_rows) in enumerate(parts):
             start = self._lengths[seq]
@@ -98,6 +126,7 @@ class ForcingContext:
             for i, token in enumerate(tokens):
                 entries.append((token, start + i, seq, index if i >= first_row else -1))
             self._lengths[seq] += len(tokens)
+            self._tokens[seq].extend(tokens)
         rows: List[List[np.ndarray]] = [[] for _ in parts]
         n_vocab = self.model.n_vocab
         b = self._batch
@@ -167,6 +196,7 @@ class ForcingContext:
             for seq in range(1, len(prompts)):
                 llama_cpp.llama_memory_seq_cp(memory, 0, seq, 0, shared)
                 self._lengths[seq] = shared
+                self._tokens[seq] = list(prompts[0][:shared])
         else:
             shared = 0
         # Row j (that of the token before continuation[j]) predicts continuation[j]; the last continuation

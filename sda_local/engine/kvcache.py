@@ -2,7 +2,8 @@
 what the cache of a run costs in memory.
 
 Every slot has two streams (with and without the instruction) of ``n_ctx`` cells each; the judges that read
-distributions (self, expected) add a forcing context of two sequences of ``n_ctx``. llama.cpp allocates
+distributions (self, expected) add a forcing context of two sequences, of 1024 cells at first, grown up to
+``n_ctx`` when a judged input needs it (forcing.py). llama.cpp allocates
 every cell at context creation, so the cost is known at load:
 
     bytes per cell = n_layer * n_head_kv * (head_dim_k * bytes(type_k) + head_dim_v * bytes(type_v))
@@ -15,6 +16,7 @@ own log for both catalogue models, ``tests/test_kvcache.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import llama_cpp
 
@@ -74,7 +76,8 @@ class KVMemory:
 
     per_slot: int
     slots: int
-    forcing: int
+    forcing: int  # as created; it grows up to forcing_most for a long judged input
+    forcing_most: int
     config: KVConfig
 
     @property
@@ -84,16 +87,20 @@ class KVMemory:
     def describe(self) -> str:
         c = self.config
         return (f"KV cache ({c.type_k}/{c.type_v}): {_mib(self.per_slot)} per slot, {_mib(self.total)} for "
-                f"{self.slots} slot{'s' if self.slots != 1 else ''}; the self judge adds {_mib(self.forcing)}")
+                f"{self.slots} slot{'s' if self.slots != 1 else ''}; the self judge adds {_mib(self.forcing)}"
+                + (f" (up to {_mib(self.forcing_most)} for long inputs)" if self.forcing_most > self.forcing else ""))
 
     def to_dict(self) -> dict:
         return {"per_slot_bytes": self.per_slot, "slots": self.slots, "total_bytes": self.total,
-                "forcing_bytes": self.forcing, "type_k": self.config.type_k, "type_v": self.config.type_v}
+                "forcing_bytes": self.forcing, "forcing_most_bytes": self.forcing_most, "type_k": self.config.type_k, "type_v": self.config.type_v}
 
 
-def kv_memory(shape, config: KVConfig, *, n_ctx: int, slots: int) -> KVMemory:
+def kv_memory(shape, config: KVConfig, *, n_ctx: int, slots: int, forcing_cells: Optional[int] = None) -> KVMemory:
+    """``forcing_cells``: the forcing context's cells a sequence (two sequences; None: n_ctx)."""
     cell = bytes_per_cell(shape, config)
-    return KVMemory(per_slot=int(2 * n_ctx * cell), slots=slots, forcing=int(2 * n_ctx * cell), config=config)
+    forcing = 2 * (n_ctx if forcing_cells is None else forcing_cells) * cell
+    return KVMemory(per_slot=int(2 * n_ctx * cell), slots=slots, forcing=int(forcing), forcing_most=int(2 * n_ctx * cell),
+                    config=config)
 
 
 def _mib(n: int) -> str:
