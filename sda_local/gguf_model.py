@@ -69,6 +69,77 @@ def check_gguf_file(path: Path) -> None:
         raise ModelError(f"not a GGUF model file: {path}")
 
 
+# GGUF value types (gguf.h): the scalar ones as struct formats; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_metadata(path: Path, wanted) -> Dict[str, object]:
+    """The metadata values of the keys ``wanted`` (a set of names), read from the file's header alone:
+    no weights are read or mapped. Arrays of numbers come back as lists; other arrays are skipped."""
+    import struct
+
+    def read(f, fmt):
+        size = struct.calcsize("<" + fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ModelError(f"truncated GGUF header: {path}")
+        return struct.unpack("<" + fmt, data)[0]
+
+    def string(f):
+        return f.read(read(f, "Q")).decode("utf-8", errors="replace")
+
+    def value(f, kind, keep):
+        if kind in _GGUF_SCALARS:
+            return read(f, _GGUF_SCALARS[kind])
+        if kind == _GGUF_STRING:
+            return string(f)
+        if kind != _GGUF_ARRAY:
+            raise ModelError(f"unknown GGUF value type {kind} in {path}")
+        item, count = read(f, "I"), read(f, "Q")
+        if item in _GGUF_SCALARS:
+            fmt = _GGUF_SCALARS[item]
+            data = f.read(struct.calcsize("<" + fmt) * count)
+            return list(struct.unpack(f"<{count}{fmt}", data)) if keep else None
+        for _ in range(count):  # strings (a vocabulary) or nested arrays: walked over
+            value(f, item, False)
+        return None
+
+    check_gguf_file(path)
+    out: Dict[str, object] = {}
+    with open(path, "rb") as f:
+        f.read(4)
+        if read(f, "I") < 2:
+            raise ModelError(f"GGUF version 1 is not supported: {path}")
+        read(f, "Q")  # tensors
+        for _ in range(read(f, "Q")):
+            key = string(f)
+            kept = value(f, read(f, "I"), key in wanted)
+            if key in wanted:
+                out[key] = kept
+    return out
+
+
+def attention_shape_of(path: Path) -> Tuple[Tuple[int, ...], int, int]:
+    """(KV heads of each layer, K head size, V head size), from the GGUF header: what one KV cell of each layer
+    holds (engine/kvcache.py). Layers without attention (recurrent ones of a hybrid model) have 0 KV heads."""
+    arch = read_gguf_metadata(path, {"general.architecture"}).get("general.architecture", "")
+    keys = {f"{arch}.{k}" for k in ("block_count", "embedding_length", "attention.head_count",
+                                    "attention.head_count_kv", "attention.key_length", "attention.value_length")}
+    meta = read_gguf_metadata(path, keys)
+
+    def get(name, default=None):
+        return meta.get(f"{arch}.{name}", default)
+
+    n_layer = int(get("block_count", 0))
+    n_head = get("attention.head_count", 1)
+    n_head = max(n_head) if isinstance(n_head, list) else n_head
+    head_kv = get("attention.head_count_kv", n_head)
+    per_layer = [int(h) for h in head_kv] if isinstance(head_kv, list) else [int(head_kv)] * n_layer
+    default = int(get("embedding_length", 0)) // max(1, int(n_head))
+    return tuple(per_layer[:n_layer]), int(get("attention.key_length", default)), int(get("attention.value_length", default))
+
+
 # Tokens llama.cpp's special-token parsing matches (llama-vocab.cpp, tokenizer_st_partition), and the
 # attributes that make one swallow the whitespace before / after it.
 SPECIAL_TOKEN_ATTRS = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
@@ -171,19 +242,9 @@ class GGUFModel:
         n = llama_cpp.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, len(buf))
         return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
 
-    def attention_shape(self) -> Tuple[int, int, int, int]:
-        """(layers, KV heads, K head size, V head size): what one KV cell holds (engine/kvcache.py)."""
-        model = self.model
-        n_head = max(1, llama_cpp.llama_model_n_head(model))
-        default = llama_cpp.llama_model_n_embd(model) // n_head
-        arch = self.meta("general.architecture") or ""
-
-        def size(name: str) -> int:
-            value = self.meta(f"{arch}.attention.{name}")
-            return int(value) if value and value.isdigit() else default
-
-        return (llama_cpp.llama_model_n_layer(model), llama_cpp.llama_model_n_head_kv(model), size("key_length"),
-                size("value_length"))
+    def attention_shape(self) -> Tuple[Tuple[int, ...], int, int]:
+        """(KV heads of each layer, K head size, V head size): see ``attention_shape_of``."""
+        return attention_shape_of(self.path)
 
     def new_context(self, *, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int, n_seq_max: int = 1,
                     kv_unified: bool = False, kv=None):

@@ -20,9 +20,9 @@ PROBE = r"""
 import json, sys
 from sda_local import SDAEngine
 path, n_ctx, parallel, kt, vt, verbose = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6] == "1"
-def rss():
+def rss():  # anonymous pages only: the model's file-backed pages may be evicted on a busy machine
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
 before = rss()
 with SDAEngine(path, n_ctx=n_ctx, parallel=parallel, n_threads=2, verbose=verbose, cache_type_k=kt, cache_type_v=vt) as e:
@@ -113,10 +113,20 @@ def test_the_forcing_context_starts_small_and_grows_to_the_same_numbers(engine):
         assert growing.capacity == START_CELLS
         full._grow(2048)
         a = growing.continuation_logprobs([prompt, prompt[5:]], answer)
-        assert growing.capacity == 2048  # grew in the middle of the call, its prefix decoded again
+        assert growing.capacity == 2048  # reserved before the call decoded anything
         b = full.continuation_logprobs([prompt, prompt[5:]], answer)
         for x, y in zip(a, b):
-            np.testing.assert_allclose(x, y, atol=1e-4)
+            np.testing.assert_array_equal(x, y)  # same batches, same numbers
+        # growth in the middle of a series of calls (a branch after a kept prefix): what was held is decoded again
+        mid = ForcingContext(model, n_ctx=2048, n_threads=2)
+        try:
+            first = mid.next_logprobs(prompt, [1, 2, 3])
+            again = mid.branch_logprobs(0, len(prompt), answer, [1, 2, 3])
+            assert mid.capacity == 2048
+            np.testing.assert_allclose(first, full.next_logprobs(prompt, [1, 2, 3]), atol=1e-4)
+            np.testing.assert_allclose(again, full.branch_logprobs(0, len(prompt), answer, [1, 2, 3]), atol=1e-4)
+        finally:
+            mid.close()
         short = growing.continuation_logprobs([prompt[:50]], answer[:10])  # and goes on working
         assert len(short[0]) == 10
     finally:

@@ -102,6 +102,10 @@ class ForcingContext:
         if most > self.capacity:
             self._grow(min(self.n_ctx, max(most, 2 * self.capacity)))
 
+    def reserve(self, n_tokens: int) -> None:
+        """Make room for sequences of ``n_tokens`` now (a judgement that knows its size calls it first)."""
+        self._make_room([(0, [0] * max(0, n_tokens - self._lengths[0]), 0)])
+
     def _grow(self, cells: int) -> None:
         """A context of ``cells`` a sequence in place of this one, holding what this one held."""
         old = self._live()
@@ -185,8 +189,11 @@ class ForcingContext:
         prefill, from empty sequences."""
         if not continuation:
             return [np.zeros(0) for _ in prompts]
-        for seq in range(len(prompts)):
+        for seq in range(N_SEQ):  # the unused one too: nothing stale is carried into a growth
             self.truncate(seq, 0)
+        # Grown before anything is decoded, so the shared prefix stays one decode and the numbers never depend
+        # on whether an earlier input grew the context.
+        self.reserve(max(len(p) for p in prompts) + len(continuation) - 1)
         # The prompts' common prefix (the system prompt and the query, for the self judge) is decoded once
         # and shared: in the unified cache, copying it to the other sequence is metadata only.
         shared = min([common_prefix_length(prompts[0], p) for p in prompts] + [len(p) - 1 for p in prompts])

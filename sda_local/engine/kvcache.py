@@ -8,9 +8,10 @@ every cell at context creation, so the cost is known at load:
 
     bytes per cell = n_layer * n_head_kv * (head_dim_k * bytes(type_k) + head_dim_v * bytes(type_v))
 
-Sliding-window layers (Gemma 3) get full-size caches here, as llama.cpp gives them whenever the sequences do
-not share one cache (``kv_unified = false``), so the formula holds for them too (checked against llama.cpp's
-own log for both catalogue models, ``tests/test_kvcache.py``).
+summed over the layers (their KV head counts may differ; 0 for a hybrid model's recurrent layers, whose state
+is not counted). llama.cpp pads a sequence's cells to a multiple of 256. Sliding-window layers (Gemma 3) get
+full-size caches, llama.cpp's default (``swa_full``), so the formula holds for them too (checked against
+llama.cpp's own log for both catalogue models, ``tests/test_kvcache.py``).
 """
 
 from __future__ import annotations
@@ -64,9 +65,14 @@ DEFAULT_KV = KVConfig()
 
 
 def bytes_per_cell(shape, config: KVConfig) -> float:
-    """One cell (one token of one sequence) over every layer. ``shape``: GGUFModel.attention_shape()."""
-    n_layer, n_head_kv, head_k, head_v = shape
-    return n_layer * n_head_kv * (head_k * CACHE_TYPES[config.type_k][1] + head_v * CACHE_TYPES[config.type_v][1])
+    """One cell (one token of one sequence) over every layer. ``shape``: gguf_model.attention_shape_of()."""
+    heads, head_k, head_v = shape
+    return sum(heads) * (head_k * CACHE_TYPES[config.type_k][1] + head_v * CACHE_TYPES[config.type_v][1])
+
+
+def cells(n_ctx: int) -> int:
+    """The cells llama.cpp gives a sequence of ``n_ctx``: padded to a multiple of 256."""
+    return -(-n_ctx // 256) * 256
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class KVMemory:
     forcing: int  # as created; it grows up to forcing_most for a long judged input
     forcing_most: int
     config: KVConfig
+    attention_only: bool = False  # a hybrid model: the recurrent layers' state is not counted
 
     @property
     def total(self) -> int:
@@ -88,7 +95,8 @@ class KVMemory:
         c = self.config
         return (f"KV cache ({c.type_k}/{c.type_v}): {_mib(self.per_slot)} per slot, {_mib(self.total)} for "
                 f"{self.slots} slot{'s' if self.slots != 1 else ''}; the self judge adds {_mib(self.forcing)}"
-                + (f" (up to {_mib(self.forcing_most)} for long inputs)" if self.forcing_most > self.forcing else ""))
+                + (f" (up to {_mib(self.forcing_most)} for long inputs)" if self.forcing_most > self.forcing else "")
+                + ("; attention layers only (the recurrent state is not counted)" if self.attention_only else ""))
 
     def to_dict(self) -> dict:
         return {"per_slot_bytes": self.per_slot, "slots": self.slots, "total_bytes": self.total,
@@ -98,9 +106,9 @@ class KVMemory:
 def kv_memory(shape, config: KVConfig, *, n_ctx: int, slots: int, forcing_cells: Optional[int] = None) -> KVMemory:
     """``forcing_cells``: the forcing context's cells a sequence (two sequences; None: n_ctx)."""
     cell = bytes_per_cell(shape, config)
-    forcing = 2 * (n_ctx if forcing_cells is None else forcing_cells) * cell
-    return KVMemory(per_slot=int(2 * n_ctx * cell), slots=slots, forcing=int(forcing), forcing_most=int(2 * n_ctx * cell),
-                    config=config)
+    forcing = 2 * cells(n_ctx if forcing_cells is None else forcing_cells) * cell
+    return KVMemory(per_slot=int(2 * cells(n_ctx) * cell), slots=slots, forcing=int(forcing),
+                    forcing_most=int(2 * cells(n_ctx) * cell), config=config, attention_only=0 in shape[0])
 
 
 def _mib(n: int) -> str:

@@ -53,8 +53,10 @@ def make_judge(spec: Optional[str], engine, *, url: Optional[str] = None, **opti
         from ..engine import SDAEngine
 
         threads = engine.n_threads if engine is not None else None
+        kv = getattr(engine, "kv", None)  # the same KV cache settings as the generating model's
+        kv_options = dict(cache_type_k=kv.type_k, cache_type_v=kv.type_v, flash_attn=kv.flash_attn) if kv else {}
         judge_engine = SDAEngine(arg, n_ctx=4096, streams="contexts", n_threads=threads,
-                                 repack=getattr(engine, "repack", None))
+                                 repack=getattr(engine, "repack", None), **kv_options)
         return LocalJudge(judge_engine, owns_engine=True, scoring=scoring)
     if kind == "self" and not arg:
         return SelfJudge(engine)
