@@ -99,12 +99,13 @@ def _values(kind: str, dims, rng, n_embd: int) -> np.ndarray:
     return out
 
 
-def write_f16(name: str, path: Path, seed: int = 0) -> None:
+def write_f16(name: str, path: Path, seed: int = 0, shape: dict = None) -> None:
+    """The F16 GGUF of LLAMA_SHAPES[name] (or of ``shape``, a dict of the same keys)."""
     import gguf
 
     from sda_local import models
 
-    shape = LLAMA_SHAPES[name]
+    shape = shape or LLAMA_SHAPES[name]
     donor = gguf.GGUFReader(str(models.pull(models.lookup(DONORS[shape["donor"]]))))
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(f"sda-local synthetic {name} (random weights: speed and memory only)")
