@@ -83,6 +83,9 @@ class EvalConfig:
     temperature_mode: Optional[str] = None  # of the sda and sda-fixed arms; None: DEFAULT_TEMPERATURE_MODE
     fluency: bool = True  # the verifiable metric's answers are teacher-forced for their fluency
     shard: Optional[List[int]] = None  # [I, N]: only the units of shard I of N (shards.py); None: all
+    # The engine's KV cache settings (cache_type_k, cache_type_v, flash_attn): answers of one run come from one
+    # setting, so --resume keeps them. None: an older run file, made with the defaults (f16, auto).
+    kv_cache: Optional[dict] = None
 
     @property
     def steering_obj(self) -> Steering:

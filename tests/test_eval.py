@@ -393,3 +393,19 @@ def test_eval_refuses_unknown_ifeval_types_and_paper_outside_verify(tmp_path):
     assert proc.returncode != 0 and b"ifeval:TYPE" in proc.stderr and b"Traceback" not in proc.stderr
     proc = run_cli("eval", "-d", "dev", "--arms", "paper,base", "--run", str(tmp_path / "s.jsonl"))
     assert proc.returncode != 0 and b"--verify-only" in proc.stderr
+
+
+def test_a_run_keeps_its_kv_cache_settings(tmp_path, model_path):
+    run = tmp_path / "run.jsonl"
+    args = ["eval", "-d", str(data("truthfulqa.jsonl")), "--verify-only", "--verify", "no_commas", "--verify-limit",
+            "1", "--verify-strength", "0.5", "--limit", "1", "-n", "8", "--run", str(run), "--model", str(model_path)]
+    first = run_cli(*args, "-ctk", "q8_0", "-ctv", "q8_0", timeout=300)
+    assert first.returncode == 0, first.stderr.decode()
+    assert records_of(run)[0]["config"]["kv_cache"] == {"cache_type_k": "q8_0", "cache_type_v": "q8_0",
+                                                        "flash_attn": "auto"}
+    resume = ["eval", "--resume", str(run), "--model", str(model_path)]
+    refused = run_cli(*resume, "-ctk", "f16", timeout=300)
+    err = refused.stderr.decode()
+    assert refused.returncode != 0 and "Traceback" not in err
+    assert "this run was made with --cache-type-k q8_0: --resume keeps a run's KV cache settings" in err
+    assert run_cli(*resume, timeout=300).returncode == 0  # the recorded settings, without asking again

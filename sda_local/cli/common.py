@@ -225,8 +225,18 @@ def engine_options(f):
 def _store_kv(ctx, param, value):
     """The KV cache options reach make_engine through the click context (every command that loads a model
     has them, and none needs them itself)."""
+    from click.core import ParameterSource
+
     ctx.meta.setdefault("sda_kv", {})[param.name] = value
+    if ctx.get_parameter_source(param.name) not in (ParameterSource.DEFAULT, None):
+        ctx.meta.setdefault("sda_kv_given", set()).add(param.name)
     return value
+
+
+def kv_given() -> set:
+    """The KV cache options the user gave on the command line (not left at their defaults)."""
+    ctx = click.get_current_context(silent=True)
+    return set(ctx.meta.get("sda_kv_given", ())) if ctx is not None else set()
 
 
 # llama.cpp's names and choices; engine/kvcache.py
@@ -343,11 +353,12 @@ def is_remote(judge_spec) -> bool:
     return parse_judge_spec(*judge_spec)[0] == "openai"
 
 
-def make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose, parallel=1):
+def make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose, parallel=1, kv=None):
+    """``kv``: the KV cache settings to use in place of the command line's (a resumed eval run's)."""
     from ..engine import SDAEngine
 
     engine = SDAEngine(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, streams=streams,
-                       verbose=verbose, parallel=parallel, **kv_settings())
+                       verbose=verbose, parallel=parallel, **(kv if kv is not None else kv_settings()))
     for notice in engine.notices:
         click.echo(f"note: {notice}", err=True)
     return engine

@@ -12,9 +12,11 @@ import click
 from ..errors import InputError
 from ..shards import parse_shard
 from ..judging.factory import DEFAULT_JUDGE
+
+DEFAULT_KV_SETTINGS = {"cache_type_k": "f16", "cache_type_v": "f16", "flash_attn": "auto"}
 from .common import (
-    engine_options, is_remote, judge_from_cli, judge_options, main, make_engine, remote_judge_options,
-    seed_callback, steering_from_cli, steering_options, verify_strength
+    engine_options, is_remote, judge_from_cli, judge_options, kv_given, kv_settings, main, make_engine,
+    remote_judge_options, seed_callback, steering_from_cli, steering_options, verify_strength
 )
 
 
@@ -110,7 +112,8 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
             amplifier_map=amplifier_map, verify=verify_ids, verify_limit=verify_limit,
             verify_strength=verify_strength, model=model, verify_only=verify_only, steering=steering.to_dict(),
             fluency=not no_fluency, temperature_mode=temperature_mode,
-            shard=list(parse_shard(shard)) if shard is not None else None)
+            shard=list(parse_shard(shard)) if shard is not None else None,
+            kv_cache={**DEFAULT_KV_SETTINGS, **kv_settings()})
         config.check()
         if "sda" not in config.arms:
             config.arms.append("sda")
@@ -122,7 +125,14 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
         run = RunFile(run_path, config)
     config = run.config
     judge_spec, judge_options = _eval_judge(config, judge_url)  # before the model loads
-    engine = make_engine(config.model, n_ctx, n_threads, n_gpu_layers, streams, verbose, parallel=parallel)
+    kept = config.kv_cache or DEFAULT_KV_SETTINGS  # a run file from before the setting was recorded: the defaults
+    differs = {name for name in kv_given() if kv_settings()[name] != kept.get(name)}
+    if differs:
+        recorded = ", ".join(f"--{n.replace('_', '-')} {kept[n]}" for n in sorted(differs))
+        raise InputError(f"this run was made with {recorded}: --resume keeps a run's KV cache settings "
+                         "(leave those options out, or give the same)")
+    engine = make_engine(config.model, n_ctx, n_threads, n_gpu_layers, streams, verbose, parallel=parallel,
+                         kv=kept)
     judge_obj = None
     try:
         judge_obj = judge_from_cli(judge_spec, engine, options=judge_options)
