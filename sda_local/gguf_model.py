@@ -236,12 +236,6 @@ class GGUFModel:
         return self._eog_tokens
 
     # -- contexts -------------------------------------------------------------------------------
-    def meta(self, key: str) -> Optional[str]:
-        """A GGUF metadata value as text, or None when the file has no such key."""
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, len(buf))
-        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
-
     def attention_shape(self) -> Tuple[Tuple[int, ...], int, int]:
         """(KV heads of each layer, K head size, V head size): see ``attention_shape_of``."""
         return attention_shape_of(self.path)

@@ -69,3 +69,18 @@ class ServerProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def openai_client(server: ServerProcess, timeout: float = 120):
+    """The openai SDK pointed at a test server (no retries: a test sees the server's first answer)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0, timeout=timeout)
+
+
+def metric(server: ServerProcess, name: str) -> float:
+    """One sample of the server's /metrics now, by its full name (e.g. sda_slots_busy)."""
+    for line in requests.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name} in /metrics")

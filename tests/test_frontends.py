@@ -18,7 +18,7 @@ from sda_local.prompts import resolve_alignment
 from sda_local.server.schemas import UNSUPPORTED_FIELDS
 
 from fault_server import FaultServer
-from server_process import ServerProcess
+from server_process import ServerProcess, openai_client
 
 openai = pytest.importorskip("openai")
 
@@ -35,7 +35,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0, timeout=300)
+    return openai_client(server, timeout=300)
 
 
 def post(server, body, path="/v1/chat/completions", **kwargs):

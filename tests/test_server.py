@@ -16,7 +16,7 @@ import requests
 
 from sda_local import SDAEngine
 
-from server_process import ServerProcess
+from server_process import ServerProcess, metric, openai_client
 
 openai = pytest.importorskip("openai")
 
@@ -31,7 +31,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def post(server, path, body=None, *, data=None, headers=None, **kwargs):
@@ -281,10 +281,7 @@ def test_the_llm_cli_through_its_openai_compatible_configuration(server, tmp_pat
 
 def slots_busy(server) -> float:
     """The server's sda_slots_busy gauge now."""
-    for line in requests.get(server.url + "/metrics").text.splitlines():
-        if line.startswith("sda_slots_busy "):
-            return float(line.split()[1])
-    raise AssertionError("no sda_slots_busy in /metrics")
+    return metric(server, "sda_slots_busy")
 
 
 def wait_until(condition, seconds: float) -> bool:

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from server_process import ServerProcess
+from server_process import ServerProcess, metric
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.options import Options  # noqa: E402
@@ -130,13 +130,6 @@ def test_a_message_streams(browser, server):
     label, text, finish, _ = answers(browser)[0]
     assert text and finish in ("stop", "length")
     assert len(lengths) >= 2  # seen while it was arriving, not only at the end
-
-
-def metric(server, name: str) -> float:
-    for line in requests.get(server.url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no {name} metric")
 
 
 def test_stop_cancels_on_the_server(browser, server):

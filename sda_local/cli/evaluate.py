@@ -11,9 +11,11 @@ import click
 
 from ..errors import InputError
 from ..shards import parse_shard
+from ..engine.kvcache import DEFAULT_KV
 from ..judging.factory import DEFAULT_JUDGE
 
-DEFAULT_KV_SETTINGS = {"cache_type_k": "f16", "cache_type_v": "f16", "flash_attn": "auto"}
+DEFAULT_KV_SETTINGS = {"cache_type_k": DEFAULT_KV.type_k, "cache_type_v": DEFAULT_KV.type_v,
+                       "flash_attn": DEFAULT_KV.flash_attn}
 from .common import (
     engine_options, is_remote, judge_from_cli, judge_options, kv_given, kv_settings, main, make_engine,
     remote_judge_options, seed_callback, steering_from_cli, steering_options, verify_strength

@@ -117,7 +117,6 @@ def info_dict() -> dict:
 def kv_estimate(model, n_ctx: int, parallel: int) -> dict:
     """What the KV caches of ``serve --parallel P -c P*n_ctx`` (or any command at --n-ctx) take on ``model``,
     from its GGUF header alone (no weights are read; a catalogue name not yet fetched is fetched)."""
-    from ..engine.forcing import START_CELLS as FORCING_START_CELLS
     from ..engine.kvcache import KVConfig, kv_memory
     from ..gguf_model import attention_shape_of
     from .. import models as catalogue
@@ -125,8 +124,7 @@ def kv_estimate(model, n_ctx: int, parallel: int) -> dict:
 
     kv = kv_settings()
     config = KVConfig(kv.get("cache_type_k", "f16"), kv.get("cache_type_v", "f16"), kv.get("flash_attn", "auto")).check()
-    memory = kv_memory(attention_shape_of(catalogue.resolve(model)), config, n_ctx=n_ctx, slots=parallel,
-                       forcing_cells=min(n_ctx, FORCING_START_CELLS))
+    memory = kv_memory(attention_shape_of(catalogue.resolve(model)), config, n_ctx=n_ctx, slots=parallel)
     return dict(memory.to_dict(), n_ctx=n_ctx, summary=memory.describe())
 
 

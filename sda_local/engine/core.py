@@ -23,7 +23,6 @@ from ..seeds import check_seed
 from . import native
 from .fusion import (DEFAULT_K, DEFAULT_T0, DEFAULT_TEMPERATURE_MODE, DEFAULT_TOP_P, MIN_TOP_P, check_fusion_params,
                      logit_injection_from_env)
-from .forcing import START_CELLS as FORCING_START_CELLS
 from .kvcache import KVConfig, kv_memory
 from .layout import STREAM_MODES, KVLayout, common_prefix_length
 from .requests import GenerationRequest, GenerationResult, GenerationStats
@@ -129,8 +128,7 @@ class SDAEngine:
         # forcing come from different threads, and two llama.cpp thread pools on the same cores spin
         # against each other.
         self.compute_lock = threading.Lock()
-        self.kv_memory = kv_memory(self.model.attention_shape(), self.kv, n_ctx=n_ctx, slots=parallel,
-                                   forcing_cells=min(n_ctx, FORCING_START_CELLS))
+        self.kv_memory = kv_memory(self.model.attention_shape(), self.kv, n_ctx=n_ctx, slots=parallel)
         layout = KVLayout(streams, self.model, n_slots=parallel, n_ctx=n_ctx, n_threads=self.n_threads, kv=self.kv)
         self.scheduler = Scheduler(self.model, layout, compute_lock=self.compute_lock)
         self._forcing = None  # for the judges that read distributions (expected, self), created on first use

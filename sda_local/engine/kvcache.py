@@ -17,7 +17,6 @@ llama.cpp's own log for both catalogue models, ``tests/test_kvcache.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import llama_cpp
 
@@ -103,10 +102,12 @@ class KVMemory:
                 "forcing_bytes": self.forcing, "forcing_most_bytes": self.forcing_most, "type_k": self.config.type_k, "type_v": self.config.type_v}
 
 
-def kv_memory(shape, config: KVConfig, *, n_ctx: int, slots: int, forcing_cells: Optional[int] = None) -> KVMemory:
-    """``forcing_cells``: the forcing context's cells a sequence (two sequences; None: n_ctx)."""
+def kv_memory(shape, config: KVConfig, *, n_ctx: int, slots: int) -> KVMemory:
+    """The caches of ``slots`` slots at ``n_ctx``, and of the judges' forcing context as it starts."""
+    from .forcing import START_CELLS
+
     cell = bytes_per_cell(shape, config)
-    forcing = 2 * cells(n_ctx if forcing_cells is None else forcing_cells) * cell
+    forcing = 2 * cells(min(n_ctx, START_CELLS)) * cell
     return KVMemory(per_slot=int(2 * cells(n_ctx) * cell), slots=slots, forcing=int(forcing),
                     forcing_most=int(2 * cells(n_ctx) * cell), config=config, attention_only=0 in shape[0])
 

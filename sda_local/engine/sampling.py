@@ -122,7 +122,7 @@ class RequestSampler:
         if r.ignore_eos:
             masks.append(_eog_ban(model))
         self._pre = _chain(masks) if masks else None
-        self._one = np.zeros(1, dtype=TOKEN_DATA)
+        self._one = np.zeros(1, dtype=TOKEN_DATA) if masks else None  # _allowed's single candidate
         if lib is not None:
             self.chain = _chain([native.nucleus_sampler_init(lib, r.top_p, r.seed, 1.0)])
         else:
@@ -204,11 +204,16 @@ class RequestSampler:
         row[0] = float(inj.value)
         return row
 
-    def _sample_row_checked(self, with_row, without_row) -> int:
+    def _checked_row(self, with_row) -> np.ndarray:
+        """The with-row, refused (NonFiniteLogitsError) when it holds a NaN or +inf."""
         row = self._injected(self._row(with_row), "with")
         value = nonfinite_value(row)
         if value is not None:
             raise generation_stopped(value, None, self.steps)
+        return row
+
+    def _sample_row_checked(self, with_row, without_row) -> int:
+        self._checked_row(with_row)
         return llama_cpp.llama_sampler_sample(self.chain, *with_row)
 
     def _fuse_numpy(self, with_row, without_row):
@@ -281,11 +286,7 @@ class RequestSampler:
             logits, temperature, js, z_with = self._fuse_numpy(with_row, without_row)
             prompt_top = int(np.argmax(z_with))
         else:
-            z_with = self._injected(self._row(with_row), "with")
-            value = nonfinite_value(z_with)
-            if value is not None:
-                raise generation_stopped(value, None, self.steps)
-            logits = z_with / np.float32(r.t0)
+            logits = self._checked_row(with_row) / np.float32(r.t0)
         cand, arr = self._candidates_of(logits)
         token, log_probs = None, None
         if self._pre is not None and r.logprobs is None:

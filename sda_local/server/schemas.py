@@ -32,13 +32,17 @@ def _no_tools(body: dict) -> bool:
     return not _set(body.get("tools")) and not _set(body.get("functions"))
 
 
+def _no_tool_call(value, body: dict) -> bool:
+    return value is None or value == "none" or (value == "auto" and _no_tools(body))
+
+
 # OpenAI request fields sda-local does not implement, each with the test (value, whole body) a request must
 # pass to be accepted: the field's neutral value, or one without effect (tool_choice "auto" with no tools).
 UNSUPPORTED_FIELDS = {
     "tools": lambda v, body: not _set(v),
-    "tool_choice": lambda v, body: v is None or v == "none" or (v == "auto" and _no_tools(body)),
+    "tool_choice": _no_tool_call,
     "functions": lambda v, body: not _set(v),
-    "function_call": lambda v, body: v is None or v == "none" or (v == "auto" and _no_tools(body)),
+    "function_call": _no_tool_call,
     "logit_bias": lambda v, body: not _set(v),
     "presence_penalty": lambda v, body: v is None or v == 0,
     "frequency_penalty": lambda v, body: v is None or v == 0,
