@@ -239,6 +239,15 @@ def test_completion_logprobs_legacy_shape(client):
     assert all(len(top) <= 2 and all(v <= 0 for v in top.values()) for top in lp.top_logprobs)
 
 
+def test_completion_text_offsets_count_characters_of_the_answer(server):
+    # Accents and emoji: a token may end inside a character; offsets index the answer's characters.
+    for seed in range(3):
+        r = post(server, {"prompt": "Café, crème brûlée et 😀 :", "max_tokens": 24, "seed": seed, "logprobs": 0},
+                 "/v1/completions").json()
+        text, offsets = r["choices"][0]["text"], r["choices"][0]["logprobs"]["text_offset"]
+        assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] <= len(text)
+
+
 # ------------------------------------------------------------------------------- SDA per-token figures
 def test_token_stats_per_token(server):
     sda = {"align": "helpfulness", "strength": 1.0, "token_stats": True}

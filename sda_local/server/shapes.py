@@ -79,12 +79,11 @@ class Shaper:
             return None
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for i in infos:
-            text = self._text(i.token)
-            out["tokens"].append(text)
+            out["tokens"].append(self._text(i.token))
             out["token_logprobs"].append(i.logprob)
             out["top_logprobs"].append({self._text(t): lp for t, lp in i.top})
             out["text_offset"].append(self._text_offset)
-            self._text_offset += len(text)
+            self._text_offset += len(i.text)  # what the token added to the answer: whole characters
         return out
 
     def sda_tokens(self, infos: List[TokenInfo]) -> List[dict]:
