@@ -272,7 +272,8 @@ def test_the_llm_cli_through_its_openai_compatible_configuration(server, tmp_pat
     (tmp_path / "extra-openai-models.yaml").write_text(
         f"- model_id: sda-smollm2\n  model_name: any\n  api_base: \"{server.base}\"\n")
     env = dict(os.environ, LLM_USER_PATH=str(tmp_path))
-    out = subprocess.run([llm, "-m", "sda-smollm2", "-o", "max_tokens", "8", "Name a colour."], capture_output=True,
+    out = subprocess.run([llm, "-m", "sda-smollm2", "-o", "max_tokens", "8", "-o", "seed", "1", "Name a colour."],
+                         capture_output=True,
                          text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip(), out.stderr
     logged = subprocess.run([llm, "logs", "--json", "-n", "1"], capture_output=True, text=True, env=env, timeout=60)
