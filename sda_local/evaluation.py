@@ -643,6 +643,8 @@ def _check_cell(checks: List[dict]) -> dict:
         cell["degenerate"] = sum(bool(c["degenerate"]) for c in checks) / n
         fluency = [c["fluency"] for c in checks if c.get("fluency") is not None]
         cell["fluency"] = sum(fluency) / len(fluency) if fluency else None
+        cell["clean"] = (sum(quality.clean(c["complied"], c["echo"], c["degenerate"], c.get("fluency"))
+                             for c in checks) / n) if fluency else None
     return cell
 
 
@@ -678,7 +680,8 @@ def summary_markdown(summary: dict) -> str:
                      + (" |" if judged_a else ""))
         if all("echo" in overall[a] for a in arms):
             lines += ["", "Quality per arm: compliance / echo / degenerate (%), fluency (mean log-prob per token "
-                      "without the instruction)", "",
+                      "without the instruction), clean compliance (%: complied, no echo, no loop, fluency >= "
+                      f"{quality.CLEAN_FLUENCY:g})", "",
                       "| verifiable instruction | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
             rows = list(summary["verifiable"].items()) + [("**all**", overall)]
             for vid, cells in rows:
@@ -691,8 +694,9 @@ def _quality_text(cell: dict) -> str:
     if "echo" not in cell:
         return f"{100 * cell['compliance']:.0f} / - / -"
     fluency = "-" if cell["fluency"] is None else f"{cell['fluency']:.2f}"
+    clean = "-" if cell.get("clean") is None else f"{100 * cell['clean']:.0f}"
     return (f"{100 * cell['compliance']:.0f} / {100 * cell['echo']:.0f} / {100 * cell['degenerate']:.0f}, "
-            f"{fluency}")
+            f"{fluency}, {clean}")
 
 
 def write_chart(summary: dict, path: Path) -> bool:

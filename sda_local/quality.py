@@ -11,6 +11,11 @@ log-probability per token of the answer under the model without the instruction,
   development set (README, "Steering without echo"), where they flag 5-7 % of the answers, the loops among
   them ("1. Pickle / 2. Pickle / ..."); a bullet list that repeats a 2-word opening stays below them.
 
+* **Clean compliance.** An answer that complies, echoes nothing, does not loop, and reads like text the model
+  writes unsteered: fluency at least CLEAN_FLUENCY (-3 nats per token, about the 5th percentile of
+  prompting-alone answers on the development set's tuning questions: 4.7 % of them fall below it). A steered
+  answer can comply by being a list of the instruction's keywords; this count leaves those out.
+
 Words are lowercase runs of letters, digits and apostrophes, so case and punctuation changes do not hide a copy;
 degeneration ignores numbers, so that a numbered list of one item ("1. Pickle / 2. Pickle / ...") is a loop.
 """
@@ -29,6 +34,7 @@ DEGENERATE_NGRAM = 3
 DEGENERATE_REPEATS = 4
 DISTINCT2_MIN = 0.5
 DISTINCT_MIN_BIGRAMS = 16
+CLEAN_FLUENCY = -3.0
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")  # quotes around a word are not part of it
 
@@ -84,6 +90,13 @@ def degeneration(answer: str) -> Degeneration:
     distinct2 = len(set(bigrams)) / len(bigrams) if bigrams else 1.0
     low_diversity = len(bigrams) >= DISTINCT_MIN_BIGRAMS and distinct2 < DISTINCT2_MIN
     return Degeneration(repeats >= DEGENERATE_REPEATS or low_diversity, repeats, distinct2)
+
+
+def clean(complied: bool, echoed: bool, degenerate: bool, fluency_value: Optional[float]) -> bool:
+    """Whether a checked answer is a clean compliance (see the module docstring); an answer whose fluency was
+    not measured is not."""
+    return bool(complied and not echoed and not degenerate and fluency_value is not None
+                and fluency_value >= CLEAN_FLUENCY)
 
 
 def fluency(engine, query: str, instruction: str, text: str) -> Optional[float]:

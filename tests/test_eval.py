@@ -384,8 +384,13 @@ def test_eval_ifeval_on_the_dev_set_reports_quality_per_arm(tmp_path, model_path
     assert {a["stats"]["steering"]["mode"] for (k, arm), a in answers.items() if arm == "sda"} == {"guarded"}
     summary = json.loads(run.with_suffix(".summary.json").read_text())
     cell = summary["verifiable_overall"]["sda"]
-    assert cell["n"] == 4 and {"echo", "echo_share", "degenerate", "fluency"} <= set(cell)
-    assert "Quality per arm" in proc.stdout.decode()
+    assert cell["n"] == 4 and {"echo", "echo_share", "degenerate", "fluency", "clean"} <= set(cell)
+    from sda_local.quality import clean
+
+    sda_checks = [c for c in checks if c["arm"] == "sda"]
+    assert cell["clean"] == sum(clean(c["complied"], c["echo"], c["degenerate"], c["fluency"])
+                                for c in sda_checks) / len(sda_checks)
+    assert "Quality per arm" in proc.stdout.decode() and "clean compliance" in proc.stdout.decode()
 
 
 def test_eval_refuses_unknown_ifeval_types_and_paper_outside_verify(tmp_path):

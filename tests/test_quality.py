@@ -65,3 +65,14 @@ def test_the_dev_set_is_forty_questions_of_its_own_format():
     assert len({q for _, q in ds.items}) == 40
     readme_example = "How do I fix a flat bike tyre?"
     assert all(q != readme_example for _, q in ds.items)
+
+
+def test_clean_compliance_needs_every_quality():
+    from sda_local.quality import CLEAN_FLUENCY, clean
+
+    assert clean(True, False, False, CLEAN_FLUENCY)
+    assert not clean(False, False, False, -1.0)  # did not comply
+    assert not clean(True, True, False, -1.0)  # echoed the instruction
+    assert not clean(True, False, True, -1.0)  # looped
+    assert not clean(True, False, False, CLEAN_FLUENCY - 0.01)  # a keyword list, not text
+    assert not clean(True, False, False, None)  # fluency not measured
