@@ -4,9 +4,11 @@
         --arm guarded:0.5:echo_run=2 --out /tmp/sweep.jsonl
 
 An arm is NAME:STRENGTH[:key=value,...]: ``prompt`` (a = 0, fixed T), ``paper`` (the paper's formula) or
-``guarded`` (steering.Steering with the given clip / plausibility / echo_run), optionally ``t=fixed|paper|
-reference``. Each (type, question) gets the same seed in every arm. Prints compliance, echo and degeneration per
-type and pooled, and the mean fluency (quality.fluency) pooled. Results are appended to --out and reused on a rerun (same arm label, type, question).
+``guarded`` (steering.Steering with the given clip / plaus / echo_run / guard / parts=1 / cap=1 / onset=N),
+optionally ``t=fixed|paper|reference``. Each (type, question) gets the same seed in every arm. Prints compliance,
+echo and degeneration per type and pooled, and pooled the mean fluency (quality.fluency) and the clean compliance
+(quality.clean: complied, no echo, no loop, fluency >= quality.CLEAN_FLUENCY). Results are appended to --out and
+reused on a rerun (same arm label, type, question).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ def parse_arm(spec: str):
     if name == "paper":
         return float(strength), temperature, Steering()
     steering = Steering("guarded", clip=float(options.get("clip", 0)), plausibility=float(options.get("plaus", 0)),
-                        echo_run=int(options.get("echo_run", 0)), guard_to=options.get("guard", "without"))
+                        echo_run=int(options.get("echo_run", 0)), guard_to=options.get("guard", "without"),
+                        parts=options.get("parts", "0") == "1", cap=options.get("cap", "0") == "1",
+                        onset=int(options.get("onset", 0)))
     return float(strength), temperature, steering.check()
 
 
@@ -129,9 +133,10 @@ def main() -> None:
         rs = [r for r in results if r["arm"] == arm]
         n = len(rs)
         fl = [r["fluency"] for r in rs if r.get("fluency") is not None]
+        clean = sum(quality.clean(r["complied"], r["echo"], r["degenerate"], r.get("fluency")) for r in rs)
         cells.append(f"**{100*sum(r['complied'] for r in rs)/n:.1f}/{100*sum(r['echo'] for r in rs)/n:.1f}/"
-                     f"{100*sum(r['degenerate'] for r in rs)/n:.1f}/{sum(fl)/max(1, len(fl)):.2f}**")
-    print("| pooled (compliance/echo/degenerate %/fluency) | " + " | ".join(cells) + " |")
+                     f"{100*sum(r['degenerate'] for r in rs)/n:.1f}/{sum(fl)/max(1, len(fl)):.2f}/{100*clean/n:.1f}**")
+    print("| pooled (compliance/echo/degenerate %/fluency/clean %) | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -80,8 +80,10 @@ def test_stats_of_a_steered_generation(engine):
     assert s.generated_tokens == len(r.tokens) == 24 and s.finish_reason == "length"
     assert s.prompt_tokens_with > s.prompt_tokens_without > s.shared_prefix_tokens > 0
     assert 0 < s.mean_js < 0.7 and s.mean_temperature == pytest.approx(0.6)  # the default: fixed at T0
-    assert s.steering == {"mode": "guarded", "clip": 0.0, "plausibility": 0.0, "echo_run": 2,
-                          "guard_to": "without"}
+    from sda_local.engine.steering import DEFAULT_STEERING
+
+    assert s.steering == DEFAULT_STEERING.to_dict() and s.steering["mode"] == "guarded"
+    assert set(s.steering) == {"mode", "clip", "plausibility", "echo_run", "guard_to", "parts", "cap", "onset"}
     paper = engine.generate(QUERY, "helpfulness", strength=0.5, seed=1, max_tokens=24, ignore_eos=True,
                             temperature_mode="paper").stats
     assert 0.2 - 1e-6 <= paper.mean_temperature <= 0.6 + 1e-6

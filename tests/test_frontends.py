@@ -202,9 +202,12 @@ def _numpy_first_step(engine, sda, query, t0=DEFAULT_T0):
     z_with, z_without = job.first_logits
     if sda is None:
         return log_softmax(z_with.astype(np.float64) / np.float32(t0))
-    guarded = EchoTracker(request.echo_sources, DEFAULT_STEERING.echo_run).guarded() if request.echo_sources else None
-    fused, _, _ = fuse_steered_numpy(z_with, z_without, sda["strength"], DEFAULT_STEERING, guarded, k=request.k,
-                                     t0=request.t0, temperature_mode=request.temperature_mode)
+    guard = request.guard
+    guarded = EchoTracker.of(guard, DEFAULT_STEERING.echo_run).guarded() if guard.sources else None
+    strength = sda["strength"] if DEFAULT_STEERING.onset < 1 else 0.0  # the first token: before the onset?
+    fused, _, _ = fuse_steered_numpy(z_with, z_without, strength, DEFAULT_STEERING, guarded, k=request.k,
+                                     t0=request.t0, temperature_mode=request.temperature_mode, capped=guard.capped,
+                                     forbidden=guard.forbidden)
     return log_softmax(fused.astype(np.float64))
 
 

@@ -35,7 +35,7 @@ extern "C" {
 #    define SDA_API __attribute__((visibility("default")))
 #endif
 
-#define SDA_ABI_VERSION 6
+#define SDA_ABI_VERSION 7
 
 struct llama_sampler;
 struct llama_context;
@@ -82,6 +82,10 @@ struct sda_params {
  *   echo_run > 0:     the echo guard: a token that would make the answer's last echo_run tokens a run of the
  *                     instruction's tokens gets l = l_without (guard_to SDA_GUARD_TO_WITHOUT: as likely as
  *                     without the instruction) or l = min(l, l_with) (SDA_GUARD_TO_PROMPT: no amplification).
+ *                     sda_instruction.run_at can set that length per instruction position (0: never guarded).
+ *   onset > 0:        (the sampler) the first onset tokens it samples are not steered: a = 0, prompting.
+ * Ids an instruction caps get l = min(l, l_with), ids it forbids l = min(l_with, l_without) (sda_guards), in that
+ * order with the echo guard between them; a token impossible in the fused distribution stays impossible.
  * The bounded path shifts its output by max l_with + g clip (clip > 0) or by the paper's top steered logit. */
 enum sda_guard_to {
     SDA_GUARD_TO_WITHOUT = 0,
@@ -93,6 +97,29 @@ struct sda_steering {
     float   plausibility;
     int32_t echo_run;
     int32_t guard_to;  /* enum sda_guard_to */
+    int32_t onset;     /* tokens sampled before the steering starts */
+};
+
+/* The instruction as the guarded steering reads it (sda_local/engine/instruction.py). */
+struct sda_instruction {
+    const int32_t * tokens;     /* token sequences, each followed by -1: the instruction as the answer may copy it */
+    const int32_t * run_at;     /* NULL, or per entry of tokens the run length at which it is guarded (0: never);
+                                   NULL: echo_run for every token                                              */
+    int32_t         n_tokens;
+    const int32_t * capped;     /* ids never amplified beyond prompting: l = min(l, l_with)                    */
+    int32_t         n_capped;
+    const int32_t * forbidden;  /* ids held to l = min(l_with, l_without)                                      */
+    int32_t         n_forbidden;
+};
+
+/* The ids the guards apply to at one step, for sda_fuse_steered (the sampler finds `guarded` itself). */
+struct sda_guards {
+    const int32_t * guarded;    /* the echo guard's */
+    int32_t         n_guarded;
+    const int32_t * capped;
+    int32_t         n_capped;
+    const int32_t * forbidden;
+    int32_t         n_forbidden;
 };
 
 struct sda_stats {
@@ -133,19 +160,19 @@ SDA_API void sda_sampler_set_source(struct llama_sampler * smpl, struct llama_co
 SDA_API void sda_sampler_set_rows(struct llama_sampler * smpl, struct llama_context * with_ctx, int32_t with_idx,
                                   struct llama_context * without_ctx, int32_t without_idx);
 
-/* Steering for the sampler's next generation, and the instruction's tokens for the echo guard: one or more token
- * sequences separated by -1 (the instruction as the answer might copy it, e.g. with and without a leading
- * space). The sampler follows the answer through its accept calls (llama_sampler_sample makes them). NULL
+/* Steering for the sampler's next generation, and the instruction as it reads it (NULL: none; the arrays are
+ * copied). The sampler follows the answer through its accept calls (llama_sampler_sample makes them). NULL
  * steering: the paper's formula. SDA_OK, or SDA_ERR_INVALID for bad values (clip or plausibility negative or
- * not finite, plausibility >= 1, echo_run < 0, n_tokens < 0, tokens NULL with n_tokens > 0). */
+ * not finite, plausibility >= 1, echo_run, onset or a run_at entry < 0, a count < 0, an array NULL with a
+ * count > 0). */
 SDA_API int32_t sda_sampler_set_steering(struct llama_sampler * smpl, const struct sda_steering * steering,
-                                         const int32_t * instruction_tokens, int32_t n_tokens);
+                                         const struct sda_instruction * instruction);
 
-/* sda_fuse with steering: `guarded` holds the n_guarded token ids the echo guard applies to at this step (as
- * the sampler computes them). Same codes and output as sda_fuse. */
+/* sda_fuse with steering and the guards of one step (NULL: none). Same codes and output as sda_fuse; `onset`
+ * is the sampler's and plays no part here. */
 SDA_API int32_t sda_fuse_steered(const float * logits_with, const float * logits_without, int32_t n,
                                  const struct sda_params * params, const struct sda_steering * steering,
-                                 const int32_t * guarded, int32_t n_guarded,
+                                 const struct sda_guards * guards,
                                  float * out_log_probs, float * out_temperature, float * out_js);
 
 SDA_API void sda_sampler_get_stats(const struct llama_sampler * smpl, struct sda_stats * out);

@@ -5,6 +5,8 @@
 #include "sda.h"
 #include "vecmath.hpp"
 
+#include <utility>
+
 extern "C" {
 
 int32_t sda_abi_version(void) {
@@ -32,25 +34,31 @@ int32_t sda_fuse(const float * logits_with, const float * logits_without, int32_
 }
 
 int32_t sda_fuse_steered(const float * logits_with, const float * logits_without, int32_t n, const sda_params * params,
-                         const sda_steering * steering, const int32_t * guarded, int32_t n_guarded,
+                         const sda_steering * steering, const sda_guards * guards,
                          float * out_log_probs, float * out_temperature, float * out_js) {
     if (!logits_with || !logits_without || !params || !out_log_probs || n <= 0 || !sda::params_valid(*params) ||
-        (steering && !sda::steering_valid(*steering)) || n_guarded < 0 || (n_guarded > 0 && !guarded)) {
+        (steering && !sda::steering_valid(*steering))) {
         return SDA_ERR_INVALID;
     }
-    for (int32_t i = 0; i < n_guarded; ++i) {
-        if (guarded[i] < 0 || guarded[i] >= n) return SDA_ERR_INVALID;
+    const sda_guards g = guards ? *guards : sda_guards{};
+    for (const auto & [ids, count] : {std::pair{g.guarded, g.n_guarded}, std::pair{g.capped, g.n_capped},
+                                      std::pair{g.forbidden, g.n_forbidden}}) {
+        if (count < 0 || (count > 0 && !ids)) return SDA_ERR_INVALID;
+        for (int32_t i = 0; i < count; ++i) {
+            if (ids[i] < 0 || ids[i] >= n) return SDA_ERR_INVALID;
+        }
     }
     thread_local sda::fusion_workspace workspace;
     const size_t count = static_cast<size_t>(n);
     const sda::fusion_result r = sda::fuse_scaled(logits_with, logits_without, count, *params, workspace,
                                                   out_log_probs, steering);
     if (r.status != SDA_OK) return r.status;
-    if (steering && steering->echo_run > 0 && static_cast<double>(params->k) * params->strength > 0.0) {
-        for (int32_t i = 0; i < n_guarded; ++i) {
-            float & v = out_log_probs[guarded[i]];
-            v = sda::guard_value(r, steering->guard_to, logits_with[guarded[i]], logits_without[guarded[i]], v);
-        }
+    if (steering && static_cast<double>(params->k) * params->strength > 0.0) {  // a = 0: prompting
+        const sda_guards active{steering->echo_run > 0 ? g.guarded : nullptr, steering->echo_run > 0 ? g.n_guarded : 0,
+                                g.capped, g.n_capped, g.forbidden, g.n_forbidden};
+        sda::apply_guards(r, steering->guard_to, active, logits_with, logits_without,
+                          [](int32_t id) { return static_cast<size_t>(id); },
+                          [out_log_probs](size_t pos) -> float & { return out_log_probs[pos]; });
     }
     sda::log_softmax_inplace(out_log_probs, count);
     if (out_temperature) *out_temperature = r.temperature;

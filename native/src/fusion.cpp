@@ -225,7 +225,7 @@ bool params_valid(const sda_params & params) {
 
 bool steering_valid(const sda_steering & s) {
     return std::isfinite(s.clip) && s.clip >= 0.0f && std::isfinite(s.plausibility) && s.plausibility >= 0.0f &&
-           s.plausibility < 1.0f && s.echo_run >= 0 &&
+           s.plausibility < 1.0f && s.echo_run >= 0 && s.onset >= 0 &&
            (s.guard_to == SDA_GUARD_TO_WITHOUT || s.guard_to == SDA_GUARD_TO_PROMPT);
 }
 

@@ -4,6 +4,7 @@
 #include "sda.h"
 
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -113,6 +114,34 @@ inline float guard_value(const fusion_result & r, int32_t guard_to, float z_with
         return std::min(fused, static_cast<float>(static_cast<double>(z_with) * r.inv_t - r.prompt_offset));
     }
     return static_cast<float>(static_cast<double>(z_without) * r.inv_t - r.guard_offset);
+}
+
+// A forbidden token's fused value: min(l_with, l_without) on the fused scale (-inf stays -inf).
+inline float forbid_value(const fusion_result & r, float z_with, float z_without, float fused) {
+    if (fused == -std::numeric_limits<float>::infinity()) return fused;
+    const double with_value = static_cast<double>(z_with) * r.inv_t - r.prompt_offset;
+    const double without_value = static_cast<double>(z_without) * r.inv_t - r.guard_offset;
+    return static_cast<float>(std::min(with_value, without_value));
+}
+
+// The guards of one step on the fused logits, in order: capped ids (no more than prompting), the echo guard's
+// (guard_to), forbidden ids (min(l_with, l_without)). `place(id)`: the token's place in `fused`, `with` (by place)
+// and `without` (by id), or SIZE_MAX when it is not a candidate; `fused(place)`: its fused logit, by reference.
+template <typename Place, typename Fused>
+void apply_guards(const fusion_result & r, int32_t guard_to, const sda_guards & g, const float * with_by_place,
+                  const float * without_by_id, Place place, Fused fused) {
+    const auto each = [&](const int32_t * ids, int32_t n, auto value) {
+        for (int32_t i = 0; i < n; ++i) {
+            const size_t pos = place(ids[i]);
+            if (pos == static_cast<size_t>(-1)) continue;
+            float & v = fused(pos);
+            v = value(with_by_place[pos], without_by_id[ids[i]], v);
+        }
+    };
+    each(g.capped, g.n_capped,
+         [&](float zw, float zo, float v) { return guard_value(r, SDA_GUARD_TO_PROMPT, zw, zo, v); });
+    each(g.guarded, g.n_guarded, [&](float zw, float zo, float v) { return guard_value(r, guard_to, zw, zo, v); });
+    each(g.forbidden, g.n_forbidden, [&](float zw, float zo, float v) { return forbid_value(r, zw, zo, v); });
 }
 
 // x <- log_softmax(x), in place.

@@ -90,8 +90,11 @@ struct sda_sampler_state {
     // that matches the instruction just before j (llama.cpp's DRY sampler keeps repeats the same way).
     sda_steering steering{};
     std::vector<int32_t> echo_tokens;
+    std::vector<int32_t> echo_run_at;  // per position, the run length at which it is guarded (0: never)
     std::vector<int32_t> echo_match;
     std::vector<int32_t> guarded;
+    std::vector<int32_t> capped;     // the instruction's ids never amplified beyond prompting
+    std::vector<int32_t> forbidden;  // and those held to min(l_with, l_without)
 };
 
 sda_sampler_state * state_of(const llama_sampler * smpl) {
@@ -154,8 +157,8 @@ private:
 // (this sampler first in a chain sampled with llama_sampler_sample on that row): no gather, no copy.
 // false when cur_p turned out to be something else (cur_p is then as it came) or a row is faulty (let the
 // careful path name the fault).
-bool fuse_in_place(sda_sampler_state & st, llama_token_data_array * cur_p, const float * without_row,
-                   sda::fusion_result & r) {
+bool fuse_in_place(sda_sampler_state & st, const sda_params & params, llama_token_data_array * cur_p,
+                   const float * without_row, sda::fusion_result & r) {
     if (st.with_ctx == nullptr || cur_p->size != st.n_vocab || cur_p->size == 0 || cur_p->sorted ||
         st.guard.inject_step == st.guard.step) {
         return false;
@@ -163,7 +166,7 @@ bool fuse_in_place(sda_sampler_state & st, llama_token_data_array * cur_p, const
     const float * with_row = llama_get_logits_ith(st.with_ctx, st.with_idx);
     if (with_row == nullptr) return false;
     candidates_sink sink(cur_p->data, with_row);
-    r = sda::fuse_scaled(with_row, without_row, cur_p->size, st.params, st.workspace, sink, &st.steering);
+    r = sda::fuse_scaled(with_row, without_row, cur_p->size, params, st.workspace, sink, &st.steering);
     if (r.status == SDA_OK) return true;
     sink.undo();
     return false;
@@ -172,8 +175,8 @@ bool fuse_in_place(sda_sampler_state & st, llama_token_data_array * cur_p, const
 // The fusion from cur_p's own logits, gathered: samplers before this one may have reordered, truncated or
 // changed it. The other row is read in place while cur_p is in id order, else gathered by id. Also the path
 // of a test-only injection, which needs copies to write into.
-sda::fusion_result fuse_from_candidates(sda_sampler_state & st, llama_token_data_array * cur_p,
-                                        const float * without_row, bool & in_id_order) {
+sda::fusion_result fuse_from_candidates(sda_sampler_state & st, const sda_params & params,
+                                        llama_token_data_array * cur_p, const float * without_row, bool & in_id_order) {
     const size_t n = cur_p->size;
     if (st.with_logits.size() < n) {
         st.with_logits.resize(n);
@@ -194,37 +197,37 @@ sda::fusion_result fuse_from_candidates(sda_sampler_state & st, llama_token_data
         (st.guard.inject_row == SDA_ROW_WITH ? st.with_logits : st.without_logits)[0] = st.guard.inject_value;
     }
     candidates_sink sink(cur_p->data, nullptr);
-    return sda::fuse_scaled(st.with_logits.data(), z_without, n, st.params, st.workspace, sink, &st.steering);
+    return sda::fuse_scaled(st.with_logits.data(), z_without, n, params, st.workspace, sink, &st.steering);
 }
 
-// The echo guard after the fusion: each token that would make the answer's last echo_run tokens a run of the
-// instruction gets its without-instruction log-probability on the fused scale, or no more than prompting gives
-// it (sda_guard_to). `with_by_place`: the with-row as the fusion read it, by place in cur_p; `without_row`: by
-// id. `in_id_order`: cur_p holds the whole vocabulary by id (the usual case), else a token's place is searched.
-void apply_echo_guard(sda_sampler_state & st, llama_token_data_array * cur_p, const float * with_by_place,
-                      const float * without_row, const sda::fusion_result & r, bool in_id_order) {
-    const int32_t run = st.steering.echo_run;
-    if (run <= 0 || st.echo_tokens.empty() || !(static_cast<double>(st.params.k) * st.params.strength > 0.0)) return;
+// The instruction's guards after the fusion (sda::apply_guards): the capped and forbidden ids, and each token
+// that would make the answer's last tokens a run of the instruction as long as its position's run_at.
+// `with_by_place`: the with-row as the fusion read it, by place in cur_p; `without_row`: by id. `in_id_order`:
+// cur_p holds the whole vocabulary by id (the usual case), else a token's place is searched.
+void apply_instruction_guards(sda_sampler_state & st, llama_token_data_array * cur_p, const float * with_by_place,
+                              const float * without_row, const sda::fusion_result & r, bool in_id_order) {
     st.guarded.clear();
-    for (size_t j = 0; j < st.echo_tokens.size(); ++j) {
-        if (st.echo_tokens[j] >= 0 && st.echo_match[j] + 1 >= run) st.guarded.push_back(st.echo_tokens[j]);
-    }
-    for (const int32_t id : st.guarded) {
-        if (static_cast<size_t>(id) >= st.n_vocab) continue;
-        size_t pos = static_cast<size_t>(id);
-        if (!in_id_order) {
-            pos = cur_p->size;
-            for (size_t j = 0; j < cur_p->size; ++j) {
-                if (cur_p->data[j].id == id) {
-                    pos = j;
-                    break;
-                }
-            }
-            if (pos == cur_p->size) continue;
+    if (st.steering.echo_run > 0) {
+        for (size_t j = 0; j < st.echo_tokens.size(); ++j) {
+            const int32_t at = st.echo_run_at[j];
+            if (st.echo_tokens[j] >= 0 && at > 0 && st.echo_match[j] + 1 >= at) st.guarded.push_back(st.echo_tokens[j]);
         }
-        float & logit = cur_p->data[pos].logit;
-        logit = sda::guard_value(r, st.steering.guard_to, with_by_place[pos], without_row[id], logit);
     }
+    if (st.guarded.empty() && st.capped.empty() && st.forbidden.empty()) return;
+    const sda_guards g{st.guarded.data(), static_cast<int32_t>(st.guarded.size()),
+                       st.capped.data(), static_cast<int32_t>(st.capped.size()),
+                       st.forbidden.data(), static_cast<int32_t>(st.forbidden.size())};
+    const size_t n_vocab = st.n_vocab;
+    const auto place = [cur_p, in_id_order, n_vocab](int32_t id) -> size_t {
+        if (id < 0 || static_cast<size_t>(id) >= n_vocab) return static_cast<size_t>(-1);
+        if (in_id_order) return static_cast<size_t>(id);
+        for (size_t j = 0; j < cur_p->size; ++j) {
+            if (cur_p->data[j].id == id) return j;
+        }
+        return static_cast<size_t>(-1);
+    };
+    sda::apply_guards(r, st.steering.guard_to, g, with_by_place, without_row, place,
+                      [cur_p](size_t pos) -> float & { return cur_p->data[pos].logit; });
 }
 
 void sda_sampler_accept(llama_sampler * smpl, llama_token token) {
@@ -252,17 +255,22 @@ void sda_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p) {
         guard_row(cur_p, st.guard);
         return;
     }
+    // Before the steering's onset the answer is prompting's: a = 0 (no steering, no guards).
+    sda_params params = st.params;
+    if (st.guard.step <= st.steering.onset) params.strength = 0.0f;
     sda::fusion_result r{};
     bool in_id_order = true;
-    const bool in_place = fuse_in_place(st, cur_p, without_row, r);
-    if (!in_place) r = fuse_from_candidates(st, cur_p, without_row, in_id_order);
+    const bool in_place = fuse_in_place(st, params, cur_p, without_row, r);
+    if (!in_place) r = fuse_from_candidates(st, params, cur_p, without_row, in_id_order);
     if (r.status != SDA_OK) {
         refuse(cur_p, st.guard, r.status);
         return;
     }
-    // In place, cur_p is the with-row in id order and the row itself is still llama.cpp's, untouched.
-    const float * with_by_place = in_place ? llama_get_logits_ith(st.with_ctx, st.with_idx) : st.with_logits.data();
-    apply_echo_guard(st, cur_p, with_by_place, without_row, r, in_id_order && cur_p->size == st.n_vocab);
+    if (static_cast<double>(params.k) * params.strength > 0.0) {
+        // In place, cur_p is the with-row in id order and the row itself is still llama.cpp's, untouched.
+        const float * with_by_place = in_place ? llama_get_logits_ith(st.with_ctx, st.with_idx) : st.with_logits.data();
+        apply_instruction_guards(st, cur_p, with_by_place, without_row, r, in_id_order && cur_p->size == st.n_vocab);
+    }
 
     const std::chrono::duration<double> spent = std::chrono::steady_clock::now() - start;
     st.stats.n_steps += 1;
@@ -290,7 +298,10 @@ llama_sampler * sda_sampler_clone(const llama_sampler * smpl) {
         c.with_idx = st.with_idx;
         c.steering = st.steering;
         c.echo_tokens = st.echo_tokens;
+        c.echo_run_at = st.echo_run_at;
         c.echo_match = st.echo_match;
+        c.capped = st.capped;
+        c.forbidden = st.forbidden;
     }
     return copy;
 }
@@ -433,18 +444,30 @@ void sda_sampler_set_rows(llama_sampler * smpl, llama_context * with_ctx, int32_
     st.source_idx = without_idx;
 }
 
-int32_t sda_sampler_set_steering(llama_sampler * smpl, const sda_steering * steering, const int32_t * tokens,
-                                 int32_t n_tokens) {
-    if (smpl == nullptr || smpl->iface != sda_sampler_iface() || n_tokens < 0 || (tokens == nullptr && n_tokens > 0)) {
+int32_t sda_sampler_set_steering(llama_sampler * smpl, const sda_steering * steering,
+                                 const sda_instruction * instruction) {
+    if (smpl == nullptr || smpl->iface != sda_sampler_iface()) return SDA_ERR_INVALID;
+    const sda_steering s = steering ? *steering : sda_steering{};
+    const sda_instruction in = instruction ? *instruction : sda_instruction{};
+    if (!sda::steering_valid(s) || in.n_tokens < 0 || (in.n_tokens > 0 && !in.tokens) || in.n_capped < 0 ||
+        (in.n_capped > 0 && !in.capped) || in.n_forbidden < 0 || (in.n_forbidden > 0 && !in.forbidden)) {
         return SDA_ERR_INVALID;
     }
-    const sda_steering s = steering ? *steering : sda_steering{};
-    if (!sda::steering_valid(s)) return SDA_ERR_INVALID;
+    for (int32_t i = 0; in.run_at && i < in.n_tokens; ++i) {
+        if (in.run_at[i] < 0) return SDA_ERR_INVALID;
+    }
     sda_sampler_state & st = *state_of(smpl);
     st.steering = s;
-    st.echo_tokens.assign(tokens, tokens + n_tokens);
+    st.echo_tokens.assign(in.tokens, in.tokens + in.n_tokens);
+    if (in.run_at) {
+        st.echo_run_at.assign(in.run_at, in.run_at + in.n_tokens);
+    } else {
+        st.echo_run_at.assign(st.echo_tokens.size(), s.echo_run);
+    }
     st.echo_match.assign(st.echo_tokens.size(), 0);
     st.guarded.reserve(st.echo_tokens.size());
+    st.capped.assign(in.capped, in.capped + in.n_capped);
+    st.forbidden.assign(in.forbidden, in.forbidden + in.n_forbidden);
     return SDA_OK;
 }
 

@@ -3,6 +3,7 @@ the engine and judge options, and making engines and judges from them."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -165,14 +166,18 @@ def main():
 
 
 
+STEERING_OPTIONS = ("steering_mode", "steering_clip", "echo_run", "plausibility", "guard_to", "instruction_parts",
+                    "cap_directive", "onset")
+
+
 def steering_options(f):
-    """--steering and its bounds; read them with ``steering_from_cli``."""
+    """--steering and its options, given to the command as one ``steering`` argument (a Steering)."""
     from ..engine.steering import DEFAULT_STEERING, GUARD_TARGETS, STEERING_MODES
 
     options = [
         click.option("--steering", "steering_mode", type=click.Choice(STEERING_MODES), default=DEFAULT_STEERING.mode,
-                     show_default=True, help="paper: the paper's formula exactly; guarded: bounded contrast and "
-                     "the echo guard (README, Steering without echo)."),
+                     show_default=True, help="paper: the paper's formula exactly; guarded: steering that does not "
+                     "reward copying the instruction (README, Steering without echo)."),
         click.option("--steering-clip", default=None, type=click.FloatRange(0), help="guarded: bound c on "
                      f"|l_with - l_without| (0 = none; default {DEFAULT_STEERING.clip:g})."),
         click.option("--echo-run", default=None, type=click.IntRange(0, 64), help="guarded: instruction runs of "
@@ -183,24 +188,44 @@ def steering_options(f):
         click.option("--plausibility", default=None, type=click.FloatRange(0, 1, max_open=True),
                      help=f"guarded: drop tokens below this share of the top with-instruction probability "
                      f"(default {DEFAULT_STEERING.plausibility:g})."),
+        click.option("--instruction-parts/--no-instruction-parts", "instruction_parts", default=None,
+                     help="guarded: read the instruction's parts: quoted text and symbols it asks for are never "
+                     "guarded, words it forbids (do not, never, avoid ...) get no more than either stream gives "
+                     f"them (default {'on' if DEFAULT_STEERING.parts else 'off'})."),
+        click.option("--cap-directive/--no-cap-directive", "cap_directive", default=None,
+                     help="guarded, with the parts: the instruction's own words are never amplified beyond "
+                     f"prompting (default {'on' if DEFAULT_STEERING.cap else 'off'})."),
+        click.option("--onset", default=None, type=click.IntRange(0, 4096), help="guarded: the answer's first N "
+                     f"tokens are not steered (prompting's), so it starts on the query (default {DEFAULT_STEERING.onset})."),
     ]
+
+    @functools.wraps(f)
+    def command(*args, **kwargs):
+        kwargs["steering"] = steering_from_cli(**{name: kwargs.pop(name) for name in STEERING_OPTIONS})
+        return f(*args, **kwargs)
+
     for option in reversed(options):
-        f = option(f)
-    return f
+        command = option(command)
+    return command
 
 
-def steering_from_cli(mode: str, clip, echo_run, plausibility, guard_to):
+def steering_from_cli(steering_mode: str, steering_clip=None, echo_run=None, plausibility=None, guard_to=None,
+                      instruction_parts=None, cap_directive=None, onset=None):
+    """The Steering of the command line: the default's values where an option is not given."""
     from ..engine.steering import DEFAULT_STEERING, PAPER, Steering
 
-    if mode == "paper":
-        if any(v is not None for v in (clip, echo_run, plausibility, guard_to)):
-            raise InputError("--steering-clip, --echo-run, --plausibility and --guard-to apply to --steering guarded")
+    given = dict(clip=steering_clip, echo_run=echo_run, plausibility=plausibility, guard_to=guard_to,
+                 parts=instruction_parts, cap=cap_directive, onset=onset)
+    if steering_mode == "paper":
+        if any(v is not None for v in given.values()):
+            raise InputError("--steering-clip, --echo-run, --plausibility, --guard-to, --instruction-parts, "
+                             "--cap-directive and --onset apply to --steering guarded")
         return PAPER
     base = DEFAULT_STEERING if DEFAULT_STEERING.mode == "guarded" else Steering("guarded")
-    return Steering("guarded", clip=base.clip if clip is None else clip,
-                    plausibility=base.plausibility if plausibility is None else plausibility,
-                    echo_run=base.echo_run if echo_run is None else echo_run,
-                    guard_to=base.guard_to if guard_to is None else guard_to).check()
+    fields = {**base.to_dict(), **{k: v for k, v in given.items() if v is not None}}
+    if instruction_parts is False and cap_directive is None:
+        fields["cap"] = False  # the cap reads the parts: --no-instruction-parts turns it off too
+    return Steering(**fields).check()
 
 
 def engine_options(f):

@@ -18,7 +18,7 @@ DEFAULT_KV_SETTINGS = {"cache_type_k": DEFAULT_KV.type_k, "cache_type_v": DEFAUL
                        "flash_attn": DEFAULT_KV.flash_attn}
 from .common import (
     engine_options, is_remote, judge_from_cli, judge_options, kv_given, kv_settings, main, make_engine,
-    remote_judge_options, seed_callback, steering_from_cli, steering_options, verify_strength
+    remote_judge_options, seed_callback, steering_options, verify_strength
 )
 
 
@@ -74,7 +74,7 @@ def _eval_judge(config, judge_url: Optional[str]):
               "unit key), to fan a run out over machines; join the shards' run files with `sda-local merge`.")
 @engine_options
 def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample, seed, max_tokens, judge, judge_url,
-                 amplifier_map, verify, temperature_mode, no_fluency, steering_mode, steering_clip, echo_run, plausibility, guard_to, verify_limit,
+                 amplifier_map, verify, temperature_mode, no_fluency, steering, verify_limit,
                  verify_strength, verify_only, run_path, resume_path, parallel, shard, model, n_ctx, n_threads, n_gpu_layers,
                  streams, verbose):
     """Evaluate SDA as the paper does (pairwise judging, gain omega) and with verifiable instructions.
@@ -100,7 +100,6 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
             v = v.strip()
             verify_ids += list(VERIFIABLE) if v == "all" else ifeval.all_ids() if v == "ifeval" else [v] if v else []
         verify_ids = list(dict.fromkeys(verify_ids))  # "all,no_commas": each instruction once
-        steering = steering_from_cli(steering_mode, steering_clip, echo_run, plausibility, guard_to)
         datasets = [DEV_SET if str(p) == DEV_SET_NAME and not p.exists() else p for p in datasets]
         config = EvalConfig(
             # Resolved: a resumed run finds its files from any directory, and unit keys hash the resolved path.

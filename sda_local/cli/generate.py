@@ -13,7 +13,7 @@ from ..errors import InputError
 from ..shards import parse_shard
 from .common import (
     decode_arg, engine_options, is_remote, judge_from_cli, judge_options, main, make_engine, print_stats,
-    remote_judge_options, report_judgement, seed_callback, steering_from_cli, steering_options, strength_range,
+    remote_judge_options, report_judgement, seed_callback, steering_options, strength_range,
     t0_range, top_p_range, warn
 )
 
@@ -51,9 +51,8 @@ from .common import (
               "N, split by id); join the shards' outputs with `sda-local merge`.")
 @engine_options
 def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_failure, max_tokens, seed,
-             temperature_mode, t0, top_p, system, as_json, show_stats, compare, steering_mode, steering_clip, echo_run,
-             plausibility, guard_to, input_path, output_path, resume, parallel, shard, model, n_ctx, n_threads, n_gpu_layers, streams,
-             verbose):
+             temperature_mode, t0, top_p, system, as_json, show_stats, compare, steering, input_path, output_path, resume,
+             parallel, shard, model, n_ctx, n_threads, n_gpu_layers, streams, verbose):
     """Answer QUERY with SDA steering towards --align (streamed to stdout).
 
     With --align and no --strength, the full pipeline runs: a first answer without the instruction, a judge
@@ -64,7 +63,6 @@ def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_f
     if align is not None and align.strip().lower() == "none":
         align = None
     system = decode_arg("--system", system)
-    steering = steering_from_cli(steering_mode, steering_clip, echo_run, plausibility, guard_to)
     options = dict(max_tokens=max_tokens, t0=t0, top_p=top_p, temperature_mode=temperature_mode, seed=seed,
                    system=system, steering=steering)
     pipeline = dict(strength=strength, amplifier_map=amplifier_map, on_judge_failure=on_judge_failure,

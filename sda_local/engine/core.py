@@ -23,6 +23,7 @@ from ..seeds import check_seed
 from . import native
 from .fusion import (DEFAULT_K, DEFAULT_T0, DEFAULT_TEMPERATURE_MODE, DEFAULT_TOP_P, MIN_TOP_P, check_fusion_params,
                      logit_injection_from_env)
+from .instruction import InstructionGuard, instruction_guard
 from .kvcache import KVConfig, kv_memory
 from .layout import STREAM_MODES, KVLayout, common_prefix_length
 from .requests import GenerationRequest, GenerationResult, GenerationStats
@@ -227,27 +228,25 @@ class SDAEngine:
         if not isinstance(steering, Steering):
             raise InputError(f"steering must be a Steering, got {steering!r}")
         steering.check()
-        echo_sources = ()
-        if steering.echo_run > 0 and instruction and prompt_without is not None:
-            echo_sources = self.instruction_sources(instruction)
+        guard = InstructionGuard()
+        if steering.reads_instruction and instruction and prompt_without is not None:
+            guard = self.instruction_guard(instruction, steering)
         return GenerationRequest(
             tokens_with=self.tokenize_prompt(prompt_with),
             tokens_without=self.tokenize_prompt(prompt_without) if prompt_without is not None else None,
             max_tokens=max_tokens, seed=seed, strength=float(strength), k=float(k), t0=float(t0),
             top_p=float(top_p), temperature_mode=temperature_mode, ignore_eos=ignore_eos, grammar=grammar,
             greedy=greedy, logprobs=logprobs, token_stats=bool(token_stats),
-            stop=tuple(stop), capture_logits=capture_logits, steering=steering, echo_sources=echo_sources,
+            stop=tuple(stop), capture_logits=capture_logits, steering=steering, guard=guard,
             prompt_with=prompt_with, prompt_without=prompt_without)
 
-    def instruction_sources(self, instruction: str) -> Tuple[Tuple[int, ...], ...]:
-        """The instruction's tokens as an answer may copy them: at the start of a line (as the with-prompt has
-        it after the query) and after a space, as plain text."""
-        out = []
-        for text in (instruction, " " + instruction):
-            tokens = tuple(self.model.tokenize(text, add_bos=False, special=False))
-            if tokens and tokens not in out:
-                out.append(tokens)
-        return tuple(out)
+    def instruction_guard(self, instruction: str, steering: Steering) -> InstructionGuard:
+        """The instruction as ``steering`` reads it, in this model's tokens (instruction.py): its token sequences
+        as an answer may copy them (at the start of a line, as the with-prompt has it after the query, and after
+        a space), each token's echo-guard run length, and the ids capped or forbidden by its parts."""
+        return instruction_guard(instruction, lambda text: self.model.tokenize(text, add_bos=False, special=False),
+                                 self.model.piece, echo_run=steering.echo_run, read_parts=steering.parts,
+                                 cap_directive=steering.cap)
 
     def submit(self, request: GenerationRequest, *, listener=None) -> Job:
         """Queue a request in the scheduler; follow it with ``scheduler.pieces(job)`` or ``scheduler.wait``,

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import llama_cpp  # noqa: F401  (must be loaded first, see above)
 import numpy as np
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 # enum sda_status of sda.h: the non-finite codes, as (value, row).
 NONFINITE_CODES = {-2: ("NaN", "with"), -3: ("+inf", "with"), -4: ("NaN", "without"), -5: ("+inf", "without")}
 ROWS = {"with": 0, "without": 1}  # enum sda_row
@@ -41,6 +41,30 @@ class SDASteering(ctypes.Structure):
         ("plausibility", ctypes.c_float),
         ("echo_run", ctypes.c_int32),
         ("guard_to", ctypes.c_int32),
+        ("onset", ctypes.c_int32),
+    ]
+
+
+class SDAInstruction(ctypes.Structure):
+    _fields_ = [
+        ("tokens", ctypes.POINTER(ctypes.c_int32)),
+        ("run_at", ctypes.POINTER(ctypes.c_int32)),
+        ("n_tokens", ctypes.c_int32),
+        ("capped", ctypes.POINTER(ctypes.c_int32)),
+        ("n_capped", ctypes.c_int32),
+        ("forbidden", ctypes.POINTER(ctypes.c_int32)),
+        ("n_forbidden", ctypes.c_int32),
+    ]
+
+
+class SDAGuards(ctypes.Structure):
+    _fields_ = [
+        ("guarded", ctypes.POINTER(ctypes.c_int32)),
+        ("n_guarded", ctypes.c_int32),
+        ("capped", ctypes.POINTER(ctypes.c_int32)),
+        ("n_capped", ctypes.c_int32),
+        ("forbidden", ctypes.POINTER(ctypes.c_int32)),
+        ("n_forbidden", ctypes.c_int32),
     ]
 
 
@@ -83,7 +107,7 @@ def declare_fusion(lib: ctypes.CDLL) -> None:
     lib.sda_fuse.argtypes = [_float_p, _float_p, ctypes.c_int32, ctypes.POINTER(SDAParams), _float_p, _float_p, _float_p]
     lib.sda_fuse.restype = ctypes.c_int32
     lib.sda_fuse_steered.argtypes = [_float_p, _float_p, ctypes.c_int32, ctypes.POINTER(SDAParams),
-                                     ctypes.POINTER(SDASteering), _int32_p, ctypes.c_int32, _float_p, _float_p,
+                                     ctypes.POINTER(SDASteering), ctypes.POINTER(SDAGuards), _float_p, _float_p,
                                      _float_p]
     lib.sda_fuse_steered.restype = ctypes.c_int32
 
@@ -97,7 +121,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sda_sampler_set_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
                                          ctypes.c_int32]
     lib.sda_sampler_set_rows.restype = None
-    lib.sda_sampler_set_steering.argtypes = [ctypes.c_void_p, ctypes.POINTER(SDASteering), _int32_p, ctypes.c_int32]
+    lib.sda_sampler_set_steering.argtypes = [ctypes.c_void_p, ctypes.POINTER(SDASteering),
+                                             ctypes.POINTER(SDAInstruction)]
     lib.sda_sampler_set_steering.restype = ctypes.c_int32
     lib.sda_sampler_get_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(SDAStats)]
     lib.sda_sampler_get_stats.restype = None
@@ -161,31 +186,43 @@ def make_params(strength: float, k: float, t0: float, temperature_mode: int) -> 
 
 def make_steering(steering) -> SDASteering:
     """The C struct of a steering.Steering."""
-    return SDASteering(steering.clip, steering.plausibility, steering.echo_run, GUARD_TARGETS[steering.guard_to])
+    return SDASteering(steering.clip, steering.plausibility, steering.echo_run, GUARD_TARGETS[steering.guard_to],
+                       steering.onset)
 
 
-def set_steering(lib: ctypes.CDLL, sampler: int, steering, sources) -> None:
-    """Give an SDA sampler its steering and the instruction's token sequences (the echo guard's runs)."""
-    flat = []
-    for s in sources:
-        flat.extend(int(t) for t in s)
-        flat.append(-1)
-    tokens = (ctypes.c_int32 * max(1, len(flat)))(*flat)
-    if lib.sda_sampler_set_steering(sampler, ctypes.byref(make_steering(steering)), tokens, len(flat)) != 0:
+def _ids(values) -> Tuple[object, int]:
+    """(int32 C array, count) of a sequence of ints; the array must outlive the call that reads it."""
+    values = [int(v) for v in values]
+    return (ctypes.c_int32 * max(1, len(values)))(*values), len(values)
+
+
+def set_steering(lib: ctypes.CDLL, sampler: int, steering, guard) -> None:
+    """Give an SDA sampler its steering and the instruction as it reads it (instruction.InstructionGuard)."""
+    tokens, n_tokens = _ids(guard.flat_tokens)
+    run_at, n_run_at = _ids(guard.run_at)
+    capped, n_capped = _ids(guard.capped)
+    forbidden, n_forbidden = _ids(guard.forbidden)
+    if n_run_at not in (0, n_tokens):
+        raise ValueError("run_at must have one entry per instruction token and separator")
+    instruction = SDAInstruction(tokens, run_at if n_run_at else None, n_tokens, capped, n_capped, forbidden,
+                                 n_forbidden)
+    if lib.sda_sampler_set_steering(sampler, ctypes.byref(make_steering(steering)), ctypes.byref(instruction)) != 0:
         raise ValueError("sda_sampler_set_steering rejected its arguments")
 
 
 def fuse_steered(lib: ctypes.CDLL, logits_with: np.ndarray, logits_without: np.ndarray, strength: float, k: float,
-                 t0: float, temperature_mode: int, steering, guarded) -> Tuple[np.ndarray, float, float]:
-    """Call sda_fuse_steered (``guarded``: the echo guard's token ids at this step)."""
+                 t0: float, temperature_mode: int, steering, guarded, *, capped=(), forbidden=()
+                 ) -> Tuple[np.ndarray, float, float]:
+    """Call sda_fuse_steered (``guarded``: the echo guard's token ids at this step; ``capped``, ``forbidden``: the
+    instruction's, as in steering.fuse_steered_numpy)."""
     out = np.empty_like(logits_with)
     temperature, js = ctypes.c_float(), ctypes.c_float()
-    ids = np.ascontiguousarray(np.asarray(guarded if guarded is not None else [], dtype=np.int32))
+    arrays = [_ids(guarded if guarded is not None else []), _ids(capped), _ids(forbidden)]
+    guards = SDAGuards(*(x for pair in arrays for x in pair))
     rc = lib.sda_fuse_steered(
         logits_with.ctypes.data_as(_float_p), logits_without.ctypes.data_as(_float_p), logits_with.size,
         ctypes.byref(make_params(strength, k, t0, temperature_mode)), ctypes.byref(make_steering(steering)),
-        ids.ctypes.data_as(_int32_p), ids.size, out.ctypes.data_as(_float_p), ctypes.byref(temperature),
-        ctypes.byref(js))
+        ctypes.byref(guards), out.ctypes.data_as(_float_p), ctypes.byref(temperature), ctypes.byref(js))
     if rc in NONFINITE_CODES:
         from .fusion import NonFiniteLogitsError
 

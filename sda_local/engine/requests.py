@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
 
 from .fusion import DEFAULT_K, DEFAULT_T0, DEFAULT_TEMPERATURE_MODE, DEFAULT_TOP_P
+from .instruction import InstructionGuard
 from .steering import PAPER, Steering
 
 
@@ -40,8 +41,8 @@ class GenerationRequest:
     token_stats: bool = False
     capture_logits: bool = False
     steering: Steering = PAPER
-    # The instruction's tokens as the answer might copy them (the echo guard's runs; empty: no guard).
-    echo_sources: Tuple[Tuple[int, ...], ...] = ()
+    # The instruction in this model's tokens, as the guarded steering reads it (empty: nothing to guard).
+    guard: InstructionGuard = field(default_factory=InstructionGuard)
     prompt_with: str = field(default="", repr=False)
     prompt_without: Optional[str] = field(default=None, repr=False)
 

@@ -89,12 +89,11 @@ class RequestSampler:
                 params = native.make_params(r.strength, r.k, r.t0, TEMPERATURE_MODES[r.temperature_mode])
                 self._sda = self._head = native.sampler_init(lib, params, model.n_vocab, None, -1)
                 if not r.steering.is_paper:
-                    native.set_steering(lib, self._sda, r.steering, r.echo_sources)
+                    native.set_steering(lib, self._sda, r.steering, r.guard)
                 self._sample = self._sample_native_sda
             else:
                 self._sample = self._sample_numpy
-                if r.echo_sources:
-                    self._echo = EchoTracker(r.echo_sources, r.steering.echo_run)
+                self._echo = EchoTracker.of(r.guard, r.steering.echo_run) if r.guard.sources else None
         else:
             if lib is not None:
                 self._head = native.guard_sampler_init(lib)
@@ -130,8 +129,7 @@ class RequestSampler:
                                  llama_cpp.llama_sampler_init_dist(r.seed)])
         if r.steered:
             self.backend = "numpy"
-            if r.echo_sources:
-                self._echo = EchoTracker(r.echo_sources, r.steering.echo_run)
+            self._echo = EchoTracker.of(r.guard, r.steering.echo_run) if r.guard.sources else None
         self._sample = self._sample_inspected
 
     # -- public ---------------------------------------------------------------------------------------
@@ -227,9 +225,12 @@ class RequestSampler:
                 fused, temperature, js = fuse_numpy(z_with, z_without, r.strength, k=r.k, t0=r.t0,
                                                     temperature_mode=r.temperature_mode)
             else:
+                # The first ``onset`` tokens are prompting's (a = 0): the answer starts on the query's subject.
+                strength = r.strength if self.steps > r.steering.onset else 0.0
                 guarded = self._echo.guarded() if self._echo is not None else None
-                fused, temperature, js = fuse_steered_numpy(z_with, z_without, r.strength, r.steering, guarded,
-                                                            k=r.k, t0=r.t0, temperature_mode=r.temperature_mode)
+                fused, temperature, js = fuse_steered_numpy(z_with, z_without, strength, r.steering, guarded,
+                                                            k=r.k, t0=r.t0, temperature_mode=r.temperature_mode,
+                                                            capped=r.guard.capped, forbidden=r.guard.forbidden)
         except NonFiniteLogitsError as exc:
             raise generation_stopped(exc.value, exc.row, self.steps) from None
         self._totals[0] += js

@@ -12,7 +12,12 @@ before):
   instruction's tokens gets the without-instruction log-probability, l = l_without: it is as likely as the
   model finds it without having read the instruction, so the instruction is not recited, while a text
   the answer has begun on its own (an end phrase, a postscript) still continues. Runs are found as llama.cpp's
-  DRY sampler finds repeats: one match length per instruction position, advanced with each accepted token.
+  DRY sampler finds repeats: one match length per instruction position, advanced with each accepted token;
+* ``parts``: the instruction is read into the text it asks for, the words it forbids and its directive
+  (instruction.py): asked text is never guarded, a forbidden word gets at most min(l_with, l_without), and with
+  ``cap`` the directive's words are never amplified beyond prompting, min(l, l_with);
+* ``onset`` N > 0: the first N tokens of the answer are not steered (prompting with the instruction), so the
+  answer starts on the query's subject before the contrast shapes it.
 
 ``fuse_steered_numpy`` is the float64 reference of the native sampler's guarded mode (tests hold them equal).
 """
@@ -42,6 +47,9 @@ class Steering:
     plausibility: float = 0.0
     echo_run: int = 0
     guard_to: str = "without"
+    parts: bool = False
+    cap: bool = False
+    onset: int = 0
 
     def check(self) -> "Steering":
         if self.mode not in STEERING_MODES:
@@ -56,9 +64,22 @@ class Steering:
             raise InputError(f"steering echo_run must be an integer in [0, 64], got {self.echo_run!r}")
         if self.guard_to not in GUARD_TARGETS:
             raise InputError(f"unknown echo guard target {self.guard_to!r} (choose from {', '.join(GUARD_TARGETS)})")
-        if self.mode == "paper" and (self.clip or self.plausibility or self.echo_run):
-            raise InputError("the paper's steering has no clip, plausibility or echo_run: use mode 'guarded'")
+        for name in ("parts", "cap"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"steering {name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.onset, int) or isinstance(self.onset, bool) or not 0 <= self.onset <= 4096:
+            raise InputError(f"steering onset must be an integer in [0, 4096], got {self.onset!r}")
+        if self.cap and not self.parts:
+            raise InputError("steering cap needs parts (the directive's words are read from the instruction's parts)")
+        if self.mode == "paper" and (self.clip or self.plausibility or self.echo_run or self.parts or self.onset):
+            raise InputError("the paper's steering has no clip, plausibility, echo_run, parts, cap or onset: use mode "
+                             "'guarded'")
         return self
+
+    @property
+    def reads_instruction(self) -> bool:
+        """Whether a generation needs the instruction's tokens (the echo guard or its parts)."""
+        return self.echo_run > 0 or self.parts
 
     @property
     def is_paper(self) -> bool:
@@ -78,7 +99,7 @@ class EchoTracker:
     ``match[j]``: the length of the longest suffix of the answer so far that equals the ``match[j]`` tokens of
     the instruction just before position j; the token at j then extends it to ``match[j] + 1``."""
 
-    def __init__(self, sources: Iterable[Sequence[int]], run: int):
+    def __init__(self, sources: Iterable[Sequence[int]], run: int, run_at: Optional[Sequence[int]] = None):
         seq: List[int] = []
         for s in sources:
             if s:
@@ -87,12 +108,24 @@ class EchoTracker:
         self.tokens = np.asarray(seq, dtype=np.int64)
         self.match = np.zeros(len(seq), dtype=np.int64)
         self.run = run
+        # The run length at which each position is guarded (0: never); ``run`` everywhere by default.
+        if run_at is None:
+            self.run_at = np.where(self.tokens >= 0, run, 0).astype(np.int64)
+        else:
+            self.run_at = np.asarray(run_at, dtype=np.int64)
+            if self.run_at.shape != self.tokens.shape:
+                raise ValueError("run_at must have one entry per token of the sources and separator")
+
+    @classmethod
+    def of(cls, guard, run: int) -> "EchoTracker":
+        """The tracker of an instruction.InstructionGuard."""
+        return cls(guard.sources, run, guard.run_at or None)
 
     def guarded(self) -> np.ndarray:
         """Token ids the guard applies to at this step (may repeat)."""
         if self.run <= 0 or self.tokens.size == 0:
             return np.zeros(0, dtype=np.int64)
-        ids = self.tokens[(self.match + 1 >= self.run) & (self.tokens >= 0)]
+        ids = self.tokens[(self.run_at > 0) & (self.match + 1 >= self.run_at) & (self.tokens >= 0)]
         return ids
 
     def accept(self, token: int) -> None:
@@ -105,11 +138,13 @@ class EchoTracker:
 
 
 def fuse_steered_numpy(logits_with: np.ndarray, logits_without: np.ndarray, strength: float, steering: Steering,
-                       guarded: Optional[np.ndarray] = None, *, k: float, t0: float,
-                       temperature_mode: str) -> Tuple[np.ndarray, float, float]:
+                       guarded: Optional[np.ndarray] = None, *, k: float, t0: float, temperature_mode: str,
+                       capped: Sequence[int] = (), forbidden: Sequence[int] = ()) -> Tuple[np.ndarray, float, float]:
     """The fusion of ``fusion.fuse_numpy`` with ``steering``'s bounds; ``guarded``: the echo guard's token ids
-    at this step. Returns (log_probs float32, temperature, js). The temperature comes from the JS divergence of
-    the two raw distributions, as in the paper."""
+    at this step; ``capped``: ids never amplified beyond prompting, min(l, l_with); ``forbidden``: ids held to
+    min(l_with, l_without) (instruction.InstructionGuard; applied in that order: capped, guarded, forbidden).
+    Returns (log_probs float32, temperature, js). The temperature comes from the JS divergence of the two raw
+    distributions, as in the paper."""
     log_p, log_q, js = log_probs_and_js(logits_with, logits_without)
     g = k * strength
     with np.errstate(invalid="ignore", over="ignore"):
@@ -121,12 +156,18 @@ def fuse_steered_numpy(logits_with: np.ndarray, logits_without: np.ndarray, stre
     steered = np.where(np.isneginf(log_p), -np.inf, steered)
     if steering.plausibility > 0 and g > 0:
         steered = np.where(log_p < log_p.max() + math.log(steering.plausibility), -np.inf, steered)
-    if guarded is not None and len(guarded) and steering.echo_run > 0 and g > 0:  # a = 0: prompting
+    if len(capped) and g > 0:
+        ids = np.unique(np.asarray(capped, dtype=np.int64))
+        steered[ids] = np.minimum(steered[ids], log_p[ids])
+    if guarded is not None and len(guarded) and g > 0:  # a = 0: prompting
         ids = np.unique(guarded)
         if steering.guard_to == "prompt":
             steered[ids] = np.minimum(steered[ids], log_p[ids])
         else:
             steered[ids] = np.where(np.isneginf(steered[ids]), -np.inf, log_q[ids])
+    if len(forbidden) and g > 0:
+        ids = np.unique(np.asarray(forbidden, dtype=np.int64))
+        steered[ids] = np.where(np.isneginf(steered[ids]), -np.inf, np.minimum(log_p[ids], log_q[ids]))
     temperature = temperature_for(js, t0, temperature_mode)
     with np.errstate(invalid="ignore"):
         fused = log_softmax(steered / temperature)
