@@ -2,7 +2,7 @@
 
 Measured on the default model (SmolLM2-135M-Instruct Q4_1, 2 threads): "fewer than 25 words" 15/24 with
 prompting alone vs 24/24 with the paper's method at a = 0.5; "no commas" 8/24 vs 20/24. The default steering
-at its pipeline's a = 1 (see STEERED): printed by the test, asked for the same margin of 5.
+at its pipeline's a (the self judge's A_MAX, see STEERED): printed by the test, asked for the same margin of 5.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sda_local.engine.steering import PAPER
+from sda_local.judging.selfscore import A_MAX
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa.jsonl"
 CHECKS = {
@@ -23,7 +24,7 @@ CHECKS = {
 MARGIN = 5
 STEERED = {  # arm: generation options
     "paper's method": dict(strength=0.5, steering=PAPER, temperature_mode="paper"),
-    "default": dict(strength=1.0),
+    "default": dict(strength=A_MAX),
 }
 
 

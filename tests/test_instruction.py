@@ -30,10 +30,14 @@ def test_negated_words_are_forbidden_and_quoted_text_is_asked():
     # A negation inside quoted text is text, not a negation.
     parts = words("Answer with one of the following options: ('My answer is yes.', 'My answer is no.')")
     assert FORBIDDEN not in parts.values() and parts["yes"] == parts["no"] == ASKED
-    # A word used outside the negation too is not forbidden ("other" may belong to the phrase asked for).
+    # A word used outside the negation too is not forbidden: "other" belongs to the phrase asked for.
     parts = words("Finish your response with this exact phrase Any other questions?. No other words should follow "
                   "this phrase.")
-    assert parts["other"] == DIRECTIVE and parts["follow"] == FORBIDDEN
+    assert parts["other"] == parts["questions"] == ASKED and parts["follow"] == FORBIDDEN
+    assert parts["finish"] == DIRECTIVE
+    # Text the instruction names: a word, a letter, an abbreviation.
+    parts = words("In your response, the word hit should appear 3 times and the letter q twice. End with P.P.S")
+    assert parts["hit"] == parts["q"] == parts["p"] == parts["s"] == ASKED and parts["appear"] == DIRECTIVE
     # The scope ends with its clause.
     parts = words("Don't mention the price; keep it under 50 words.")
     assert parts["price"] == FORBIDDEN and parts["keep"] == parts["words"] == DIRECTIVE

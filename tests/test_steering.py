@@ -161,7 +161,9 @@ def test_native_echo_guard_follows_the_answer(engine, guard_to):
 
 def test_guard_stops_the_copy_that_the_paper_formula_makes(engine):
     # IFEval instructions the paper's formula (a = 0.5, its temperature) recited in most answers of the tuning
-    # questions; the default steering at a = 1 recites them far less. 12 generations per arm, counted together.
+    # questions; the default steering at its pipeline's a recites them far less. 12 generations per arm, together.
+    from sda_local.judging.selfscore import A_MAX
+
     pytest.importorskip("if_verifiable")
     from sda_local import ifeval, quality
     from sda_local.datasets import DEV_SET, load_dataset
@@ -175,7 +177,7 @@ def test_guard_stops_the_copy_that_the_paper_formula_makes(engine):
             seed = derive_seed(0, index)
             case = ifeval.make_case(type_id, questions[index], seed)
             for arm, options in (("paper", dict(strength=0.5, steering=PAPER, temperature_mode="paper")),
-                                 ("default", dict(strength=1.0))):
+                                 ("default", dict(strength=A_MAX))):
                 text = engine.generate(questions[index], case.instruction, seed=seed, max_tokens=64, **options).text
                 echoes[arm] += quality.echo(text, case.instruction, questions[index], case.required_texts()).echoed
     assert echoes["paper"] >= 6, echoes

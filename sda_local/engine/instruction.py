@@ -5,7 +5,9 @@ copying), so the paper's steering drifts into talking *about* the instruction. T
 different parts, and the guarded steering treats them differently:
 
 * **asked** text, which the answer is asked to write out: a quoted span ('...', "...", <<...>>, `...`, «...»),
-  and runs of symbols ("*", "[address]"'s brackets, "******", "P.S."'s dots). Steered freely, copied freely.
+  an abbreviation ("P.P.S", "e.g."), the word named after "the word", "letter", "keyword" or "term", the text
+  after "phrase" to the end of its sentence, and runs of symbols ("*", "[address]"'s brackets, "******").
+  Steered freely, copied freely.
 * **forbidden** words, in the scope of a negation ("Do not include keywords ['sun'] ...", "avoid", "never",
   "refrain from", "no", "without", up to the end of the clause): a forbidden word gets at most
   min(l_with, l_without) - the copy the with-prompt makes is never rewarded, whatever the contrast says.
@@ -33,6 +35,14 @@ _NEGATION = re.compile(r"\b(?:do not|does not|did not|don't|doesn't|never|not|no
 _CLAUSE_END = re.compile(r"[.;!?](?=\s|$)|\n")
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 _SYMBOLS = re.compile(r"[^\w\s]+|_+")
+_ABBREVIATION = re.compile(r"(?<![\w.])(?:[A-Za-z]\.)+[A-Za-z]?\.?(?![\w])")
+# Text an instruction names: "the word hit", "the letter i", "start with word request", "the exact phrase Any
+# other questions?." (to the end of its sentence).
+_NAMED_WORD = re.compile(r"\b(?:word|letter|keyword|term)\s+([^\W_]+)", re.IGNORECASE)
+_NAMED_PHRASE = re.compile(r"\bphrase\s*:?\s+(.+?)(?=[.;!](?:\s|$)|\n|$)", re.IGNORECASE)
+# Words shorter than this are neither capped nor forbidden: "a", "of", "is" carry no instruction, and a capped
+# "P" would hold back "P.S." too.
+MIN_GUARDED_WORD = 3
 
 
 def read(instruction: str) -> List[str]:
@@ -40,6 +50,10 @@ def read(instruction: str) -> List[str]:
     parts = [DIRECTIVE] * len(instruction)
     for m in _QUOTED.finditer(instruction):
         parts[m.start():m.end()] = [ASKED] * (m.end() - m.start())
+    for pattern in (_ABBREVIATION, _NAMED_WORD, _NAMED_PHRASE):
+        for m in pattern.finditer(instruction):
+            start, end = m.span(m.lastindex or 0)
+            parts[start:end] = [ASKED] * (end - start)
     for m in _SYMBOLS.finditer(instruction):
         for i in range(m.start(), m.end()):
             if parts[i] == DIRECTIVE:
@@ -153,6 +167,8 @@ def instruction_guard(instruction: str, tokenize: Callable[[str], List[int]], pi
     forbidden: List[int] = []
     if read_parts:
         for word, part in words(instruction).items():
+            if len(word) < MIN_GUARDED_WORD:
+                continue
             if part == FORBIDDEN:
                 forbidden.extend(_first_tokens(word, tokenize))
             elif part == DIRECTIVE and cap_directive:

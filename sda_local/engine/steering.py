@@ -175,4 +175,4 @@ def fuse_steered_numpy(logits_with: np.ndarray, logits_without: np.ndarray, stre
 
 
 # The default of every SDA path (README, "Steering without echo", says why).
-DEFAULT_STEERING = Steering("guarded", echo_run=2)
+DEFAULT_STEERING = Steering("guarded", echo_run=2, parts=True, cap=True, onset=8)
