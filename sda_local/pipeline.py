@@ -65,14 +65,25 @@ class AmplifierChoice:
     note: Optional[str] = None  # what was done instead, for a warning
 
 
+def observes(judge) -> bool:
+    """Whether ``judge`` reads its score off an observed first answer (the self judge: its r)."""
+    return bool(getattr(judge, "observes", False))
+
+
 def judge_amplifier(judge, query: str, answer: str, alignment, *, amplifier_map: str = DEFAULT_MAP,
-                    on_judge_failure: str = DEFAULT_ON_JUDGE_FAILURE, history=()) -> AmplifierChoice:
+                    on_judge_failure: str = DEFAULT_ON_JUDGE_FAILURE, history=(), initial_stats=None
+                    ) -> AmplifierChoice:
     """Steps 2-3 of the pipeline, for every path that runs it (``align_stream`` here, the server): the judge
     scores ``answer`` to ``query`` (after the conversation's earlier turns ``history``) under ``alignment``'s
-    rubric, and a follows; a JudgeError is resolved by ``on_judge_failure`` (raised for "error")."""
+    rubric, and a follows; a JudgeError is resolved by ``on_judge_failure`` (raised for "error").
+    ``initial_stats``: the first answer's GenerationStats; when it was observed, a judge that ``observes`` takes
+    its r from there instead of teacher-forcing the answer again."""
     rubric = rubric_for(alignment)
     try:
-        judgement = judge.score(query, answer, rubric, history=tuple(history))
+        if observes(judge) and initial_stats is not None and initial_stats.mode == "observed":
+            judgement = judge.judgement(initial_stats.observed_log_ratio)
+        else:
+            judgement = judge.score(query, answer, rubric, history=tuple(history))
     except JudgeError as exc:
         kind, value = parse_failure_policy(on_judge_failure)
         if kind == "error":
@@ -197,12 +208,16 @@ def _align_stream(
             a, source = DEFAULT_STRENGTH, "default"
         else:
             started = time.perf_counter()
-            initial = engine.generate(query, None, **{**generate_options, "system": alignment.system})
+            if observes(judge):  # generated as always, read by the with-instruction stream too: r comes with it
+                initial = engine.generate(query, instruction, observe=True, **generate_options)
+            else:
+                initial = engine.generate(query, None, **{**generate_options, "system": alignment.system})
             stages["initial"] = time.perf_counter() - started
             result_fields.update(initial_text=initial.text, initial_tokens_per_second=initial.stats.tokens_per_second)
             started = time.perf_counter()
             choice = judge_amplifier(judge, query, initial.text, alignment, amplifier_map=amplifier_map,
-                                     on_judge_failure=on_judge_failure, history=generate_options.get("history", ()))
+                                     on_judge_failure=on_judge_failure, history=generate_options.get("history", ()),
+                                     initial_stats=initial.stats)
             stages["judge"] = time.perf_counter() - started
             a, source, mode = choice.amplifier, choice.source, choice.temperature_mode or mode
             result_fields.update(judge=judge.identity, rubric_version=choice.rubric_version, amplifier_map=amplifier_map)
@@ -216,7 +231,7 @@ def _align_stream(
                 result_fields["judge_failure"] = choice.failure
                 on_warning(f"judge failed: {choice.failure}; {choice.note}")
         started = time.perf_counter()
-        # The SDA pass reuses the cache the initial answer (its without-prompt) left in the slot.
+        # The SDA pass reuses the cache the initial answer left in the slot: both prompts when it was observed.
         stream = engine.stream(query, instruction, strength=a, temperature_mode=mode, **generate_options)
         yield from stream
         stages["sda"] = time.perf_counter() - started

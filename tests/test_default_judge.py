@@ -135,3 +135,43 @@ def test_eval_config_verify_arms():
     config.arms = ["prompt-only", "sda-fixed", "sda"]
     assert config.verify_arms == ["prompt-only", "sda-fixed", "sda"]
     assert EvalConfig(datasets=[{"path": "x"}], arms=["base", "sda"]).verify_arms == ["base", "sda"]
+
+
+@pytest.mark.parametrize("history", [(), (("What is a fruit?", "A fruit is the seed-bearing part of a plant."),)],
+                         ids=["alone", "conversation"])
+def test_the_observed_first_answer_is_plain_generation_and_carries_r(engine, history):
+    # The pipeline's first answer for the self judge: the same tokens as plain generation without the instruction
+    # (same seed), and the r recorded while generating it equals the r of teacher-forcing it afterwards.
+    from sda_local.judging.selfscore import SelfJudge
+
+    query = "Name three fruits."
+    alignment = resolve_alignment(NO_COMMAS)
+    plain = engine.generate(query, None, system=alignment.system, seed=4, max_tokens=24, history=history)
+    observed = engine.generate(query, NO_COMMAS, observe=True, seed=4, max_tokens=24, history=history)
+    assert observed.tokens == plain.tokens and observed.text == plain.text
+    s = observed.stats
+    assert s.mode == "observed" and s.fusion_backend is None and s.steering is None
+    assert s.prompt_tokens_without < s.prompt_tokens_with
+    forced = SelfJudge(engine).ratio(query, observed.text, alignment, history)
+    assert engine.model.tokenize(observed.text, add_bos=False, special=False) == observed.tokens  # canonical
+    assert s.observed_log_ratio == pytest.approx(forced, abs=1e-3)
+    with pytest.raises(InputError):  # an observed answer needs the instruction
+        engine.generate(query, None, observe=True, max_tokens=2)
+
+
+def test_the_pipeline_reads_r_off_the_first_answer(engine, monkeypatch):
+    # With the self judge the judging stage forces nothing (teacher forcing would fail here): r is the observed
+    # first answer's, and the steered answer reuses both prompts the first answer left in the slot.
+    from sda_local.judging.selfscore import SelfJudge
+
+    def no_forcing(*args, **kwargs):
+        raise AssertionError("the self judge teacher-forced the first answer again")
+
+    monkeypatch.setattr(SelfJudge, "ratio", no_forcing)
+    result = align(engine, "Name three fruits.", NO_COMMAS, max_tokens=24, seed=4)
+    monkeypatch.undo()
+    alignment = resolve_alignment(NO_COMMAS)
+    forced = SelfJudge(engine).ratio("Name three fruits.", result.initial_text, alignment)
+    assert result.score == pytest.approx(forced, abs=1e-3) and result.amplifier_source == "judge"
+    s = result.stats
+    assert s.prefill_tokens_with < s.prompt_tokens_with and s.prefill_tokens_without < s.prompt_tokens_without

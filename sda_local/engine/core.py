@@ -167,6 +167,7 @@ class SDAEngine:
         stop: Sequence[str] = (),
         history: Sequence[Tuple[str, str]] = (),
         steering: Optional[Steering] = None,
+        observe: bool = False,
     ) -> GenerationStream:
         """Generate, yielding text pieces as they are decoded.
 
@@ -175,7 +176,11 @@ class SDAEngine:
         ``strength`` is the amplifier a of SPEC.md (0 = prompting with the instruction). ``steering``: how the
         streams are contrasted (steering.Steering; None: DEFAULT_STEERING, steering.PAPER: the paper's formula
         exactly). ``history``: earlier
-        (user, assistant) turns of a conversation. ``stop``: strings that end the answer. A slot's cache
+        (user, assistant) turns of a conversation. ``stop``: strings that end the answer. ``observe`` (with an
+        instruction): the answer is plain generation without the instruction (at ``t0``, as with no instruction
+        and the instruction's system prompt), while the with-instruction stream reads it: the result's
+        ``stats.observed_log_ratio`` is the self judge's r of it, and the slot keeps both prompts cached for an
+        SDA pass that follows (the pipeline's first answer). A slot's cache
         keeps what earlier calls left, and a prompt that extends it prefills only its new tokens; the
         result is the same as from an empty cache (layout.py), so it depends on the arguments alone.
         """
@@ -193,7 +198,7 @@ class SDAEngine:
         return GenerationStream(self, self.request(
             prompt_with, prompt_without, strength=strength, max_tokens=max_tokens, t0=t0, top_p=top_p,
             temperature_mode=temperature_mode, seed=seed, k=k, ignore_eos=ignore_eos, stop=stop,
-            steering=steering, instruction=alignment.instruction if alignment is not None else None))
+            steering=steering, instruction=alignment.instruction if alignment is not None else None, observe=observe))
 
     def request(self, prompt_with: str, prompt_without: Optional[str] = None, *, strength: float = 0.5,
                 max_tokens: int = 256, t0: float = DEFAULT_T0, top_p: float = DEFAULT_TOP_P,
@@ -201,10 +206,10 @@ class SDAEngine:
                 ignore_eos: bool = False, stop: Sequence[str] = (), grammar: Optional[str] = None,
                 greedy: bool = False, capture_logits: bool = False, steering: Optional[Steering] = None,
                 instruction: Optional[str] = None, logprobs: Optional[int] = None,
-                token_stats: bool = False) -> GenerationRequest:
+                token_stats: bool = False, observe: bool = False) -> GenerationRequest:
         """A validated, tokenized request from rendered prompts (``prompt_without`` None: plain).
         ``steering``: how the streams are contrasted (steering.py); its echo guard needs the ``instruction``
-        text. ``grammar``, ``greedy``, ``logprobs``, ``token_stats``: GenerationRequest's."""
+        text. ``grammar``, ``greedy``, ``logprobs``, ``token_stats``, ``observe``: GenerationRequest's."""
         if self.model is None:
             raise ModelError("the engine is closed")
         check_fusion_params(strength, k, t0, temperature_mode)
@@ -218,6 +223,8 @@ class SDAEngine:
             raise InputError("stop must be a string or a list of strings")
         if greedy and (grammar is None or prompt_without is not None):
             raise InputError("greedy decoding is for a grammar-constrained plain completion")
+        if observe and (prompt_without is None or grammar is not None or logprobs is not None):
+            raise InputError("an observed answer needs an instruction, and takes no grammar nor logprobs")
         if grammar is not None:
             check_grammar(self.model, grammar)  # here, so that a server answers 400, not a failed stream
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
@@ -229,7 +236,7 @@ class SDAEngine:
             raise InputError(f"steering must be a Steering, got {steering!r}")
         steering.check()
         guard = InstructionGuard()
-        if steering.reads_instruction and instruction and prompt_without is not None:
+        if steering.reads_instruction and instruction and prompt_without is not None and not observe:
             guard = self.instruction_guard(instruction, steering)
         return GenerationRequest(
             tokens_with=self.tokenize_prompt(prompt_with),
@@ -237,7 +244,7 @@ class SDAEngine:
             max_tokens=max_tokens, seed=seed, strength=float(strength), k=float(k), t0=float(t0),
             top_p=float(top_p), temperature_mode=temperature_mode, ignore_eos=ignore_eos, grammar=grammar,
             greedy=greedy, logprobs=logprobs, token_stats=bool(token_stats),
-            stop=tuple(stop), capture_logits=capture_logits, steering=steering, guard=guard,
+            stop=tuple(stop), capture_logits=capture_logits, steering=steering, guard=guard, observe=bool(observe),
             prompt_with=prompt_with, prompt_without=prompt_without)
 
     def instruction_guard(self, instruction: str, steering: Steering) -> InstructionGuard:
@@ -254,20 +261,22 @@ class SDAEngine:
         once when it ends (from the scheduler's thread: keep it short)."""
         if self.model is None:
             raise ModelError("the engine is closed")
-        steered = request.steered
+        steered = request.fused
         injection = next((i for i in self._injections()
                           if i.seed in (None, request.seed) and (steered or i.row == "with")), None)
         if request.greedy:  # the judge's completions: only seedless injections reach them
             injection = next((i for i in self._injections() if i.seed is None and i.row == "with"), None)
         sampler = RequestSampler(self.model, self._native, request, injection, numpy_fusion=self._numpy_fusion)
         stats = GenerationStats(
-            mode="sda" if steered else "plain", streams=self.streams_mode, fusion_backend=sampler.backend,
+            mode="sda" if steered else "observed" if request.observe else "plain", streams=self.streams_mode,
+            fusion_backend=sampler.backend,
             strength=request.strength if steered else None,
             temperature_mode=request.temperature_mode if steered else None, t0=request.t0, top_p=request.top_p,
             steering=request.steering.to_dict() if steered else None,
             seed=request.seed, prompt_tokens_with=len(request.tokens_with),
-            prompt_tokens_without=len(request.tokens_without) if steered else None,
-            shared_prefix_tokens=common_prefix_length(request.tokens_with, request.tokens_without) if steered else 0,
+            prompt_tokens_without=len(request.tokens_without) if request.steered else None,
+            shared_prefix_tokens=(common_prefix_length(request.tokens_with, request.tokens_without)
+                                  if request.steered else 0),
         )
         job = Job(request, sampler, stats)
         job.listener = listener

@@ -41,6 +41,10 @@ class GenerationRequest:
     token_stats: bool = False
     capture_logits: bool = False
     steering: Steering = PAPER
+    # Observed (with ``tokens_without``): plain generation from the without-instruction prompt, at t0, while the
+    # with-instruction stream reads the same tokens; each token's log-probability under both raw rows is recorded
+    # (GenerationStats.observed_log_ratio: the self judge's r of the answer, with no teacher forcing afterwards).
+    observe: bool = False
     # The instruction in this model's tokens, as the guarded steering reads it (empty: nothing to guard).
     guard: InstructionGuard = field(default_factory=InstructionGuard)
     prompt_with: str = field(default="", repr=False)
@@ -48,7 +52,13 @@ class GenerationRequest:
 
     @property
     def steered(self) -> bool:
+        """Two streams are decoded (SDA, or an observed plain answer)."""
         return self.tokens_without is not None
+
+    @property
+    def fused(self) -> bool:
+        """The two streams' rows are fused (SDA): steered and not observed."""
+        return self.steered and not self.observe
 
     @property
     def inspected(self) -> bool:
@@ -77,7 +87,7 @@ class TokenInfo:
 class GenerationStats:
     """What one generation did. ``fusion_backend`` is "native", "numpy" or None (plain generation)."""
 
-    mode: str  # "sda" or "plain"
+    mode: str  # "sda", "plain", or "observed" (plain from the without-instruction prompt, read with it too)
     streams: str
     fusion_backend: Optional[str]
     strength: Optional[float]
@@ -105,6 +115,8 @@ class GenerationStats:
     # "cancelled" (the caller went away), "error" (the job failed: the error is raised to the caller)
     finish_reason: str = "length"
     steering: Optional[dict] = None  # Steering.to_dict() of an SDA generation
+    # Observed: the mean over the answer's tokens (end of generation excluded) of log p_with - log p_without.
+    observed_log_ratio: Optional[float] = None
 
 
     def to_dict(self) -> dict:

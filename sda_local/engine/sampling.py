@@ -5,6 +5,8 @@
   written once. The nucleus sampler keeps the set llama.cpp's top-p keeps without sorting the vocabulary.
 * SDA, numpy fusion (``fusion_backend="numpy"``): fusion in numpy, then the same [(EOG ban), nucleus].
 * Plain: [guard (refuses NaN/+inf rows, libsda), (EOG ban), nucleus at temperature t0].
+* Observed (the pipeline's first answer): the plain chain on the without-instruction row, and each sampled
+  token's log-probability under both raw rows recorded, for the self judge's r.
 * Without libsda at all: llama.cpp's own temp, top-p and dist in place of the nucleus, and the rows are
   checked in numpy.
 * Greedy grammar (the local judge): [grammar, greedy], the row checked in numpy (the grammar sampler
@@ -73,7 +75,8 @@ class RequestSampler:
         self.last: Optional[TokenInfo] = None  # the last token's figures, when the request asks for them
         self._pre = None  # the inspected path's masks, applied before the logprobs are read
         r = request
-        self._wants_info = r.logprobs is not None or (r.token_stats and r.steered)
+        self._wants_info = r.logprobs is not None or (r.token_stats and r.fused)
+        self._observed = [0.0, 0]  # observed: sum of log p_with - log p_without, tokens counted
         self._echo = None  # the numpy fusion's echo guard (the native sampler keeps its own)
         if r.greedy:
             self.chain = _chain([_grammar(model, r.grammar), llama_cpp.llama_sampler_init_greedy()])
@@ -82,7 +85,7 @@ class RequestSampler:
         if r.inspected:
             self._init_inspected(model, lib, r)
             return
-        if r.steered:
+        if r.fused:
             native_fusion = lib is not None and not numpy_fusion
             self.backend = "native" if native_fusion else "numpy"
             if native_fusion:
@@ -103,12 +106,14 @@ class RequestSampler:
         samplers = [self._head] if self._head is not None else []
         if r.ignore_eos:
             samplers.append(_eog_ban(model))
+        if r.observe:
+            self._plain_sample, self._sample = self._sample, self._sample_observed
         # Plain generation samples at T0; SDA's head already applied its temperature.
-        temperature = 1.0 if r.steered else r.t0
+        temperature = 1.0 if r.fused else r.t0
         if lib is not None:  # temperature, top-p and the draw without a pass each nor sorting the vocabulary
             samplers.append(native.nucleus_sampler_init(lib, r.top_p, r.seed, temperature))
         else:
-            if not r.steered:
+            if not r.fused:
                 samplers.append(llama_cpp.llama_sampler_init_temp(temperature))
             samplers.append(llama_cpp.llama_sampler_init_top_p(r.top_p, 1))
             samplers.append(llama_cpp.llama_sampler_init_dist(r.seed))
@@ -127,7 +132,7 @@ class RequestSampler:
         else:
             self.chain = _chain([llama_cpp.llama_sampler_init_top_p(r.top_p, 1),
                                  llama_cpp.llama_sampler_init_dist(r.seed)])
-        if r.steered:
+        if r.fused:
             self.backend = "numpy"
             self._echo = EchoTracker.of(r.guard, r.steering.echo_run) if r.guard.sources else None
         self._sample = self._sample_inspected
@@ -146,7 +151,7 @@ class RequestSampler:
     def fusion_totals(self, n_steps: int) -> Optional[Tuple[float, float, float, Optional[int]]]:
         """(mean JS, mean temperature, fusion microseconds per token, steps fused in place or None for the numpy
         fusion) over ``n_steps`` sampling steps."""
-        if not self.request.steered or n_steps == 0:
+        if not self.request.fused or n_steps == 0:
             return None
         if self._sda is not None:  # the native sampler keeps its own totals
             s = native.sampler_stats(self.lib, self._sda)
@@ -174,7 +179,9 @@ class RequestSampler:
         if fault is None:  # not ours: llama.cpp's chain sampled nothing
             return ModelError("the sampler chain returned no token; generation stopped")
         value, row, at = fault
-        return generation_stopped(value, row if self.request.steered else None, at)
+        if self.request.observe:  # the chain samples the without-instruction row
+            return generation_stopped(value, "without", at)
+        return generation_stopped(value, row if self.request.fused else None, at)
 
     def _sample_native_sda(self, with_row, without_row) -> int:
         self.lib.sda_sampler_set_rows(self._sda, *with_row, *without_row)
@@ -186,6 +193,23 @@ class RequestSampler:
             self.last = TokenInfo(token, js=float(s.last_js), temperature=float(s.last_temperature),
                                   prompt_top=int(np.argmax(self._row(with_row))))
         return token
+
+    def _sample_observed(self, with_row, without_row) -> int:
+        """The plain chain on the without-instruction row; the token's log-probability under both raw rows."""
+        token = self._plain_sample(without_row, None)
+        if not self.model.is_eog(token):  # the self judge's r is over the answer's tokens, as its forcing was
+            z_with = self._row(with_row)
+            if nonfinite_value(z_with) is not None:
+                raise generation_stopped(nonfinite_value(z_with), "with", self.steps)
+            z_without = self._row(without_row)
+            self._observed[0] += _log_prob(z_with, token) - _log_prob(z_without, token)
+            self._observed[1] += 1
+        return token
+
+    def observed_log_ratio(self) -> Optional[float]:
+        """Observed: the mean of log p_with - log p_without over the answer's tokens (None before any)."""
+        total, n = self._observed
+        return total / n if n else None
 
     def _sample_native(self, with_row, without_row) -> int:
         token = llama_cpp.llama_sampler_sample(self.chain, *with_row)
@@ -283,7 +307,7 @@ class RequestSampler:
     def _sample_inspected(self, with_row, without_row) -> int:
         r = self.request
         js = temperature = prompt_top = None
-        if r.steered:
+        if r.fused:
             logits, temperature, js, z_with = self._fuse_numpy(with_row, without_row)
             prompt_top = int(np.argmax(z_with))
         else:
@@ -314,6 +338,13 @@ class RequestSampler:
                 info.top = _best(log_probs, r.logprobs)
             self.last = info
         return token
+
+
+def _log_prob(row: np.ndarray, token: int) -> float:
+    """log softmax(row)[token], in float64 (the forcing context's log-probabilities are the same)."""
+    z = row.astype(np.float64)
+    top = z.max()
+    return float(z[token] - top - np.log(np.exp(z - top).sum()))
 
 
 def _best(log_probs: np.ndarray, n: int):

@@ -432,6 +432,8 @@ class Scheduler:
                 s.mean_js, s.mean_temperature, s.fusion_us_per_token, s.fusion_steps_in_place = totals
             if job.sampler.steps:
                 s.sampling_us_per_token = job.sampler.sampling_seconds / job.sampler.steps * 1e6
+            if job.request.observe:
+                s.observed_log_ratio = job.sampler.observed_log_ratio()
         job.sampler.free()
         if job.slot is not None and job.slot.job is job:
             job.slot.job = None

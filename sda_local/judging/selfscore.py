@@ -13,10 +13,10 @@ r sets the amplifier by a monotone map (``self_amplifier``): a = 0 while r >= -R
 not make the answer less likely), then linear up to A_MAX at r = -R_FULL and beyond. Both constants come from
 TruthfulQA questions 0-59 (README, "Choosing the judge"; the numbers it reports come from other questions):
 
-* A_MAX = 1.0, the best fixed a of the default (guarded) steering on the IFEval development questions
-  20-25 (of the tuning half, 20-39) (README, "Steering without echo": 41% at a = 0.5, 41% at 0.75, 43% at 1.0, 37% at 2.0, echo and
-  loops within 2 points of prompting up to 1.0). With the paper's formula it was 0.5: there, the seven
-  verifiable instructions' compliance fell beyond it (69% at 0.5, 56% at 1.0) as the text degraded.
+* A_MAX = 0.5, the fixed a chosen for the default steering (parts read, directive capped, onset 8) on the
+  IFEval development questions 20-39 (README, "Steering without echo": compliance 42.0 % at a = 0.5 and 44.6 %
+  at 1.0, but clean compliance 36.2 % against 28.6 %, fluency -1.74 against -2.58, and at 1.0 a type 10 points
+  below prompting alone). It was 1.0 for the echo guard alone (self-v2) and 0.5 for the paper's formula (v1).
 * R_FULL = 0.05: the 10th percentile of -r over the 409 first answers that missed their instruction (median
   0.112): nine in ten of them get the full amplifier, and one the instruction barely changes gets less.
 """
@@ -24,6 +24,7 @@ TruthfulQA questions 0-59 (README, "Choosing the judge"; the numbers it reports 
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -31,8 +32,8 @@ from ..errors import InputError, ModelError
 from ..rubrics import Rubric
 from .replies import Judgement, JudgeError, PairJudgement
 
-VERSION = "self-v2"  # v2: A_MAX 1.0 (v1: 0.5)
-A_MAX = 1.0
+VERSION = "self-v3"  # v3: A_MAX 0.5 for the instruction-reading steering (v2: 1.0, v1: 0.5)
+A_MAX = 0.5
 R_ZERO = 0.0
 R_FULL = 0.05
 
@@ -46,6 +47,7 @@ class SelfJudge:
     """Scores an answer by how much the instruction changes its likelihood under the engine's own model."""
 
     scoring = "self"
+    observes = True  # the pipeline can generate the first answer observed and hand r to judgement()
 
     def __init__(self, engine):
         self.engine = engine
@@ -72,8 +74,15 @@ class SelfJudge:
             raise JudgeError("self judge: it needs the alignment instruction, which this rubric does not carry")
         started = time.perf_counter()
         r = self.ratio(query, answer, rubric.alignment, history)
-        return Judgement(round(r, 6), self.identity, VERSION, f"r = {r:.6f}", time.perf_counter() - started,
-                         scoring="self", amplifier=self_amplifier(r))
+        return self.judgement(r, time.perf_counter() - started)
+
+    def judgement(self, r: Optional[float], seconds: float = 0.0) -> Judgement:
+        """The judgement of a ratio r already known: read off the first answer as it was generated (an
+        observed generation, SDAEngine.stream(observe=True), records it), so nothing is teacher-forced."""
+        if r is None:
+            raise JudgeError("self judge: the answer is empty, so it has no likelihood to compare")
+        return Judgement(round(r, 6), self.identity, VERSION, f"r = {r:.6f}", seconds, scoring="self",
+                         amplifier=self_amplifier(r))
 
     def score_pair(self, query: str, answer_a: str, answer_b: str, rubric: Rubric) -> PairJudgement:
         raise JudgeError("the self judge scores one answer against its instruction and cannot compare two: "

@@ -20,7 +20,7 @@ from ..engine.steering import DEFAULT_STEERING, PAPER, STEERING_MODES
 from ..engine.scheduler import Job
 from ..errors import InputError
 from ..grammars import grammar_for
-from ..pipeline import DEFAULT_STRENGTH, judge_amplifier
+from ..pipeline import DEFAULT_STRENGTH, judge_amplifier, observes
 from ..prompts import PRESETS, Alignment, Prompt, check_text, resolve_alignment
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, SDAOptions
@@ -173,7 +173,12 @@ class GenerationService:
             # is only judged: without a max_tokens it stops at JUDGED_ANSWER_TOKENS, not at the context's end.
             plain = {k: v for k, v in options.items() if k not in ("k", "temperature_mode", "token_stats", "logprobs")}
             plain["max_tokens"] = min(options["max_tokens"], JUDGED_ANSWER_TOKENS)
-            plan.initial = engine.request(prompt_without, None, **plain)
+            if observes(self.judge) and plain.get("grammar") is None:
+                # Observed: the same answer, read by the with-instruction stream too, so the self judge's r comes
+                # with it, and the slot keeps both prompts cached for the steered answer.
+                plan.initial = engine.request(prompt_with, prompt_without, observe=True, **plain)
+            else:
+                plan.initial = engine.request(prompt_without, None, **plain)
         return plan
 
     # -- running --------------------------------------------------------------------------------------
@@ -208,7 +213,7 @@ class GenerationService:
         sda, conv = plan.sda, plan.conversation
         choose = functools.partial(judge_amplifier, self.judge, conv.query, job.text, plan.alignment,
                                    amplifier_map=sda.amplifier_map, on_judge_failure=sda.on_judge_failure,
-                                   history=conv.history)
+                                   history=conv.history, initial_stats=job.stats)
         choice = await asyncio.get_running_loop().run_in_executor(None, choose)  # "error": the JudgeError, raised
         a = choice.amplifier
         report.update(judge=self.judge.identity, rubric_version=choice.rubric_version, amplifier=a,
