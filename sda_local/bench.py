@@ -44,7 +44,7 @@ def _timed(pieces) -> float:
     return (count - 1) / (last - first)
 
 
-def _worker(arm: str, model: str, n_threads: int, tokens: int, n_ctx: int) -> dict:
+def _worker(arm: str, model: str, n_threads: int, tokens: int, n_ctx: int, n_gpu_layers: int = 0) -> dict:
     from . import models
 
     path = str(models.resolve(model, quiet=True))
@@ -58,7 +58,8 @@ def _worker(arm: str, model: str, n_threads: int, tokens: int, n_ctx: int) -> di
         from .hardware import llama_cpp_repack
 
         with llama_cpp_repack():  # the same weight layout as the engine's arms (no AMX repacking on AMX CPUs)
-            llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+            llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                                  n_gpu_layers=n_gpu_layers, verbose=False)
         template = llm.metadata.get("tokenizer.chat_template")
         prompt = PromptFormatter(template, "", "").render(QUESTION_SYSTEM, QUERY)  # the engine's plain prompt
         eos = llm.token_eos()
@@ -85,7 +86,8 @@ def _worker(arm: str, model: str, n_threads: int, tokens: int, n_ctx: int) -> di
 
         streams = "contexts" if arm == "sda-contexts" else "batched"
         backend = "numpy" if arm.endswith("numpy") else "native"
-        engine = SDAEngine(model, n_ctx=n_ctx, n_threads=n_threads, streams=streams, fusion_backend=backend)
+        engine = SDAEngine(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, streams=streams,
+                           fusion_backend=backend)
         instruction = None if arm == "engine-plain" else "helpfulness"
 
         def run(n):
@@ -106,7 +108,7 @@ def _worker(arm: str, model: str, n_threads: int, tokens: int, n_ctx: int) -> di
 
 
 def run_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int, n_ctx: int,
-              progress: Callable[[str], None]) -> dict:
+              progress: Callable[[str], None], n_gpu_layers: int = 0) -> dict:
     from . import models
 
     model_path = str(models.resolve(model).resolve())  # fetch once, with progress, before the workers start
@@ -117,7 +119,8 @@ def run_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int, n
     for r in range(runs):
         for arm in ARMS:
             progress(f"run {r + 1}/{runs}: {arm}")
-            cmd = [sys.executable, "-m", "sda_local.bench", arm, model_path, str(n_threads), str(tokens), str(n_ctx)]
+            cmd = [sys.executable, "-m", "sda_local.bench", arm, model_path, str(n_threads), str(tokens), str(n_ctx),
+                   str(n_gpu_layers)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=package_root)
             if proc.returncode != 0:
                 lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
@@ -148,6 +151,7 @@ def run_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int, n
     return {
         "model": model_path,
         "threads": n_threads,
+        "n_gpu_layers": n_gpu_layers,
         "tokens": tokens,
         "runs": runs,
         "n_ctx": n_ctx,
@@ -164,7 +168,8 @@ def run_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int, n
 
 def format_report(report: dict) -> str:
     lines = [
-        f"model {report['model']}, {report['threads']} threads, {report['tokens']} new tokens, "
+        f"model {report['model']}, {report['threads']} threads, {report.get('n_gpu_layers', 0)} GPU layers, "
+        f"{report['tokens']} new tokens, "
         f"median of {report['runs']} runs, n_ctx {report['n_ctx']}",
         f"{'arm':<20} {'tok/s':>8} {'fusion us/tok':>14} {'chain us/tok':>13} {'peak RSS MB':>12}   runs (tok/s)",
     ]
@@ -190,5 +195,5 @@ def format_report(report: dict) -> str:
 
 if __name__ == "__main__":
     arm, model_arg, threads, n_tokens, ctx = sys.argv[1:6]
-    out = _worker(arm, model_arg, int(threads), int(n_tokens), int(ctx))
+    out = _worker(arm, model_arg, int(threads), int(n_tokens), int(ctx), int(sys.argv[6]) if len(sys.argv) > 6 else 0)
     print(json.dumps(out))

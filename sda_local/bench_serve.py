@@ -124,11 +124,12 @@ def _late_arrival(engine: SDAEngine, tokens: int) -> dict:
 
 
 def run_serve_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int,
-                    progress: Callable[[str], None]) -> dict:
+                    progress: Callable[[str], None], n_gpu_layers: int = 0) -> dict:
     samples: Dict[str, Dict[int, List[float]]] = {"scheduler": {n: [] for n in CONCURRENCY},
                                                   "raw": {n: [] for n in CONCURRENCY}}
     overhead: List[float] = []
-    with SDAEngine(model, n_ctx=1024, n_threads=n_threads, parallel=max(CONCURRENCY)) as engine:
+    with SDAEngine(model, n_ctx=1024, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                   parallel=max(CONCURRENCY)) as engine:
         _scheduler_tps(engine, 1, 16, 0)  # warm-up
         for r in range(runs):
             for n in CONCURRENCY:
@@ -142,7 +143,7 @@ def run_serve_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: 
         model_path = str(engine.model_path)
     med = {arm: {n: statistics.median(v) for n, v in per.items()} for arm, per in samples.items()}
     return {
-        "model": model_path, "threads": n_threads, "tokens": tokens, "runs": runs,
+        "model": model_path, "threads": n_threads, "n_gpu_layers": n_gpu_layers, "tokens": tokens, "runs": runs,
         "tokens_per_second": med,
         "runs_tokens_per_second": {arm: {n: [round(x, 1) for x in v] for n, v in per.items()}
                                    for arm, per in samples.items()},
@@ -160,7 +161,8 @@ def run_serve_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: 
 
 def format_serve_report(report: dict) -> str:
     t, s, raw = report["tokens_per_second"], report["scaling"], report["raw_scaling"]
-    lines = [f"model {report['model']}, {report['threads']} threads, {report['tokens']} tokens per request, "
+    lines = [f"model {report['model']}, {report['threads']} threads, {report.get('n_gpu_layers', 0)} GPU layers, "
+             f"{report['tokens']} tokens per request, "
              f"median of {report['runs']} runs",
              f"{'concurrent SDA requests':<24} {'scheduler tok/s':>16} {'raw limit tok/s':>16} {'x one':>7} "
              f"{'raw x one':>10}"]

@@ -5,14 +5,37 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from sda_local import SDAEngine, models
+from sda_local import SDAEngine, hardware, models
+
+# SDA_LOCAL_TEST_MODEL=PATH: the model tests use this GGUF instead of the default catalogue model (on a machine
+# that cannot fetch it: e.g. benchmarks/synth_model.py's smollm2-135m shape, the default model's size and
+# tokenizer with random weights, so tests that read the real model's text fail there; benchmarks/gpu_check.sh
+# lists them). The servers the tests start get it too, where a test gives none.
+TEST_MODEL = os.environ.get("SDA_LOCAL_TEST_MODEL") or None
+# SDA_LOCAL_TEST_NGL=N: every model the tests load, in this process and in the servers they start, offloads N
+# layers to the GPU (99: all) unless the test asks for some itself; needs a CUDA/Metal llama-cpp-python.
+TEST_NGL = int(os.environ.get("SDA_LOCAL_TEST_NGL") or 0)
+
+if TEST_NGL:
+    _model_params = hardware.model_params
+
+    def _offloaded_model_params(n_gpu_layers: int = 0, repack=None):
+        return _model_params(n_gpu_layers or TEST_NGL, repack)
+
+    hardware.model_params = _offloaded_model_params
 
 
 @pytest.fixture(scope="session")
 def model_path():
+    if TEST_MODEL:
+        path = Path(TEST_MODEL).expanduser()
+        if not path.is_file():
+            pytest.exit(f"SDA_LOCAL_TEST_MODEL: no such file: {path}", returncode=4)
+        return path
     return models.resolve(None)  # fetches SmolLM2-135M-Instruct on first use, verifying its sha256
 
 

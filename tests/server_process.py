@@ -14,9 +14,22 @@ from typing import List, Optional
 import requests
 
 
+def _test_options(args) -> List[str]:
+    """conftest's SDA_LOCAL_TEST_MODEL (where the test gives no model) and SDA_LOCAL_TEST_NGL, as options."""
+    extra = []
+    model = os.environ.get("SDA_LOCAL_TEST_MODEL")
+    if model and not {"-m", "--model"} & set(args):
+        extra += ["-m", model]
+    ngl = int(os.environ.get("SDA_LOCAL_TEST_NGL") or 0)
+    if ngl and "--n-gpu-layers" not in args:
+        extra += ["--n-gpu-layers", str(ngl)]
+    return extra
+
+
 class ServerProcess:
     def __init__(self, *args: str, env: Optional[dict] = None, ready_timeout: float = 120.0):
         exe = os.path.join(os.path.dirname(sys.executable), "sda-local")
+        args = (*args, *_test_options(args))
         self.proc = subprocess.Popen([exe, "serve", "--port", "0", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=dict(os.environ, **(env or {})), text=True)
         self.stderr_lines: List[str] = []

@@ -15,21 +15,26 @@ from .common import main, repack_option
 @click.option("--tokens", default=128, show_default=True, type=click.IntRange(8))
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(256))
+@click.option("--n-gpu-layers", default=0, show_default=True, type=int,
+              help="Layers to offload to the GPU (-1: all) when llama-cpp-python was built with CUDA/Metal; every "
+                   "arm alike.")
 @click.option("--serve", "serve_bench", is_flag=True,
               help="Concurrent SDA requests through the scheduler (1, 2, 4) against the raw decode limit, the "
                    "scheduler's own work per step, and a late request's first-token latency.")
 @click.option("--json", "as_json", is_flag=True)
 @repack_option
-def bench(model, n_threads, tokens, runs, n_ctx, serve_bench, as_json):
+def bench(model, n_threads, tokens, runs, n_ctx, n_gpu_layers, serve_bench, as_json):
     """Speed and memory of plain vs SDA generation (medians of --runs, arms interleaved)."""
     progress = lambda msg: click.echo(msg, err=True)  # noqa: E731
     if serve_bench:
         from ..bench_serve import format_serve_report, run_serve_bench
 
-        report = run_serve_bench(model, n_threads=n_threads, tokens=tokens, runs=runs, progress=progress)
+        report = run_serve_bench(model, n_threads=n_threads, tokens=tokens, runs=runs, progress=progress,
+                                 n_gpu_layers=n_gpu_layers)
         click.echo(json.dumps(report, indent=2) if as_json else format_serve_report(report))
         return
     from ..bench import format_report, run_bench
 
-    report = run_bench(model, n_threads=n_threads, tokens=tokens, runs=runs, n_ctx=n_ctx, progress=progress)
+    report = run_bench(model, n_threads=n_threads, tokens=tokens, runs=runs, n_ctx=n_ctx, progress=progress,
+                       n_gpu_layers=n_gpu_layers)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
