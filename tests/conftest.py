@@ -69,3 +69,44 @@ def run_cli(*args, input_bytes=None, env=None, timeout=300):
     full_env = dict(os.environ, **(env or {}))
     exe = os.path.join(os.path.dirname(sys.executable), "sda-local")
     return subprocess.run([exe, *args], input=input_bytes, capture_output=True, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def rows_batch_invariant(engine):
+    """Whether this CPU's llama.cpp kernels give a row the same logits alone in a ubatch as beside others.
+
+    The scheduler's promise that a job's tokens do not depend on what else runs rests on it (layout.py). It
+    holds where measured (AVX2 AMD EPYC: bit-identical) but not on every CPU: llama.cpp computes an output
+    layer of one row with its vec_dot kernels and of several with llamafile's sgemm, whose rounding differs on
+    some instruction sets. Probed directly: one decode step of sequence 0 alone, then the same step beside
+    three other sequences in one ubatch, on a context like the engine's.
+    """
+    import llama_cpp
+    import numpy as np
+
+    from sda_local.engine.layout import N_BATCH, N_UBATCH, Batch
+
+    model = engine.model
+    ctx = model.new_context(n_ctx=4 * 256, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=2, n_seq_max=4)
+    batch = Batch(N_BATCH)
+    try:
+        memory = llama_cpp.llama_get_memory(ctx)
+        prompts = [model.tokenize(text, add_bos=False, special=False) for text in
+                   ("The capital of France is", "A list of fruits: apple,", "def main():", "Once upon a time")]
+        rows = []
+        for group in ([0], [0, 1, 2, 3]):
+            llama_cpp.llama_memory_clear(memory, True)
+            for seq in range(4):  # each prompt alone, as prefill does when no other row is ready
+                batch.clear()
+                for pos, token in enumerate(prompts[seq][:-1]):
+                    batch.add(token, pos, seq, False)
+                assert llama_cpp.llama_decode(ctx, batch.batch) == 0
+            batch.clear()
+            outputs = {seq: batch.add(prompts[seq][-1], len(prompts[seq]) - 1, seq, True) for seq in group}
+            assert llama_cpp.llama_decode(ctx, batch.batch) == 0
+            row = llama_cpp.llama_get_logits_ith(ctx, outputs[0])
+            rows.append(np.ctypeslib.as_array(row, shape=(model.n_vocab,)).copy())
+        return bool(np.array_equal(rows[0], rows[1]))
+    finally:
+        batch.free()
+        llama_cpp.llama_free(ctx)

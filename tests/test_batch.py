@@ -124,7 +124,7 @@ def test_derived_seeds_never_hit_the_random_seed():
     assert all(0 <= derive_seed(MAX_SEED - 10, n) <= MAX_SEED for n in range(40))
 
 
-def test_parallel_batch_gives_each_line_its_result_alone_in_input_order(tmp_path, model_path):
+def test_parallel_batch_gives_each_line_its_result_alone_in_input_order(tmp_path, model_path, rows_batch_invariant):
     jobs = [{"id": f"q{i}", "query": q, "seed": i, "max_tokens": 12, **extra} for i, (q, extra) in enumerate([
         ("Name a fruit.", {"instruction": None}),
         ("How do I boil an egg?", {"strength": 0.5}),
@@ -142,5 +142,9 @@ def test_parallel_batch_gives_each_line_its_result_alone_in_input_order(tmp_path
         assert proc.returncode == 0, proc.stderr.decode()
         outputs[parallel] = results(out)
     assert [r["id"] for r in outputs["3"]] == [j["id"] for j in jobs]
-    for one, three in zip(outputs["1"], outputs["3"]):
-        assert one["text"] == three["text"] and one.get("amplifier") == three.get("amplifier"), one["id"]
+    assert all(r.get("text") for r in outputs["3"])
+    differing = [one["id"] for one, three in zip(outputs["1"], outputs["3"])
+                 if one["text"] != three["text"] or one.get("amplifier") != three.get("amplifier")]
+    if differing and not rows_batch_invariant:  # the promise's premise fails on this CPU (conftest probes it)
+        pytest.skip(f"this CPU's llama.cpp kernels round a row differently beside others; lines {differing} differ")
+    assert not differing, [(one, three) for one, three in zip(outputs["1"], outputs["3"]) if one["id"] in differing]

@@ -139,7 +139,7 @@ def test_eval_config_verify_arms():
 
 @pytest.mark.parametrize("history", [(), (("What is a fruit?", "A fruit is the seed-bearing part of a plant."),)],
                          ids=["alone", "conversation"])
-def test_the_observed_first_answer_is_plain_generation_and_carries_r(engine, history):
+def test_the_observed_first_answer_is_plain_generation_and_carries_r(engine, history, rows_batch_invariant):
     # The pipeline's first answer for the self judge: the same tokens as plain generation without the instruction
     # (same seed), and the r recorded while generating it equals the r of teacher-forcing it afterwards.
     from sda_local.judging.selfscore import SelfJudge
@@ -148,7 +148,8 @@ def test_the_observed_first_answer_is_plain_generation_and_carries_r(engine, his
     alignment = resolve_alignment(NO_COMMAS)
     plain = engine.generate(query, None, system=alignment.system, seed=4, max_tokens=24, history=history)
     observed = engine.generate(query, NO_COMMAS, observe=True, seed=4, max_tokens=24, history=history)
-    assert observed.tokens == plain.tokens and observed.text == plain.text
+    if rows_batch_invariant:  # two rows in a ubatch against one: equal where the kernels are (conftest probes it)
+        assert observed.tokens == plain.tokens and observed.text == plain.text
     s = observed.stats
     assert s.mode == "observed" and s.fusion_backend is None and s.steering is None
     assert s.prompt_tokens_without < s.prompt_tokens_with
