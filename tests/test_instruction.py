@@ -23,8 +23,9 @@ def lib():
 
 def test_negated_words_are_forbidden_and_quoted_text_is_asked():
     parts = words("Do not include keywords ['sun', 'moon'] in the response.")
-    assert parts["sun"] == parts["moon"] == parts["include"] == FORBIDDEN
-    assert parts["do"] == parts["not"] == DIRECTIVE
+    # The scope names what it forbids: those words; the rest of the clause is directive.
+    assert parts["sun"] == parts["moon"] == FORBIDDEN
+    assert parts["do"] == parts["not"] == parts["include"] == parts["response"] == DIRECTIVE
     parts = words("Include keywords ['sun', 'moon'] in the response.")
     assert parts["sun"] == parts["moon"] == ASKED and parts["include"] == DIRECTIVE
     # A negation inside quoted text is text, not a negation.
@@ -43,6 +44,9 @@ def test_negated_words_are_forbidden_and_quoted_text_is_asked():
     assert parts["price"] == FORBIDDEN and parts["keep"] == parts["words"] == DIRECTIVE
     assert words("Never use commas.")["commas"] == FORBIDDEN
     assert words("Write without any adjectives.")["adjectives"] == FORBIDDEN
+    # A bound is no negation.
+    parts = words("Your response should contain no more than 3 paragraphs. Do not say less than that.")
+    assert parts["paragraphs"] == DIRECTIVE and parts["say"] == FORBIDDEN
 
 
 def test_symbols_are_asked_and_apostrophes_open_no_quote():
@@ -67,6 +71,14 @@ def test_the_guard_in_the_models_tokens(engine):
     for word in (" title", "Add", " add"):
         assert tokenize(word)[0] in guard.capped
     assert not set(guard.capped) & set(guard.forbidden)
+    # Function words and pieces shorter than a word's first 3 letters are neither capped nor forbidden...
+    for text in (" the", "the", " in", "S", " S", "W"):
+        assert tokenize(text)[0] not in guard.capped + guard.forbidden, text
+    # ... unless the instruction names them.
+    named = instruction_guard("Do not include keywords ['and', 'the'] in the response.", tokenize, model.piece,
+                              echo_run=2, read_parts=True, cap_directive=True)
+    assert tokenize(" the")[0] in named.forbidden and tokenize(" and")[0] in named.forbidden
+    assert tokenize(" response")[0] in named.capped
     # The asked title is free to copy: none of its tokens in the first source is guarded; the directive's are.
     flat, run_at = guard.flat_tokens, guard.run_at
     first = list(guard.sources[0])
@@ -131,7 +143,7 @@ def test_capped_and_forbidden_values():
     assert capped[3] - capped[0] == pytest.approx(lp[3] - steered0, abs=1e-4)  # no more than prompting
     assert capped[4] - capped[0] == pytest.approx(free[4] - free[0], abs=1e-4)  # already below it
     assert forbidden[3] - forbidden[0] == pytest.approx(lq[3] - steered0, abs=1e-4)  # min(l_with, l_without)
-    assert forbidden[4] - forbidden[0] == pytest.approx(lp[4] - steered0, abs=1e-4)
+    assert forbidden[4] - forbidden[0] == pytest.approx(free[4] - free[0], abs=1e-4)  # its suppression stays
     assert free[3] > capped[3] > forbidden[3]
 
 

@@ -116,12 +116,13 @@ inline float guard_value(const fusion_result & r, int32_t guard_to, float z_with
     return static_cast<float>(static_cast<double>(z_without) * r.inv_t - r.guard_offset);
 }
 
-// A forbidden token's fused value: min(l_with, l_without) on the fused scale (-inf stays -inf).
+// A forbidden token's fused value: at most min(l_with, l_without) on the fused scale, so the copy the with-prompt
+// makes is never rewarded, while a suppression the steering gave it (below l_with) stays (-inf stays -inf).
 inline float forbid_value(const fusion_result & r, float z_with, float z_without, float fused) {
     if (fused == -std::numeric_limits<float>::infinity()) return fused;
     const double with_value = static_cast<double>(z_with) * r.inv_t - r.prompt_offset;
     const double without_value = static_cast<double>(z_without) * r.inv_t - r.guard_offset;
-    return static_cast<float>(std::min(with_value, without_value));
+    return std::min(fused, static_cast<float>(std::min(with_value, without_value)));
 }
 
 // The guards of one step on the fused logits, in order: capped ids (no more than prompting), the echo guard's

@@ -300,6 +300,7 @@ llama_sampler * sda_sampler_clone(const llama_sampler * smpl) {
         c.echo_tokens = st.echo_tokens;
         c.echo_run_at = st.echo_run_at;
         c.echo_match = st.echo_match;
+        c.guard.step = st.guard.step;  // the onset counts the generation's steps: a clone goes on from here
         c.capped = st.capped;
         c.forbidden = st.forbidden;
     }

@@ -30,7 +30,9 @@ ASKED, FORBIDDEN, DIRECTIVE = "asked", "forbidden", "directive"
 # A quoted span, without line breaks inside (an apostrophe in "don't" opens nothing: the quote must start a word).
 _QUOTED = re.compile(r"(?<![A-Za-z0-9])'[^'\n]+'(?![A-Za-z0-9])|\"[^\"\n]+\"|<<[^>\n]+>>|`[^`\n]+`|«[^»\n]+»|“[^”\n]+”")
 _NEGATION = re.compile(r"\b(?:do not|does not|did not|don't|doesn't|never|not|no|avoid|avoiding|without|"
-                       r"refrain from|exclude|excluding|nor)\b", re.IGNORECASE)
+                       r"refrain from|exclude|excluding|nor)\b"
+                       # "no more than 3 paragraphs", "not less than": a bound, not a negation
+                       r"(?!\s+(?:more|less|fewer|longer|shorter|later|earlier)\s+than\b)", re.IGNORECASE)
 # A negation's scope ends with its clause: a sentence end, a semicolon or a line break.
 _CLAUSE_END = re.compile(r"[.;!?](?=\s|$)|\n")
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
@@ -43,6 +45,15 @@ _NAMED_PHRASE = re.compile(r"\bphrase\s*:?\s+(.+?)(?=[.;!](?:\s|$)|\n|$)", re.IG
 # Words shorter than this are neither capped nor forbidden: "a", "of", "is" carry no instruction, and a capped
 # "P" would hold back "P.S." too.
 MIN_GUARDED_WORD = 3
+# Function words are neither capped nor forbidden unless the instruction names them ("Do not include keywords
+# ['and', 'the']"): holding back " the" or " any" at every step says nothing about the instruction.
+STOPWORDS = frozenset("""
+    about above after again all also and any are because been before being below both but can could did does
+    doing each few for from further had has have having her here hers him his how into its itself just may
+    might more most must nor not off once only other our ours out over own same she should some such than that
+    the their them then there these they this those through too under until use used uses using very was were
+    what when where which while who whom why will with would you your yours
+""".split())
 
 
 def read(instruction: str) -> List[str]:
@@ -63,23 +74,26 @@ def read(instruction: str) -> List[str]:
             continue
         end = _CLAUSE_END.search(instruction, m.end())
         stop = end.start() if end else len(instruction)
-        for i in range(m.end(), stop):
-            if instruction[i].isalnum():  # the words in scope, not its quotes and brackets
-                parts[i] = FORBIDDEN
+        scope = [i for i in range(m.end(), stop) if instruction[i].isalnum()]  # its words, not quotes nor brackets
+        # Where the scope names what it forbids ("Do not include keywords ['sun']"), that is what is forbidden and
+        # the rest is directive; else every word in scope is ("Do not use any commas").
+        named = [i for i in scope if parts[i] == ASKED]
+        for i in named or scope:
+            parts[i] = FORBIDDEN
     return parts
 
 
 def words(instruction: str) -> Dict[str, str]:
-    """Each word of the instruction (lowercase) and its part. A word is FORBIDDEN only where every occurrence
-    is in a negation's scope (in "No other words should follow this phrase", "other" may still belong to the
-    phrase asked for), else ASKED where some occurrence is asked text, else DIRECTIVE."""
+    """Each word of the instruction (lowercase) and its part: ASKED where some occurrence is asked text (in "No
+    other words should follow this phrase", "other" may still belong to the phrase asked for), else FORBIDDEN
+    where some occurrence is forbidden ("Do not include keywords ['the'] in the response"), else DIRECTIVE."""
     parts = read(instruction)
     seen: Dict[str, set] = {}
     for m in _WORD.finditer(instruction):
         span = parts[m.start():m.end()]
         part = FORBIDDEN if FORBIDDEN in span else ASKED if all(p == ASKED for p in span) else DIRECTIVE
         seen.setdefault(m.group(0).lower(), set()).add(part)
-    return {word: FORBIDDEN if found == {FORBIDDEN} else ASKED if ASKED in found else DIRECTIVE
+    return {word: ASKED if ASKED in found else FORBIDDEN if FORBIDDEN in found else DIRECTIVE
             for word, found in seen.items()}
 
 
@@ -132,16 +146,29 @@ def _token_parts(text: str, tokens: Sequence[int], piece: Callable[[int], bytes]
     return out
 
 
-def _first_tokens(word: str, tokenize: Callable[[str], List[int]]) -> List[int]:
-    """The first token of the word as an answer may write it: lowercase, capitalised or as given, at the start
-    of a line or after a space."""
+def _first_tokens(word: str, tokenize: Callable[[str], List[int]], piece: Callable[[int], bytes]) -> List[int]:
+    """The first token of the word as an answer may write it: lowercase, capitalised or upper case, at the start
+    of a line or after a space; only where that token spells the word, or at least MIN_GUARDED_WORD characters
+    of it (the "S" that starts "SHOULD" starts a thousand other words)."""
     out = []
-    for form in dict.fromkeys((word, word.lower(), word.capitalize(), word.upper())):
+    for form in dict.fromkeys((word, word.capitalize(), word.upper())):
         for text in (form, " " + form):
             tokens = tokenize(text)
-            if tokens and tokens[0] not in out:
+            if not tokens or tokens[0] in out:
+                continue
+            spelled = piece(tokens[0]).decode("utf-8", "replace").replace("\u2581", " ").strip()
+            if len(spelled) >= min(len(form), MIN_GUARDED_WORD):
                 out.append(tokens[0])
     return out
+
+
+def _named_words(instruction: str) -> set:
+    """The words an instruction quotes or names ("the word X"), lowercase."""
+    named = set()
+    for pattern in (_QUOTED, _NAMED_WORD):
+        for m in pattern.finditer(instruction):
+            named.update(w.lower() for w in _WORD.findall(m.group(m.lastindex or 0)))
+    return named
 
 
 def instruction_guard(instruction: str, tokenize: Callable[[str], List[int]], piece: Callable[[int], bytes], *,
@@ -166,13 +193,14 @@ def instruction_guard(instruction: str, tokenize: Callable[[str], List[int]], pi
     capped: List[int] = []
     forbidden: List[int] = []
     if read_parts:
+        named = _named_words(instruction)
         for word, part in words(instruction).items():
-            if len(word) < MIN_GUARDED_WORD:
+            if len(word) < MIN_GUARDED_WORD or (word in STOPWORDS and word not in named):
                 continue
             if part == FORBIDDEN:
-                forbidden.extend(_first_tokens(word, tokenize))
+                forbidden.extend(_first_tokens(word, tokenize, piece))
             elif part == DIRECTIVE and cap_directive:
-                capped.extend(_first_tokens(word, tokenize))
+                capped.extend(_first_tokens(word, tokenize, piece))
     forbidden_set = set(forbidden)
     return InstructionGuard(tuple(sources), tuple(run_at),
                             tuple(sorted(set(capped) - forbidden_set)), tuple(sorted(forbidden_set)))

@@ -142,7 +142,7 @@ def fuse_steered_numpy(logits_with: np.ndarray, logits_without: np.ndarray, stre
                        capped: Sequence[int] = (), forbidden: Sequence[int] = ()) -> Tuple[np.ndarray, float, float]:
     """The fusion of ``fusion.fuse_numpy`` with ``steering``'s bounds; ``guarded``: the echo guard's token ids
     at this step; ``capped``: ids never amplified beyond prompting, min(l, l_with); ``forbidden``: ids held to
-    min(l_with, l_without) (instruction.InstructionGuard; applied in that order: capped, guarded, forbidden).
+    at most min(l_with, l_without) (instruction.InstructionGuard; applied in that order: capped, guarded, forbidden).
     Returns (log_probs float32, temperature, js). The temperature comes from the JS divergence of the two raw
     distributions, as in the paper."""
     log_p, log_q, js = log_probs_and_js(logits_with, logits_without)
@@ -159,7 +159,7 @@ def fuse_steered_numpy(logits_with: np.ndarray, logits_without: np.ndarray, stre
     if len(capped) and g > 0:
         ids = np.unique(np.asarray(capped, dtype=np.int64))
         steered[ids] = np.minimum(steered[ids], log_p[ids])
-    if guarded is not None and len(guarded) and g > 0:  # a = 0: prompting
+    if guarded is not None and len(guarded) and g > 0 and steering.echo_run > 0:  # a = 0: prompting
         ids = np.unique(guarded)
         if steering.guard_to == "prompt":
             steered[ids] = np.minimum(steered[ids], log_p[ids])
@@ -167,7 +167,7 @@ def fuse_steered_numpy(logits_with: np.ndarray, logits_without: np.ndarray, stre
             steered[ids] = np.where(np.isneginf(steered[ids]), -np.inf, log_q[ids])
     if len(forbidden) and g > 0:
         ids = np.unique(np.asarray(forbidden, dtype=np.int64))
-        steered[ids] = np.where(np.isneginf(steered[ids]), -np.inf, np.minimum(log_p[ids], log_q[ids]))
+        steered[ids] = np.minimum(steered[ids], np.minimum(log_p[ids], log_q[ids]))
     temperature = temperature_for(js, t0, temperature_mode)
     with np.errstate(invalid="ignore"):
         fused = log_softmax(steered / temperature)
