@@ -127,6 +127,13 @@ else
     FRESH=${GPU_CHECK_FRESH:-0}
 fi
 [ "$FRESH" = 0 ] || rm -f "$RESULTS"/*
+# Results kept from an earlier call hold only for the same code: a changed tree forgets them.
+TREE=$(cd "$ROOT" && find sda_local native tests benchmarks -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.hpp' \
+    -o -name '*.h' -o -name '*.sh' -o -name 'CMakeLists.txt' \) -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+if [ -f "$RESULTS/tree.txt" ] && [ "$(cat "$RESULTS/tree.txt")" != "$TREE" ]; then
+    rm -f "$RESULTS"/*
+fi
+echo "$TREE" >"$RESULTS/tree.txt"
 TEST_FILES=${GPU_CHECK_TESTS:-tests/test_engine.py tests/test_fusion.py tests/test_sda_sampler.py tests/test_nucleus.py tests/test_scheduler.py tests/test_server.py}
 # Tests that read the real SmolLM2's text or name (an answer that ends, a digit it writes, a judge's score, its
 # file name): the synthetic model has its size and tokenizer but random weights, so these cannot pass on it.

@@ -123,6 +123,8 @@ class SDAEngine:
         self.formatter = PromptFormatter(self.model.chat_template, self.model.bos_token, self.model.eos_token)
         self._native = native.library()  # also the guard and nucleus samplers, whatever fuses
         self._numpy_fusion = fusion_backend == "numpy" or self._native is None
+        # instruction_guard's results (a few dozen tokenizations each; a server sees the same presets again and again)
+        self._guards: dict = {}
         if fusion_backend == "native" and self._native is None:
             raise InputError(f"the native fusion library is not loaded: {native.load_error()}")
         # One computation at a time on these weights: the scheduler's decodes and the judges' teacher
@@ -251,9 +253,16 @@ class SDAEngine:
         """The instruction as ``steering`` reads it, in this model's tokens (instruction.py): its token sequences
         as an answer may copy them (at the start of a line, as the with-prompt has it after the query, and after
         a space), each token's echo-guard run length, and the ids capped or forbidden by its parts."""
-        return instruction_guard(instruction, lambda text: self.model.tokenize(text, add_bos=False, special=False),
-                                 self.model.piece, echo_run=steering.echo_run, read_parts=steering.parts,
-                                 cap_directive=steering.cap)
+        key = (instruction, steering.echo_run, steering.parts, steering.cap)
+        guard = self._guards.get(key)
+        if guard is None:
+            guard = instruction_guard(instruction, lambda text: self.model.tokenize(text, add_bos=False, special=False),
+                                      self.model.piece, echo_run=steering.echo_run, read_parts=steering.parts,
+                                      cap_directive=steering.cap)
+            if len(self._guards) >= 256:  # custom instructions of many clients: keep it bounded
+                self._guards.clear()
+            self._guards[key] = guard
+        return guard
 
     def submit(self, request: GenerationRequest, *, listener=None) -> Job:
         """Queue a request in the scheduler; follow it with ``scheduler.pieces(job)`` or ``scheduler.wait``,
