@@ -198,10 +198,20 @@ def _align_stream(
     engine.stream(query, instruction, strength=strength or 0.0, temperature_mode=temperature_mode,
                   **generate_options)
 
+    held = []  # the observed first answer's job, whose slot waits for the steered pass
+
     def run():
+        try:
+            return (yield from steps())
+        finally:  # a failure or a closed stream between the two passes frees the slot at once
+            for job in held:
+                engine.scheduler.release(job)
+
+    def steps():
         stages = {}
         result_fields = dict(instruction=alignment.instruction, amplifier_map=None)
         mode = temperature_mode
+        follows = None
         if strength is not None:
             a, source = strength, "strength"
         elif judge is None:
@@ -209,7 +219,12 @@ def _align_stream(
         else:
             started = time.perf_counter()
             if observes(judge):  # generated as always, read by the with-instruction stream too: r comes with it
-                initial = engine.generate(query, instruction, observe=True, **generate_options)
+                # The slot is held from its end to the steered pass, which finds both prompts in its cache.
+                first = engine.stream(query, instruction, observe=True, hold=True, **generate_options)
+                for _ in first:
+                    pass
+                initial, follows = first.result, first.job
+                held.append(follows)
             else:
                 initial = engine.generate(query, None, **{**generate_options, "system": alignment.system})
             stages["initial"] = time.perf_counter() - started
@@ -232,7 +247,8 @@ def _align_stream(
                 on_warning(f"judge failed: {choice.failure}; {choice.note}")
         started = time.perf_counter()
         # The SDA pass reuses the cache the initial answer left in the slot: both prompts when it was observed.
-        stream = engine.stream(query, instruction, strength=a, temperature_mode=mode, **generate_options)
+        stream = engine.stream(query, instruction, strength=a, temperature_mode=mode, follows=follows,
+                               **generate_options)
         yield from stream
         stages["sda"] = time.perf_counter() - started
         final = stream.result

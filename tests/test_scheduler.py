@@ -135,3 +135,48 @@ def test_text_assembler_joins_split_utf8():
     t = TextAssembler()
     data = "né".encode()
     assert t.feed(data[:2]) == "n" and t.feed(data[2:]) == "é" and t.finish() == "" and t.text == "né"
+
+
+NO_COMMAS = "Do not use any commas in your answer."
+
+
+def _held_then_queued(engine, *, hold):
+    """An observed first answer (holding its slot or not), then another request queued behind the only slot,
+    then the steered pass that follows the first answer: (first, other, follow-up) jobs, all done."""
+    engine.reset_caches()
+    first = engine.stream("Name three fruits.", NO_COMMAS, observe=True, hold=hold, seed=1, max_tokens=8)
+    list(first)
+    other = engine.submit(engine.request(engine.render(None, "Describe a cat in detail."), None, seed=2,
+                                         max_tokens=4))
+    follow = engine.stream("Name three fruits.", NO_COMMAS, strength=0.5, follows=first.job if hold else None,
+                           seed=1, max_tokens=8)
+    list(follow)
+    engine.scheduler.wait(other)
+    return first.job, other, follow.job
+
+
+def test_a_held_slot_waits_for_the_follow_up_that_reuses_its_cache(engine):
+    assert engine.scheduler.slots and len(engine.scheduler.slots) == 1  # the session engine: one slot
+    first, other, follow = _held_then_queued(engine, hold=True)
+    s = follow.stats
+    # Both prompts were left in the slot by the observed first answer, and the steered pass found them there...
+    assert s.cached_tokens == (s.prompt_tokens_with - 1) + (s.prompt_tokens_without - 1)
+    # ... though the other request was queued first: it was admitted only once the follow-up had the slot.
+    assert other._admitted > follow._admitted
+    assert all(slot.held_by is None for slot in engine.scheduler.slots)
+    # Without the hold, the queued request takes the slot first and the steered pass prefills again.
+    _, other, unheld = _held_then_queued(engine, hold=False)
+    assert unheld._admitted > other._admitted
+    assert unheld.stats.cached_tokens < s.cached_tokens
+
+
+def test_release_frees_a_held_slot(engine):
+    engine.reset_caches()
+    first = engine.stream("Name three fruits.", NO_COMMAS, observe=True, hold=True, seed=1, max_tokens=4)
+    list(first)
+    assert [slot.held_by for slot in engine.scheduler.slots] == [first.job]
+    engine.scheduler.release(first.job)
+    assert all(slot.held_by is None for slot in engine.scheduler.slots)
+    engine.scheduler.release(first.job)  # twice: nothing
+    with pytest.raises(Exception, match="follows must be"):
+        engine.request("x", None, follows="not a job")

@@ -438,3 +438,24 @@ def test_completions_take_a_raw_prompt(server, engine):
     # The instruction has no special-token text: the same tokens as the whole string.
     expected = engine.model.tokenize(instruction + "\n\n" + raw, add_bos=False, special=True)
     assert steered["usage"]["prompt_tokens"] == len(expected)
+
+
+def test_judged_requests_under_load_keep_their_slot_for_the_steered_answer():
+    # One slot, three judged requests at once: each observed first answer holds the slot for its own steered
+    # answer, which finds its with-prompt cached whole, though two other requests were queued before it.
+    from concurrent.futures import ThreadPoolExecutor
+
+    questions = ["Name three fruits.", "Why is the sky blue?", "How do plants grow?"]
+    with ServerProcess("--parallel", "1", "-c", "1024", "--threads", "2", "--queue", "8") as one_slot:
+        client = openai_client(one_slot)
+
+        def ask(question):
+            return client.chat.completions.create(
+                model="any", messages=[{"role": "user", "content": question}], max_tokens=8, seed=3,
+                extra_body={"sda": {"align": "Do not use any commas in your answer."}})
+
+        with ThreadPoolExecutor(len(questions)) as pool:
+            answers = list(pool.map(ask, questions))
+    for r in answers:
+        assert r.model_extra["sda"]["judge"] is not None  # judged: the server's self judge set a
+        assert r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1, r.usage

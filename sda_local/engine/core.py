@@ -170,6 +170,8 @@ class SDAEngine:
         history: Sequence[Tuple[str, str]] = (),
         steering: Optional[Steering] = None,
         observe: bool = False,
+        hold: bool = False,
+        follows: Optional[Job] = None,
     ) -> GenerationStream:
         """Generate, yielding text pieces as they are decoded.
 
@@ -182,7 +184,9 @@ class SDAEngine:
         instruction): the answer is plain generation without the instruction (at ``t0``, as with no instruction
         and the instruction's system prompt), while the with-instruction stream reads it: the result's
         ``stats.observed_log_ratio`` is the self judge's r of it, and the slot keeps both prompts cached for an
-        SDA pass that follows (the pipeline's first answer). A slot's cache
+        SDA pass that follows (the pipeline's first answer). ``hold``: the slot stays
+        reserved when the answer ends, for a request that ``follows`` this one's job (``GenerationStream.job``;
+        ``engine.scheduler.release(job)`` frees it if none comes). A slot's cache
         keeps what earlier calls left, and a prompt that extends it prefills only its new tokens; the
         result is the same as from an empty cache (layout.py), so it depends on the arguments alone.
         """
@@ -200,7 +204,8 @@ class SDAEngine:
         return GenerationStream(self, self.request(
             prompt_with, prompt_without, strength=strength, max_tokens=max_tokens, t0=t0, top_p=top_p,
             temperature_mode=temperature_mode, seed=seed, k=k, ignore_eos=ignore_eos, stop=stop,
-            steering=steering, instruction=alignment.instruction if alignment is not None else None, observe=observe))
+            steering=steering, instruction=alignment.instruction if alignment is not None else None, observe=observe,
+            hold=hold, follows=follows))
 
     def request(self, prompt_with: str, prompt_without: Optional[str] = None, *, strength: float = 0.5,
                 max_tokens: int = 256, t0: float = DEFAULT_T0, top_p: float = DEFAULT_TOP_P,
@@ -208,10 +213,11 @@ class SDAEngine:
                 ignore_eos: bool = False, stop: Sequence[str] = (), grammar: Optional[str] = None,
                 greedy: bool = False, capture_logits: bool = False, steering: Optional[Steering] = None,
                 instruction: Optional[str] = None, logprobs: Optional[int] = None,
-                token_stats: bool = False, observe: bool = False) -> GenerationRequest:
+                token_stats: bool = False, observe: bool = False, hold: bool = False,
+                follows: Optional[Job] = None) -> GenerationRequest:
         """A validated, tokenized request from rendered prompts (``prompt_without`` None: plain).
         ``steering``: how the streams are contrasted (steering.py); its echo guard needs the ``instruction``
-        text. ``grammar``, ``greedy``, ``logprobs``, ``token_stats``, ``observe``: GenerationRequest's."""
+        text. ``grammar``, ``greedy``, ``logprobs``, ``token_stats``, ``observe``, ``hold``, ``follows``: GenerationRequest's."""
         if self.model is None:
             raise ModelError("the engine is closed")
         check_fusion_params(strength, k, t0, temperature_mode)
@@ -225,6 +231,8 @@ class SDAEngine:
             raise InputError("stop must be a string or a list of strings")
         if greedy and (grammar is None or prompt_without is not None):
             raise InputError("greedy decoding is for a grammar-constrained plain completion")
+        if follows is not None and not isinstance(follows, Job):
+            raise InputError("follows must be the Job of an earlier request (GenerationStream.job)")
         if observe and (prompt_without is None or grammar is not None or logprobs is not None):
             raise InputError("an observed answer needs an instruction, and takes no grammar nor logprobs")
         if grammar is not None:
@@ -247,6 +255,7 @@ class SDAEngine:
             top_p=float(top_p), temperature_mode=temperature_mode, ignore_eos=ignore_eos, grammar=grammar,
             greedy=greedy, logprobs=logprobs, token_stats=bool(token_stats),
             stop=tuple(stop), capture_logits=capture_logits, steering=steering, guard=guard, observe=bool(observe),
+            hold=bool(hold), follows=follows,
             prompt_with=prompt_with, prompt_without=prompt_without)
 
     def instruction_guard(self, instruction: str, steering: Steering) -> InstructionGuard:

@@ -45,6 +45,10 @@ class GenerationRequest:
     # with-instruction stream reads the same tokens; each token's log-probability under both raw rows is recorded
     # (GenerationStats.observed_log_ratio: the self judge's r of the answer, with no teacher forcing afterwards).
     observe: bool = False
+    # Hold: when the job ends with its answer, its slot stays reserved (with both prompts cached) for the request
+    # that ``follows`` it: the pipeline's steered pass after its first answer (Scheduler.release frees it else).
+    hold: bool = False
+    follows: Optional[object] = field(default=None, repr=False, compare=False)  # a Job that held its slot
     # The instruction in this model's tokens, as the guarded steering reads it (empty: nothing to guard).
     guard: InstructionGuard = field(default_factory=InstructionGuard)
     prompt_with: str = field(default="", repr=False)

@@ -39,6 +39,10 @@ from .text import TextAssembler
 log = logging.getLogger("sda_local.scheduler")
 
 QUEUED, PREFILL, DECODE, DONE = "queued", "prefill", "decode", "done"
+# A held slot whose follow-up has not come by then is freed (the pipeline releases it itself; this is the net
+# under a caller that did not). The hold only spans the judging of an observed first answer: no work at all.
+HOLD_SECONDS = 5.0
+IDLE_WAIT = 0.05  # seconds a driver waits when only held slots stand between the queue and the decode
 
 
 def _lanes_for(slot: "Slot", request: GenerationRequest) -> List[tuple]:
@@ -59,6 +63,12 @@ class Slot:
         self.locations = [layout.location(index, WITH), layout.location(index, WITHOUT)]
         self.cached: List[List[int]] = [[], []]  # tokens in each stream's cache, position by position
         self.job: Optional["Job"] = None
+        self.held_by: Optional["Job"] = None  # a finished job whose follow-up this slot waits for
+        self.held_since = 0.0
+
+    @property
+    def free(self) -> bool:
+        return self.job is None and self.held_by is None
 
 
 class Job:
@@ -176,12 +186,23 @@ class Scheduler:
             if ended_here:
                 self._tell([job])
                 return
+            ran = False
             try:
-                self.step()
+                ran = self.step()
             finally:
                 with self._cond:
                     self._driving = False
                     self._cond.notify_all()
+                    if not ran and not ready():  # only held slots stand in the way: wait for a follow-up
+                        self._cond.wait(IDLE_WAIT)
+
+    def release(self, job: Job) -> None:
+        """Free the slot ``job`` holds for a follow-up (nothing when its follow-up has taken it, or it holds none)."""
+        with self._cond:
+            for slot in self.slots:
+                if slot.held_by is job:
+                    slot.held_by = None
+            self._cond.notify_all()
 
     def pieces(self, job: Job):
         """The job's text pieces as they come (a TokenInfo's text, when the request asked for them); raises its
@@ -238,14 +259,17 @@ class Scheduler:
                 if self._stopping and not self._has_work():
                     return
                 self._driving = True
+            ran = True
             try:
-                self.step()
+                ran = self.step()
             except Exception:  # step() has failed its jobs already; the driver lives on for the others
                 log.exception("scheduler step failed")
             finally:
                 with self._cond:
                     self._driving = False
                     self._cond.notify_all()
+                    if not ran:  # queued work behind held slots only: wait for a follow-up or a release
+                        self._cond.wait(IDLE_WAIT)
 
     # -- one step -----------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -296,8 +320,18 @@ class Scheduler:
         return True
 
     def _admit(self) -> None:
+        now = time.perf_counter()
+        for slot in self.slots:
+            if slot.held_by is not None and now - slot.held_since > HOLD_SECONDS:
+                slot.held_by = None
+        for job in [j for j in self._queue if j.request.follows is not None]:  # follow-ups go to their held slot
+            slot = next((s for s in self.slots if s.held_by is not None and s.held_by is job.request.follows), None)
+            if slot is not None:
+                self._queue.remove(job)
+                slot.held_by = None
+                self._place(job, slot, _lanes_for(slot, job.request))
         while self._queue:
-            free = [s for s in self.slots if s.job is None]
+            free = [s for s in self.slots if s.free]
             if not free:
                 return
             job = self._queue.popleft()
@@ -306,21 +340,25 @@ class Scheduler:
             slot, lanes, reused = max(options, key=lambda o: o[2])  # max keeps the lowest slot among equals
             if 2 * reused < sum(len(p) for p in job.request.prompts):
                 slot, lanes, _ = options[0]
-            slot.job, job.slot, job.state, job._lanes = job, slot, PREFILL, lanes
-            job._admitted = time.perf_counter()
-            job.stats.queued_seconds = job._admitted - job._submitted
-            kept = []
-            for stream, prompt in lanes:
-                keep = min(common_prefix_length(slot.cached[stream], prompt), len(prompt) - 1)
-                if len(slot.cached[stream]) > keep:
-                    self.layout.forget(slot.locations[stream], keep)
-                    del slot.cached[stream][keep:]
-                job._next[stream] = keep
-                kept.append(keep)
-            job.stats.cached_tokens = sum(kept)
-            job.stats.prefill_tokens_with = len(lanes[0][1]) - kept[0]
-            if job.request.steered:
-                job.stats.prefill_tokens_without = len(lanes[1][1]) - kept[1]
+            self._place(job, slot, lanes)
+
+    def _place(self, job: Job, slot: Slot, lanes: List[tuple]) -> None:
+        """Admit ``job`` into ``slot``: the cached prefix of each lane is kept, the rest of the cache dropped."""
+        slot.job, job.slot, job.state, job._lanes = job, slot, PREFILL, lanes
+        job._admitted = time.perf_counter()
+        job.stats.queued_seconds = job._admitted - job._submitted
+        kept = []
+        for stream, prompt in lanes:
+            keep = min(common_prefix_length(slot.cached[stream], prompt), len(prompt) - 1)
+            if len(slot.cached[stream]) > keep:
+                self.layout.forget(slot.locations[stream], keep)
+                del slot.cached[stream][keep:]
+            job._next[stream] = keep
+            kept.append(keep)
+        job.stats.cached_tokens = sum(kept)
+        job.stats.prefill_tokens_with = len(lanes[0][1]) - kept[0]
+        if job.request.steered:
+            job.stats.prefill_tokens_without = len(lanes[1][1]) - kept[1]
 
     def _plan(self, jobs: List[Job]) -> List[Job]:
         """Fill the batches; returns the jobs that sample in this step."""
@@ -437,6 +475,8 @@ class Scheduler:
         job.sampler.free()
         if job.slot is not None and job.slot.job is job:
             job.slot.job = None
+            if job.request.hold and job.error is None and reason in ("stop", "length") and not self._stopping:
+                job.slot.held_by, job.slot.held_since = job, now  # kept, cache and all, for its follow-up
         job.state = DONE
 
     def _publish(self, jobs: List[Job]) -> None:
@@ -461,6 +501,7 @@ class Scheduler:
             self.layout.clear()
             for slot in self.slots:
                 slot.cached = [[], []]
+                slot.held_by = None
 
     def close(self) -> None:
         self.stop()

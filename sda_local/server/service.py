@@ -176,7 +176,8 @@ class GenerationService:
             if observes(self.judge) and plain.get("grammar") is None:
                 # Observed: the same answer, read by the with-instruction stream too, so the self judge's r comes
                 # with it, and the slot keeps both prompts cached for the steered answer.
-                plan.initial = engine.request(prompt_with, prompt_without, observe=True, **plain)
+                # The slot is held from its end to the steered answer's start (Plan.run).
+                plan.initial = engine.request(prompt_with, prompt_without, observe=True, hold=True, **plain)
             else:
                 plan.initial = engine.request(prompt_without, None, **plain)
         return plan
@@ -190,6 +191,9 @@ class GenerationService:
             try:
                 async for delta in judging:
                     yield delta
+            except BaseException:  # the steered answer will not follow: the slot the first answer holds is freed
+                self._release(plan)
+                raise
             finally:  # closed now, not by the garbage collector: that cancels the first answer's job
                 await judging.aclose()
         plan.job, deltas = self._start(plan.request)
@@ -198,11 +202,18 @@ class GenerationService:
                 yield delta
         finally:
             await deltas.aclose()  # cancels the job first, if it is still running, then accounts for it
+            self._release(plan)  # nothing when the steered answer took the slot; freed if it was cancelled first
             self._account(plan, plan.job)
+
+    def _release(self, plan: Plan) -> None:
+        if plan.request.follows is not None:
+            self.engine.scheduler.release(plan.request.follows)
 
     async def _judge(self, plan: Plan) -> AsyncIterator[Delta]:
         show = plan.sda.show_judging
         job, deltas = self._start(plan.initial, reasoning=True)
+        if plan.initial.hold:
+            plan.request.follows = job  # the steered answer takes the slot this one holds when it ends
         try:
             async for delta in deltas:
                 if show:
