@@ -78,8 +78,8 @@ def rows_batch_invariant(engine):
     The scheduler's promise that a job's tokens do not depend on what else runs rests on it (layout.py). It
     holds where measured (AVX2 AMD EPYC: bit-identical) but not on every CPU: llama.cpp computes an output
     layer of one row with its vec_dot kernels and of several with llamafile's sgemm, whose rounding differs on
-    some instruction sets. Probed directly: one decode step of sequence 0 alone, then the same step beside
-    three other sequences in one ubatch, on a context like the engine's.
+    some instruction sets. Probed directly: one decode step of sequence 0 alone, then the same step beside one
+    and beside five other sequences in one ubatch, on a context like the engine's (its KV cache type).
     """
     import llama_cpp
     import numpy as np
@@ -87,16 +87,19 @@ def rows_batch_invariant(engine):
     from sda_local.engine.layout import N_BATCH, N_UBATCH, Batch
 
     model = engine.model
-    ctx = model.new_context(n_ctx=4 * 256, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=2, n_seq_max=4)
+    n_seq = 6  # up to the rows the tests that rely on it decode at once (three SDA jobs)
+    ctx = model.new_context(n_ctx=n_seq * 256, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=2, n_seq_max=n_seq,
+                            kv=engine.kv)
     batch = Batch(N_BATCH)
     try:
         memory = llama_cpp.llama_get_memory(ctx)
         prompts = [model.tokenize(text, add_bos=False, special=False) for text in
-                   ("The capital of France is", "A list of fruits: apple,", "def main():", "Once upon a time")]
+                   ("The capital of France is", "A list of fruits: apple,", "def main():", "Once upon a time",
+                    "The weather today", "Dear Sir or Madam,")]
         rows = []
-        for group in ([0], [0, 1, 2, 3]):
+        for group in ([0], [0, 1], list(range(n_seq))):
             llama_cpp.llama_memory_clear(memory, True)
-            for seq in range(4):  # each prompt alone, as prefill does when no other row is ready
+            for seq in range(n_seq):  # each prompt alone, as prefill does when no other row is ready
                 batch.clear()
                 for pos, token in enumerate(prompts[seq][:-1]):
                     batch.add(token, pos, seq, False)
@@ -106,7 +109,7 @@ def rows_batch_invariant(engine):
             assert llama_cpp.llama_decode(ctx, batch.batch) == 0
             row = llama_cpp.llama_get_logits_ith(ctx, outputs[0])
             rows.append(np.ctypeslib.as_array(row, shape=(model.n_vocab,)).copy())
-        return bool(np.array_equal(rows[0], rows[1]))
+        return all(np.array_equal(rows[0], row) for row in rows[1:])
     finally:
         batch.free()
         llama_cpp.llama_free(ctx)

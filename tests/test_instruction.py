@@ -45,8 +45,9 @@ def test_negated_words_are_forbidden_and_quoted_text_is_asked():
     assert words("Never use commas.")["commas"] == FORBIDDEN
     assert words("Write without any adjectives.")["adjectives"] == FORBIDDEN
     # A bound is no negation.
-    parts = words("Your response should contain no more than 3 paragraphs. Do not say less than that.")
+    parts = words("Your response should contain no more than 3 paragraphs. Do not say goodbye.")
     assert parts["paragraphs"] == DIRECTIVE and parts["say"] == FORBIDDEN
+    assert words("Do not use more than 3 commas.")["commas"] == DIRECTIVE
 
 
 def test_symbols_are_asked_and_apostrophes_open_no_quote():

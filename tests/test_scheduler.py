@@ -155,7 +155,15 @@ def _held_then_queued(engine, *, hold):
     return first.job, other, follow.job
 
 
-def test_a_held_slot_waits_for_the_follow_up_that_reuses_its_cache(engine):
+@pytest.fixture
+def long_holds(monkeypatch):
+    """Holds that do not lapse while a loaded machine runs the test (the lapse is a safety net, not the subject)."""
+    from sda_local.engine import scheduler
+
+    monkeypatch.setattr(scheduler, "HOLD_SECONDS", 600.0)
+
+
+def test_a_held_slot_waits_for_the_follow_up_that_reuses_its_cache(engine, long_holds):
     assert engine.scheduler.slots and len(engine.scheduler.slots) == 1  # the session engine: one slot
     first, other, follow = _held_then_queued(engine, hold=True)
     s = follow.stats
@@ -170,13 +178,19 @@ def test_a_held_slot_waits_for_the_follow_up_that_reuses_its_cache(engine):
     assert unheld.stats.cached_tokens < s.cached_tokens
 
 
-def test_release_frees_a_held_slot(engine):
+def test_release_frees_a_held_slot(engine, long_holds):
     engine.reset_caches()
     first = engine.stream("Name three fruits.", NO_COMMAS, observe=True, hold=True, seed=1, max_tokens=4)
     list(first)
     assert [slot.held_by for slot in engine.scheduler.slots] == [first.job]
+    assert engine.scheduler.busy_slots == 1  # held counts as busy
     engine.scheduler.release(first.job)
     assert all(slot.held_by is None for slot in engine.scheduler.slots)
     engine.scheduler.release(first.job)  # twice: nothing
+    # A first answer cancelled before it ends holds nothing.
+    cancelled = engine.stream("Name three fruits.", NO_COMMAS, observe=True, hold=True, seed=1, max_tokens=4)
+    for _ in cancelled:
+        break
+    assert all(slot.held_by is None for slot in engine.scheduler.slots)
     with pytest.raises(Exception, match="follows must be"):
         engine.request("x", None, follows="not a job")

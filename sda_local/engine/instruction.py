@@ -33,6 +33,7 @@ _NEGATION = re.compile(r"\b(?:do not|does not|did not|don't|doesn't|never|not|no
                        r"refrain from|exclude|excluding|nor)\b"
                        # "no more than 3 paragraphs", "not less than": a bound, not a negation
                        r"(?!\s+(?:more|less|fewer|longer|shorter|later|earlier)\s+than\b)", re.IGNORECASE)
+_BOUND = re.compile(r"\b(?:more|less|fewer|longer|shorter)\s+than\b|\bat\s+(?:most|least)\b", re.IGNORECASE)
 # A negation's scope ends with its clause: a sentence end, a semicolon or a line break.
 _CLAUSE_END = re.compile(r"[.;!?](?=\s|$)|\n")
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
@@ -57,7 +58,8 @@ STOPWORDS = frozenset("""
 
 
 def read(instruction: str) -> List[str]:
-    """Each character's part: ASKED, FORBIDDEN or DIRECTIVE (FORBIDDEN wins over ASKED: "do not write 'x'")."""
+    """Each character's part: ASKED, FORBIDDEN or DIRECTIVE (in a negation's scope, FORBIDDEN wins over ASKED:
+    "do not write 'x'"). A negation whose scope is a bound ("Do not use more than 3 commas") forbids nothing."""
     parts = [DIRECTIVE] * len(instruction)
     for m in _QUOTED.finditer(instruction):
         parts[m.start():m.end()] = [ASKED] * (m.end() - m.start())
@@ -74,6 +76,8 @@ def read(instruction: str) -> List[str]:
             continue
         end = _CLAUSE_END.search(instruction, m.end())
         stop = end.start() if end else len(instruction)
+        if _BOUND.search(instruction, m.end(), stop):
+            continue
         scope = [i for i in range(m.end(), stop) if instruction[i].isalnum()]  # its words, not quotes nor brackets
         # Where the scope names what it forbids ("Do not include keywords ['sun']"), that is what is forbidden and
         # the rest is directive; else every word in scope is ("Do not use any commas").

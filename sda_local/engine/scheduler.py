@@ -160,7 +160,8 @@ class Scheduler:
 
     @property
     def busy_slots(self) -> int:
-        return sum(s.job is not None for s in self.slots)
+        """Slots generating, or held for a follow-up."""
+        return sum(not s.free for s in self.slots)
 
     def wait(self, job: Job, *, for_output: bool = False) -> None:
         """Until the job is done (or, with ``for_output``, has unread pieces), driving steps when nobody
@@ -191,10 +192,12 @@ class Scheduler:
                 ran = self.step()
             finally:
                 with self._cond:
+                    if not ran and not ready() and not self.closed:
+                        # Only held slots stand in the way: wait, still the driver (so other waiters do not take
+                        # turns at stepping for nothing), until a follow-up or a release notifies.
+                        self._cond.wait(IDLE_WAIT)
                     self._driving = False
                     self._cond.notify_all()
-                    if not ran and not ready():  # only held slots stand in the way: wait for a follow-up
-                        self._cond.wait(IDLE_WAIT)
 
     def release(self, job: Job) -> None:
         """Free the slot ``job`` holds for a follow-up (nothing when its follow-up has taken it, or it holds none)."""
@@ -266,10 +269,10 @@ class Scheduler:
                 log.exception("scheduler step failed")
             finally:
                 with self._cond:
+                    if not ran and not self._stopping:  # queued work behind held slots only: wait for a
+                        self._cond.wait(IDLE_WAIT)      # follow-up or a release, still the driver
                     self._driving = False
                     self._cond.notify_all()
-                    if not ran:  # queued work behind held slots only: wait for a follow-up or a release
-                        self._cond.wait(IDLE_WAIT)
 
     # -- one step -----------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -320,16 +323,16 @@ class Scheduler:
         return True
 
     def _admit(self) -> None:
-        now = time.perf_counter()
-        for slot in self.slots:
-            if slot.held_by is not None and now - slot.held_since > HOLD_SECONDS:
-                slot.held_by = None
         for job in [j for j in self._queue if j.request.follows is not None]:  # follow-ups go to their held slot
             slot = next((s for s in self.slots if s.held_by is not None and s.held_by is job.request.follows), None)
             if slot is not None:
                 self._queue.remove(job)
                 slot.held_by = None
                 self._place(job, slot, _lanes_for(slot, job.request))
+        now = time.perf_counter()
+        for slot in self.slots:  # then holds whose follow-up has not come lapse
+            if slot.held_by is not None and now - slot.held_since > HOLD_SECONDS:
+                slot.held_by = None
         while self._queue:
             free = [s for s in self.slots if s.free]
             if not free:
@@ -475,7 +478,8 @@ class Scheduler:
         job.sampler.free()
         if job.slot is not None and job.slot.job is job:
             job.slot.job = None
-            if job.request.hold and job.error is None and reason in ("stop", "length") and not self._stopping:
+            if (job.request.hold and job.error is None and reason in ("stop", "length") and not job.cancelled
+                    and not self._stopping):
                 job.slot.held_by, job.slot.held_since = job, now  # kept, cache and all, for its follow-up
         job.state = DONE
 

@@ -188,15 +188,20 @@ class GenerationService:
         ``plan.report`` and the job's stats are complete when it ends."""
         if plan.initial is not None:
             judging = self._judge(plan)
+            judged = False
             try:
                 async for delta in judging:
                     yield delta
-            except BaseException:  # the steered answer will not follow: the slot the first answer holds is freed
-                self._release(plan)
-                raise
+                judged = True
             finally:  # closed now, not by the garbage collector: that cancels the first answer's job
                 await judging.aclose()
-        plan.job, deltas = self._start(plan.request)
+                if not judged:  # the steered answer will not follow: the slot the first answer holds is freed
+                    self._release(plan)
+        try:
+            plan.job, deltas = self._start(plan.request)
+        except BaseException:
+            self._release(plan)
+            raise
         try:
             async for delta in deltas:
                 yield delta
