@@ -20,6 +20,16 @@ def assert_same(a, b):
     np.testing.assert_allclose(np.exp(lp_a), np.exp(lp_b), rtol=0, atol=1e-5)
 
 
+def copy_and_discouraged_rows(n=50):
+    """Rows where token 3 is the copy (likely with the instruction, unlikely without) and token 4 one the
+    instruction discourages; every other token is neutral."""
+    z_with = np.zeros(n, dtype=np.float32)
+    z_without = np.zeros(n, dtype=np.float32)
+    z_with[3], z_without[3] = 4.0, -4.0
+    z_with[4], z_without[4] = -3.0, 1.0
+    return z_with, z_without
+
+
 def random_pair(rng, n, scale=3.0, spread=0.7):
     z_with = rng.normal(0.0, scale, n).astype(np.float32)
     z_without = (z_with + rng.normal(0.0, spread, n)).astype(np.float32)

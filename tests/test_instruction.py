@@ -12,7 +12,7 @@ from sda_local.engine.instruction import ASKED, DIRECTIVE, FORBIDDEN, instructio
 from sda_local.engine.steering import EchoTracker, Steering, fuse_steered_numpy
 from sda_local.errors import InputError
 
-from fusion_cases import random_pair
+from fusion_cases import copy_and_discouraged_rows, random_pair
 
 
 def lib():
@@ -129,10 +129,7 @@ def test_native_guards_match_numpy(strength, guard_to):
 
 def test_capped_and_forbidden_values():
     # Token 3: the copy (likely with, unlikely without); token 4: discouraged by the instruction; token 5: neutral.
-    z_with = np.zeros(50, dtype=np.float32)
-    z_without = np.zeros(50, dtype=np.float32)
-    z_with[3], z_without[3] = 4.0, -4.0
-    z_with[4], z_without[4] = -3.0, 1.0
+    z_with, z_without = copy_and_discouraged_rows()
     common = dict(k=2.0, t0=1.0, temperature_mode="fixed")
     steering = Steering("guarded", echo_run=2, parts=True, cap=True)
     free = fuse_steered_numpy(z_with, z_without, 1.0, steering, None, **common)[0]

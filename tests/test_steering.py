@@ -11,7 +11,7 @@ from sda_local.engine.fusion import fuse_numpy
 from sda_local.engine.steering import DEFAULT_STEERING, PAPER, EchoTracker, Steering, fuse_steered_numpy
 from sda_local.errors import InputError
 
-from fusion_cases import random_pair
+from fusion_cases import copy_and_discouraged_rows, random_pair
 
 STEERINGS = [Steering("guarded", clip=1.0, echo_run=2), Steering("guarded", clip=0.5, plausibility=0.1),
              Steering("guarded", echo_run=3), Steering("guarded", plausibility=0.05),
@@ -68,10 +68,7 @@ def test_guard_to_prompt_never_amplifies_a_guarded_token():
     # Token 3 is the copy (likely with the instruction, unlikely without); token 4 is one the instruction
     # discourages. Guarded to "prompt", 3 gets no more than l_with (relative to an unguarded, unsteered token)
     # and 4 keeps its suppression; guarded to "without", 3 falls to l_without.
-    z_with = np.zeros(50, dtype=np.float32)
-    z_without = np.zeros(50, dtype=np.float32)
-    z_with[3], z_without[3] = 4.0, -4.0
-    z_with[4], z_without[4] = -3.0, 1.0
+    z_with, z_without = copy_and_discouraged_rows()
     common = dict(k=2.0, t0=1.0, temperature_mode="fixed")
     guarded = np.array([3, 4])
     free = fuse_steered_numpy(z_with, z_without, 1.0, Steering("guarded", echo_run=2), None, **common)[0]
