@@ -198,61 +198,55 @@ def _align_stream(
     engine.stream(query, instruction, strength=strength or 0.0, temperature_mode=temperature_mode,
                   **generate_options)
 
-    held = []  # the observed first answer's job, whose slot waits for the steered pass
-
     def run():
+        follows = None  # the observed first answer's job, whose slot waits for the steered pass
         try:
-            return (yield from steps())
-        finally:  # a failure or a closed stream between the two passes frees the slot at once
-            for job in held:
-                engine.scheduler.release(job)
-
-    def steps():
-        stages = {}
-        result_fields = dict(instruction=alignment.instruction, amplifier_map=None)
-        mode = temperature_mode
-        follows = None
-        if strength is not None:
-            a, source = strength, "strength"
-        elif judge is None:
-            a, source = DEFAULT_STRENGTH, "default"
-        else:
-            started = time.perf_counter()
-            if observes(judge):  # generated as always, read by the with-instruction stream too: r comes with it
-                # The slot is held from its end to the steered pass, which finds both prompts in its cache.
-                first = engine.stream(query, instruction, observe=True, hold=True, **generate_options)
-                for _ in first:
-                    pass
-                initial, follows = first.result, first.job
-                held.append(follows)
+            stages = {}
+            result_fields = dict(instruction=alignment.instruction, amplifier_map=None)
+            mode = temperature_mode
+            if strength is not None:
+                a, source = strength, "strength"
+            elif judge is None:
+                a, source = DEFAULT_STRENGTH, "default"
             else:
-                initial = engine.generate(query, None, **{**generate_options, "system": alignment.system})
-            stages["initial"] = time.perf_counter() - started
-            result_fields.update(initial_text=initial.text, initial_tokens_per_second=initial.stats.tokens_per_second)
+                started = time.perf_counter()
+                if observes(judge):  # generated as always, read by the with-instruction stream too: r comes with it
+                    # The slot is held from its end to the steered pass, which finds both prompts in its cache.
+                    first = engine.stream(query, instruction, observe=True, hold=True, **generate_options)
+                    for _ in first:
+                        pass
+                    initial, follows = first.result, first.job
+                else:
+                    initial = engine.generate(query, None, **{**generate_options, "system": alignment.system})
+                stages["initial"] = time.perf_counter() - started
+                result_fields.update(initial_text=initial.text, initial_tokens_per_second=initial.stats.tokens_per_second)
+                started = time.perf_counter()
+                choice = judge_amplifier(judge, query, initial.text, alignment, amplifier_map=amplifier_map,
+                                         on_judge_failure=on_judge_failure, history=generate_options.get("history", ()),
+                                         initial_stats=initial.stats)
+                stages["judge"] = time.perf_counter() - started
+                a, source, mode = choice.amplifier, choice.source, choice.temperature_mode or mode
+                result_fields.update(judge=judge.identity, rubric_version=choice.rubric_version, amplifier_map=amplifier_map)
+                judgement = choice.judgement
+                if judgement is not None:  # no map when the judge set a itself
+                    result_fields.update(score=judgement.score, scoring=judgement.scoring, score_spread=judgement.spread,
+                                         judge_reply=judgement.raw,
+                                         amplifier_map=None if judgement.amplifier is not None else amplifier_map)
+                    on_judged(judgement, a)
+                else:
+                    result_fields["judge_failure"] = choice.failure
+                    on_warning(f"judge failed: {choice.failure}; {choice.note}")
             started = time.perf_counter()
-            choice = judge_amplifier(judge, query, initial.text, alignment, amplifier_map=amplifier_map,
-                                     on_judge_failure=on_judge_failure, history=generate_options.get("history", ()),
-                                     initial_stats=initial.stats)
-            stages["judge"] = time.perf_counter() - started
-            a, source, mode = choice.amplifier, choice.source, choice.temperature_mode or mode
-            result_fields.update(judge=judge.identity, rubric_version=choice.rubric_version, amplifier_map=amplifier_map)
-            judgement = choice.judgement
-            if judgement is not None:  # no map when the judge set a itself
-                result_fields.update(score=judgement.score, scoring=judgement.scoring, score_spread=judgement.spread,
-                                     judge_reply=judgement.raw,
-                                     amplifier_map=None if judgement.amplifier is not None else amplifier_map)
-                on_judged(judgement, a)
-            else:
-                result_fields["judge_failure"] = choice.failure
-                on_warning(f"judge failed: {choice.failure}; {choice.note}")
-        started = time.perf_counter()
-        # The SDA pass reuses the cache the initial answer left in the slot: both prompts when it was observed.
-        stream = engine.stream(query, instruction, strength=a, temperature_mode=mode, follows=follows,
-                               **generate_options)
-        yield from stream
-        stages["sda"] = time.perf_counter() - started
-        final = stream.result
-        return AlignmentResult(final.text, final.tokens, final.stats, amplifier=a, amplifier_source=source,
-                               stage_seconds=stages, **result_fields)
+            # The SDA pass reuses the cache the initial answer left in the slot: both prompts when it was observed.
+            stream = engine.stream(query, instruction, strength=a, temperature_mode=mode, follows=follows,
+                                   **generate_options)
+            yield from stream
+            stages["sda"] = time.perf_counter() - started
+            final = stream.result
+            return AlignmentResult(final.text, final.tokens, final.stats, amplifier=a, amplifier_source=source,
+                                   stage_seconds=stages, **result_fields)
+        finally:  # a failure or a closed stream between the two passes frees the held slot at once
+            if follows is not None:
+                engine.scheduler.release(follows)
 
     return AlignmentStream(run(), on_close)

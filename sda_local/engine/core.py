@@ -279,18 +279,18 @@ class SDAEngine:
         once when it ends (from the scheduler's thread: keep it short)."""
         if self.model is None:
             raise ModelError("the engine is closed")
-        steered = request.fused
+        fused = request.fused
         injection = next((i for i in self._injections()
-                          if i.seed in (None, request.seed) and (steered or i.row == "with")), None)
+                          if i.seed in (None, request.seed) and (fused or i.row == "with")), None)
         if request.greedy:  # the judge's completions: only seedless injections reach them
             injection = next((i for i in self._injections() if i.seed is None and i.row == "with"), None)
         sampler = RequestSampler(self.model, self._native, request, injection, numpy_fusion=self._numpy_fusion)
         stats = GenerationStats(
-            mode="sda" if steered else "observed" if request.observe else "plain", streams=self.streams_mode,
+            mode="sda" if fused else "observed" if request.observe else "plain", streams=self.streams_mode,
             fusion_backend=sampler.backend,
-            strength=request.strength if steered else None,
-            temperature_mode=request.temperature_mode if steered else None, t0=request.t0, top_p=request.top_p,
-            steering=request.steering.to_dict() if steered else None,
+            strength=request.strength if fused else None,
+            temperature_mode=request.temperature_mode if fused else None, t0=request.t0, top_p=request.top_p,
+            steering=request.steering.to_dict() if fused else None,
             seed=request.seed, prompt_tokens_with=len(request.tokens_with),
             prompt_tokens_without=len(request.tokens_without) if request.steered else None,
             shared_prefix_tokens=(common_prefix_length(request.tokens_with, request.tokens_without)

@@ -123,9 +123,6 @@ class InstructionGuard:
             out.append(-1)
         return out
 
-    def __bool__(self) -> bool:
-        return bool(self.sources or self.capped or self.forbidden)
-
 
 def _token_parts(text: str, tokens: Sequence[int], piece: Callable[[int], bytes]) -> List[List[str]]:
     """The parts of ``text`` each token covers (by the bytes of its piece); every part DIRECTIVE when the pieces

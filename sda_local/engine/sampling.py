@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 
 import llama_cpp
 import numpy as np
-from scipy.special import log_softmax
+from scipy.special import log_softmax, logsumexp
 
 from ..errors import InputError, ModelError
 from ..gguf_model import GGUFModel
@@ -341,10 +341,9 @@ class RequestSampler:
 
 
 def _log_prob(row: np.ndarray, token: int) -> float:
-    """log softmax(row)[token], in float64 (the forcing context's log-probabilities are the same)."""
-    z = row.astype(np.float64)
-    top = z.max()
-    return float(z[token] - top - np.log(np.exp(z - top).sum()))
+    """log softmax(row)[token], as forcing.log_softmax_at computes it (one float32 logsumexp, no float64 copy of
+    the vocabulary), so the observed r and the forced r are the same numbers."""
+    return float(np.float64(row[token]) - np.float64(logsumexp(row)))
 
 
 def _best(log_probs: np.ndarray, n: int):
