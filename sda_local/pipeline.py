@@ -15,11 +15,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from .amplifier import DEFAULT_MAP, AMPLIFIER_MAPS, amplifier
-from .engine.fusion import DEFAULT_TEMPERATURE_MODE
-from .errors import InputError
+from .errors import InputError, ModelError
 from .judging import Judgement, JudgeError, make_judge
 from .prompts import check_text, resolve_alignment
 from .rubrics import rubric_for
@@ -125,11 +124,161 @@ class AlignmentResult:
         return d
 
 
+class AlignedJob:
+    """One query's SDA flow behind one handle: the first answer, the judge, a, and the steered answer.
+
+    Every path that runs the flow drives it through the same stages: ``align_stream`` (the CLI, batch, chat,
+    the llm plugin) from its own thread, the server from its event loop::
+
+        first = job.start_first(listener)      # the first answer's scheduler Job (None: nothing to judge)
+        choice = job.decide()                  # the judge and a (blocking: the server runs it off its loop)
+        answer = job.start_steered(listener)   # the steered answer's Job
+        job.close()                            # always: cancels what still runs, frees an untaken hold
+
+    A first answer the self judge reads is observed (both prompts decoded, r recorded as it is sampled) and its
+    slot is held, so the steered answer finds both prompts in that slot's cache. Made by ``plan_alignment``."""
+
+    def __init__(self, engine, alignment, steered, *, query: str, history=(), judge=None, first=None,
+                 amplifier_source: str = "default", amplifier_map: str = DEFAULT_MAP,
+                 on_judge_failure: str = DEFAULT_ON_JUDGE_FAILURE):
+        self.engine, self.alignment, self.query, self.history = engine, alignment, query, tuple(history)
+        self.judge, self.amplifier_map, self.on_judge_failure = judge, amplifier_map, on_judge_failure
+        self.first_request, self.steered_request = first, steered  # GenerationRequests
+        self.first_job = self.steered_job = None
+        self.choice: Optional[AmplifierChoice] = None
+        self._source = amplifier_source  # "strength" or "default" when nothing is judged
+        self.stage_seconds: dict = {}
+        self._started = 0.0
+
+    @property
+    def judged(self) -> bool:
+        return self.first_request is not None
+
+    def start_first(self, listener=None):
+        """Submit the first answer; its Job (None when a is not judged). Follow it with ``scheduler.pieces`` or
+        the listener."""
+        if self.first_request is None:
+            return None
+        self._started = time.perf_counter()
+        self.first_job = self.engine.submit(self.first_request, listener=listener)
+        return self.first_job
+
+    def decide(self) -> AmplifierChoice:
+        """The amplifier: the judge's verdict on the finished first answer (its failure resolved by the policy;
+        "error" raises the JudgeError), or the strength given. Sets the steered request's a (and temperature
+        mode, for the prompt-only fallback) and hands it the held slot."""
+        if self.choice is not None:
+            return self.choice
+        request = self.steered_request
+        if self.first_job is None:
+            self.choice = AmplifierChoice(request.strength, self._source, rubric_for(self.alignment).version)
+            return self.choice
+        first = self.first_job
+        self.engine.scheduler.wait(first)
+        if first.error is not None:
+            raise first.error
+        judging = time.perf_counter()
+        self.stage_seconds["initial"] = judging - self._started
+        choice = judge_amplifier(self.judge, self.query, first.text, self.alignment, amplifier_map=self.amplifier_map,
+                                 on_judge_failure=self.on_judge_failure, history=self.history,
+                                 initial_stats=first.stats)
+        self.stage_seconds["judge"] = time.perf_counter() - judging
+        request.strength = float(choice.amplifier)
+        if choice.temperature_mode is not None:
+            request.temperature_mode = choice.temperature_mode
+        if self.first_request.hold:  # the steered answer takes the slot the first answer holds
+            request.follows = first
+        self.choice = choice
+        return choice
+
+    def start_steered(self, listener=None):
+        """Submit the steered answer (after ``decide``); its Job."""
+        self.decide()
+        self._steered_started = time.perf_counter()
+        self.steered_job = self.engine.submit(self.steered_request, listener=listener)
+        return self.steered_job
+
+    def close(self) -> None:
+        """Cancel a job still running, and free the slot the first answer holds if the steered answer did not
+        take it (a failure, a closed stream, a client gone between the two)."""
+        scheduler = self.engine.scheduler
+        for job in (self.first_job, self.steered_job):
+            if job is not None and not job.done:
+                scheduler.cancel(job)
+        if self.first_job is not None and self.first_request.hold:
+            scheduler.release(self.first_job)
+
+    def report(self) -> dict:
+        """How a was chosen, for a response's ``sda`` object and AlignmentResult."""
+        choice = self.choice
+        fields = dict(amplifier=choice.amplifier if choice else self.steered_request.strength,
+                      amplifier_source=choice.source if choice else self._source, amplifier_map=None,
+                      score=None, scoring=None, score_spread=None, judge=None, rubric_version=None,
+                      judge_reply=None, judge_failure=None)
+        if choice is None or self.first_job is None:
+            return fields
+        fields.update(judge=self.judge.identity, rubric_version=choice.rubric_version, amplifier_map=self.amplifier_map)
+        judgement = choice.judgement
+        if judgement is not None:  # no map when the judge set a itself
+            fields.update(score=judgement.score, scoring=judgement.scoring, score_spread=judgement.spread,
+                          judge_reply=judgement.raw,
+                          amplifier_map=None if judgement.amplifier is not None else self.amplifier_map)
+        else:
+            fields["judge_failure"] = choice.failure
+        return fields
+
+    def result(self) -> "AlignmentResult":
+        """The steered answer and how its a was chosen (once the steered job is done)."""
+        job = self.steered_job
+        self.stage_seconds["sda"] = time.perf_counter() - self._steered_started
+        first = self.first_job
+        return AlignmentResult(job.text, list(job.tokens), job.stats, instruction=self.alignment.instruction,
+                               initial_text=first.text if first is not None else None,
+                               initial_tokens_per_second=first.stats.tokens_per_second if first is not None else None,
+                               stage_seconds=dict(self.stage_seconds), **self.report())
+
+
+# Options of a steered request that a plain (or observed) first answer does not take.
+_STEERED_ONLY = ("k", "temperature_mode", "token_stats", "logprobs", "steering")
+
+
+def plan_alignment(engine, prompt_with, prompt_without, alignment, *, query: str, history=(), judge=None,
+                   strength: Optional[float] = None, amplifier_map: str = DEFAULT_MAP,
+                   on_judge_failure: str = DEFAULT_ON_JUDGE_FAILURE, first_max_tokens: Optional[int] = None,
+                   **request_options) -> AlignedJob:
+    """The AlignedJob of one query: its requests made (validated, tokenized) before anything runs.
+
+    ``prompt_with``/``prompt_without``: the rendered prompts (``query`` and ``history`` are what the judge
+    reads); ``strength`` given, or no ``judge``: a is that (DEFAULT_STRENGTH) and nothing is judged.
+    ``first_max_tokens``: the judged first answer's cap, when it is to be shorter than the answer (the
+    server's, without a max_tokens). ``request_options``: ``SDAEngine.request``'s, for the steered answer; the
+    first answer takes those that plain generation has, and its response format."""
+    if amplifier_map not in AMPLIFIER_MAPS:
+        raise InputError(f"unknown amplifier map {amplifier_map!r} (choose from {', '.join(AMPLIFIER_MAPS)})")
+    parse_failure_policy(on_judge_failure)  # refused now, before any generation
+    steered = engine.request(prompt_with, prompt_without,
+                             strength=strength if strength is not None else DEFAULT_STRENGTH,
+                             instruction=alignment.instruction, **request_options)
+    first = None
+    if strength is None and judge is not None:
+        plain = {k: v for k, v in request_options.items() if k not in _STEERED_ONLY}
+        if first_max_tokens is not None:
+            plain["max_tokens"] = min(plain.get("max_tokens", first_max_tokens), first_max_tokens)
+        if observes(judge) and plain.get("grammar") is None:
+            first = engine.request(prompt_with, prompt_without, observe=True, hold=True, **plain)
+        else:
+            first = engine.request(prompt_without, None, **plain)
+    return AlignedJob(engine, alignment, steered, query=query, history=history, judge=judge, first=first,
+                      amplifier_source="strength" if strength is not None else "default",
+                      amplifier_map=amplifier_map, on_judge_failure=on_judge_failure)
+
+
 class AlignmentStream:
     """Iterate for the SDA answer's text pieces (the initial answer and the judge run first);
-    ``result`` is the AlignmentResult once the iteration is complete."""
+    ``result`` is the AlignmentResult once the iteration is complete; ``job`` the AlignedJob."""
 
-    def __init__(self, run, on_close: Optional[Callable[[], None]] = None):
+    def __init__(self, job: AlignedJob, run, on_close: Optional[Callable[[], None]] = None):
+        self.job = job
         self._run = run
         self._on_close = on_close
         self.result: Optional[AlignmentResult] = None
@@ -182,71 +331,42 @@ def _align_stream(
     on_judge_failure: str = DEFAULT_ON_JUDGE_FAILURE,
     on_warning: Callable[[str], None] = lambda message: None,
     on_judged: Callable[[Judgement, float], None] = lambda judgement, a: None,
-    temperature_mode: str = DEFAULT_TEMPERATURE_MODE,
     on_close: Optional[Callable[[], None]] = None,
-    **generate_options,
+    system: Optional[str] = None,
+    history: Sequence[Tuple[str, str]] = (),
+    **request_options,
 ) -> AlignmentStream:
+    if engine.model is None:
+        raise ModelError("the engine is closed")
     check_text("query", query)
-    alignment = resolve_alignment(check_text("alignment", align), generate_options.get("system"))
+    if system is not None:
+        check_text("system prompt", system)
+    alignment = resolve_alignment(check_text("alignment", align), system)
     if alignment is None:
         raise InputError("align() needs an alignment preset or instruction")
-    if amplifier_map not in AMPLIFIER_MAPS:
-        raise InputError(f"unknown amplifier map {amplifier_map!r} (choose from {', '.join(AMPLIFIER_MAPS)})")
-    parse_failure_policy(on_judge_failure)  # refused now, before any generation
-    instruction = alignment.preset or alignment.instruction
-    # Validate every option before any generation starts.
-    engine.stream(query, instruction, strength=strength or 0.0, temperature_mode=temperature_mode,
-                  **generate_options)
+    history = [(check_text("history user turn", u), str(a)) for u, a in history]
+    prompt_with, prompt_without = engine.formatter.pair(query, alignment, history)
+    # Every option is validated here, before any generation starts.
+    job = plan_alignment(engine, prompt_with, prompt_without, alignment, query=query, history=history, judge=judge,
+                         strength=strength, amplifier_map=amplifier_map, on_judge_failure=on_judge_failure,
+                         **request_options)
+    scheduler = engine.scheduler
 
     def run():
-        follows = None  # the observed first answer's job, whose slot waits for the steered pass
         try:
-            stages = {}
-            result_fields = dict(instruction=alignment.instruction, amplifier_map=None)
-            mode = temperature_mode
-            if strength is not None:
-                a, source = strength, "strength"
-            elif judge is None:
-                a, source = DEFAULT_STRENGTH, "default"
-            else:
-                started = time.perf_counter()
-                if observes(judge):  # generated as always, read by the with-instruction stream too: r comes with it
-                    # The slot is held from its end to the steered pass, which finds both prompts in its cache.
-                    first = engine.stream(query, instruction, observe=True, hold=True, **generate_options)
-                    for _ in first:
-                        pass
-                    initial, follows = first.result, first.job
+            first = job.start_first()
+            if first is not None:
+                for _ in scheduler.pieces(first):
+                    pass
+            choice = job.decide()
+            if job.judged:
+                if choice.judgement is not None:
+                    on_judged(choice.judgement, choice.amplifier)
                 else:
-                    initial = engine.generate(query, None, **{**generate_options, "system": alignment.system})
-                stages["initial"] = time.perf_counter() - started
-                result_fields.update(initial_text=initial.text, initial_tokens_per_second=initial.stats.tokens_per_second)
-                started = time.perf_counter()
-                choice = judge_amplifier(judge, query, initial.text, alignment, amplifier_map=amplifier_map,
-                                         on_judge_failure=on_judge_failure, history=generate_options.get("history", ()),
-                                         initial_stats=initial.stats)
-                stages["judge"] = time.perf_counter() - started
-                a, source, mode = choice.amplifier, choice.source, choice.temperature_mode or mode
-                result_fields.update(judge=judge.identity, rubric_version=choice.rubric_version, amplifier_map=amplifier_map)
-                judgement = choice.judgement
-                if judgement is not None:  # no map when the judge set a itself
-                    result_fields.update(score=judgement.score, scoring=judgement.scoring, score_spread=judgement.spread,
-                                         judge_reply=judgement.raw,
-                                         amplifier_map=None if judgement.amplifier is not None else amplifier_map)
-                    on_judged(judgement, a)
-                else:
-                    result_fields["judge_failure"] = choice.failure
                     on_warning(f"judge failed: {choice.failure}; {choice.note}")
-            started = time.perf_counter()
-            # The SDA pass reuses the cache the initial answer left in the slot: both prompts when it was observed.
-            stream = engine.stream(query, instruction, strength=a, temperature_mode=mode, follows=follows,
-                                   **generate_options)
-            yield from stream
-            stages["sda"] = time.perf_counter() - started
-            final = stream.result
-            return AlignmentResult(final.text, final.tokens, final.stats, amplifier=a, amplifier_source=source,
-                                   stage_seconds=stages, **result_fields)
-        finally:  # a failure or a closed stream between the two passes frees the held slot at once
-            if follows is not None:
-                engine.scheduler.release(follows)
+            yield from scheduler.pieces(job.start_steered())
+            return job.result()
+        finally:  # a failure or a closed stream: nothing keeps running, and a held slot is freed at once
+            job.close()
 
-    return AlignmentStream(run(), on_close)
+    return AlignmentStream(job, run(), on_close)

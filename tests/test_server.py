@@ -96,6 +96,26 @@ def test_the_full_pipeline_sets_the_amplifier_with_the_server_judge(client):
     assert fixed.model_extra["sda"]["amplifier"] == 0.5 and fixed.model_extra["sda"]["amplifier_source"] == "default"
 
 
+def test_a_judged_request_runs_the_pipelines_own_flow(client, engine, rows_batch_invariant):
+    """The server and align() drive one AlignedJob: the same query, seed and options give the same first answer's
+    judgement, the same a and the same steered answer (bit for bit where this CPU's rows are batch-invariant:
+    the server decodes beside another slot's rows)."""
+    from sda_local import align
+
+    if not rows_batch_invariant:
+        pytest.skip("this CPU's llama.cpp kernels round a row differently beside others (conftest)")
+    query, instruction = "Name three rivers of Europe.", "Answer without commas."
+    r = client.chat.completions.create(model="any", messages=[{"role": "user", "content": query}], max_tokens=24,
+                                       seed=11, extra_body={"sda": {"align": instruction, "show_judging": True}})
+    report = r.model_extra["sda"]
+    local = align(engine, query, instruction, judge="self", max_tokens=24, seed=11)
+    assert report["amplifier_source"] == local.amplifier_source == "judge"
+    assert report["amplifier"] == pytest.approx(local.amplifier, abs=1e-9)
+    assert report["score"] == pytest.approx(local.score, abs=1e-6)
+    assert r.choices[0].message.content == local.text
+    assert local.initial_text in r.choices[0].message.model_extra["reasoning_content"]
+
+
 def test_completions_endpoint(client):
     r = client.completions.create(model="any", prompt="The capital of France is", max_tokens=6, seed=1)
     assert r.object == "text_completion" and r.choices[0].text and r.usage.prompt_tokens > 0

@@ -20,8 +20,8 @@ from ..engine.steering import DEFAULT_STEERING, PAPER, STEERING_MODES
 from ..engine.scheduler import Job
 from ..errors import InputError
 from ..grammars import grammar_for
-from ..pipeline import DEFAULT_STRENGTH, judge_amplifier, observes
-from ..prompts import PRESETS, Alignment, Prompt, check_text, resolve_alignment
+from ..pipeline import DEFAULT_STRENGTH, AlignedJob, plan_alignment
+from ..prompts import PRESETS, Prompt, check_text, resolve_alignment
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, SDAOptions
 
@@ -55,13 +55,16 @@ class Delta:
 class Plan:
     """What one HTTP request will run."""
 
-    request: GenerationRequest  # the answer's (SDA or plain); its strength is set once the judge has spoken
+    request: GenerationRequest  # the answer's: plain, or the steered one (its a is set once the judge has spoken)
     sda: Optional[SDAOptions]
     conversation: Optional[Conversation]
-    alignment: Optional[Alignment] = None
-    initial: Optional[GenerationRequest] = None  # the first answer the judge scores
+    aligned: Optional[AlignedJob] = None  # SDA: the first answer -> judge -> a -> steered answer flow
     report: dict = field(default_factory=dict)  # the response's "sda" object
     job: Optional[Job] = None  # the answer's, once it started
+
+
+# What a response's "sda" object says of how a was chosen (AlignedJob.report has more).
+REPORTED = ("amplifier", "score", "judge", "rubric_version", "amplifier_source")
 
 
 def conversation_of(messages) -> Conversation:
@@ -159,98 +162,71 @@ class GenerationService:
         return options
 
     def _sda_plan(self, prompt_with, prompt_without, options, sda: SDAOptions, conv, alignment) -> Plan:
-        engine = self.engine
-        judged = sda.strength is None and sda.judge == "server" and self.judge is not None
-        strength = sda.strength if sda.strength is not None else DEFAULT_STRENGTH
+        # The first answer follows the same response format; what is reported is the steered answer's. It is
+        # only judged: without a max_tokens it stops at JUDGED_ANSWER_TOKENS, not at the context's end.
+        judge = self.judge if sda.judge == "server" else None
         steering = DEFAULT_STEERING if sda.steering == DEFAULT_STEERING.mode else PAPER
-        request = engine.request(prompt_with, prompt_without, strength=strength, steering=steering,
-                                 instruction=alignment.instruction, **options)
-        plan = Plan(request, sda, conv, alignment)
-        plan.report = {"amplifier": strength, "score": None, "judge": None, "rubric_version": None,
-                       "amplifier_source": "strength" if sda.strength is not None else "default"}
-        if judged:
-            # The first answer follows the same response format; what is reported is the steered answer's. It
-            # is only judged: without a max_tokens it stops at JUDGED_ANSWER_TOKENS, not at the context's end.
-            plain = {k: v for k, v in options.items() if k not in ("k", "temperature_mode", "token_stats", "logprobs")}
-            plain["max_tokens"] = min(options["max_tokens"], JUDGED_ANSWER_TOKENS)
-            if observes(self.judge) and plain.get("grammar") is None:
-                # Observed: the same answer, read by the with-instruction stream too, so the self judge's r comes
-                # with it, and the slot keeps both prompts cached for the steered answer.
-                # The slot is held from its end to the steered answer's start (Plan.run).
-                plan.initial = engine.request(prompt_with, prompt_without, observe=True, hold=True, **plain)
-            else:
-                plan.initial = engine.request(prompt_without, None, **plain)
-        return plan
+        aligned = plan_alignment(self.engine, prompt_with, prompt_without, alignment, query=conv.query,
+                                 history=conv.history, judge=judge, strength=sda.strength,
+                                 amplifier_map=sda.amplifier_map, on_judge_failure=sda.on_judge_failure,
+                                 first_max_tokens=JUDGED_ANSWER_TOKENS, steering=steering, **options)
+        report = aligned.report()
+        return Plan(aligned.steered_request, sda, conv, aligned, {key: report[key] for key in REPORTED})
 
     # -- running --------------------------------------------------------------------------------------
     async def run(self, plan: Plan) -> AsyncIterator[Delta]:
         """The response's deltas: the judging's (when the request is judged and shows it), then the answer's;
         ``plan.report`` and the job's stats are complete when it ends."""
-        if plan.initial is not None:
-            judging = self._judge(plan)
-            judged = False
+        aligned = plan.aligned
+        try:
+            if aligned is not None and aligned.judged:
+                judging = self._judge(plan)
+                try:
+                    async for delta in judging:
+                        yield delta
+                finally:  # closed now, not by the garbage collector: that cancels the first answer's job
+                    await judging.aclose()
+            submit = aligned.start_steered if aligned is not None else functools.partial(self.engine.submit,
+                                                                                          plan.request)
+            plan.job, deltas = self._start(submit)
             try:
-                async for delta in judging:
+                async for delta in deltas:
                     yield delta
-                judged = True
-            finally:  # closed now, not by the garbage collector: that cancels the first answer's job
-                await judging.aclose()
-                if not judged:  # the steered answer will not follow: the slot the first answer holds is freed
-                    self._release(plan)
-        try:
-            plan.job, deltas = self._start(plan.request)
-        except BaseException:
-            self._release(plan)
-            raise
-        try:
-            async for delta in deltas:
-                yield delta
+            finally:
+                await deltas.aclose()  # cancels the job first, if it is still running, then accounts for it
+                self._account(plan, plan.job)
         finally:
-            await deltas.aclose()  # cancels the job first, if it is still running, then accounts for it
-            self._release(plan)  # nothing when the steered answer took the slot; freed if it was cancelled first
-            self._account(plan, plan.job)
-
-    def _release(self, plan: Plan) -> None:
-        if plan.request.follows is not None:
-            self.engine.scheduler.release(plan.request.follows)
+            if aligned is not None:  # a hold the steered answer did not take is freed (a failure, a client gone)
+                aligned.close()
 
     async def _judge(self, plan: Plan) -> AsyncIterator[Delta]:
-        show = plan.sda.show_judging
-        job, deltas = self._start(plan.initial, reasoning=True)
-        if plan.initial.hold:
-            plan.request.follows = job  # the steered answer takes the slot this one holds when it ends
+        aligned, show = plan.aligned, plan.sda.show_judging
+        job, deltas = self._start(aligned.start_first, reasoning=True)
         try:
             async for delta in deltas:
                 if show:
                     yield delta
         finally:
             await deltas.aclose()
-        report = plan.report
-        sda, conv = plan.sda, plan.conversation
-        choose = functools.partial(judge_amplifier, self.judge, conv.query, job.text, plan.alignment,
-                                   amplifier_map=sda.amplifier_map, on_judge_failure=sda.on_judge_failure,
-                                   history=conv.history, initial_stats=job.stats)
-        choice = await asyncio.get_running_loop().run_in_executor(None, choose)  # "error": the JudgeError, raised
+        # The judge decodes or calls out: off the event loop. "error": the JudgeError, raised.
+        choice = await asyncio.get_running_loop().run_in_executor(None, aligned.decide)
         a = choice.amplifier
-        report.update(judge=self.judge.identity, rubric_version=choice.rubric_version, amplifier=a,
-                      amplifier_source=choice.source)
+        report = aligned.report()
+        plan.report.update({key: report[key] for key in REPORTED})
         if choice.judgement is not None:
-            report["score"] = choice.judgement.score
             verdict = f"judge {self.judge.identity}: score {choice.judgement.score:.3g}, a = {a:.3g}"
         else:
-            report["judge_failure"] = choice.failure
-            if choice.temperature_mode is not None:
-                plan.request.temperature_mode = choice.temperature_mode
+            plan.report["judge_failure"] = choice.failure
             verdict = f"judge {self.judge.identity} failed ({choice.failure}): a = {a:.3g}"
-        plan.request.strength = float(a)
         self.metrics.observe_amplifier(a)
         if show:
             yield Delta(reasoning=("\n\n" if job.text else "") + verdict)
 
-    def _start(self, request: GenerationRequest, *, reasoning: bool = False):
+    def _start(self, submit, *, reasoning: bool = False):
+        """``submit(listener=...)`` queues a request and returns its Job: the Job, and its deltas."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        job = self.engine.submit(request, listener=lambda _: loop.call_soon_threadsafe(wake.set))
+        job = submit(listener=lambda _: loop.call_soon_threadsafe(wake.set))
         return job, self._deltas(job, wake, reasoning)
 
     async def _deltas(self, job: Job, wake: asyncio.Event, reasoning: bool) -> AsyncIterator[Delta]:
@@ -286,5 +262,5 @@ class GenerationService:
         self.metrics.observe_generation(s)
         if plan.sda is not None:
             plan.report.update(mean_js=s.mean_js, mean_temperature=s.mean_temperature)
-            if plan.initial is None:
+            if not plan.aligned.judged:
                 self.metrics.observe_amplifier(plan.request.strength)
