@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -60,6 +61,8 @@ INVALID = [  # (what, data bytes, content type, expected status)
 
 
 def rss_mb(pid: int) -> float:
+    if not os.path.exists(f"/proc/{pid}/status"):  # macOS: ps reports KiB too
+        return int(subprocess.check_output(["ps", "-o", "rss=", "-p", str(pid)])) / 1024
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -68,6 +71,8 @@ def rss_mb(pid: int) -> float:
 
 
 def open_fds(pid: int) -> int:
+    if not os.path.isdir(f"/proc/{pid}/fd"):  # macOS
+        return len(subprocess.check_output(["lsof", "-p", str(pid)]).splitlines()) - 1
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 

@@ -103,8 +103,94 @@ def _worker(arm: str, model: str, n_threads: int, tokens: int, n_ctx: int, n_gpu
         # The rest of the sampling call: llama.cpp filling the candidates, EOG ban, nucleus (top-p + draw).
         fusion = stats.fusion_us_per_token or 0.0
         result["chain_us_per_token"] = stats.sampling_us_per_token - fusion
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # ru_maxrss: KiB on Linux, bytes on macOS
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
     return result
+
+
+# A passage to cut prompts of a chosen length from (its text is irrelevant: only the token count matters).
+PASSAGE = ("Planning a long hike starts with the route: its distance, the climbs, where water can be found, where "
+           "the nights will be spent and how the weather tends to change in that season. ")
+PREFILL_ARMS = {"ubatch-32": "on", "ubatch-512": "off"}  # --exact of each arm
+
+
+def _prefill_worker(arm: str, model: str, n_threads: int, prompt_tokens: int, n_ctx: int, n_gpu_layers: int) -> dict:
+    """Prefill of a ``prompt_tokens`` prompt, plain (one stream) and SDA (both streams), at the arm's ubatch."""
+    from .engine import SDAEngine
+
+    engine = SDAEngine(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                       exact=PREFILL_ARMS[arm])
+    try:
+        # The template's tokens around the question, then a question that fills the rest (plain prompt).
+        overhead = engine.generate("Hi", None, max_tokens=1, seed=1).stats.prompt_tokens_with - 1
+        ids = engine.model.tokenize(PASSAGE * (prompt_tokens // 8 + 1), add_bos=False, special=False)
+        query = b"".join(engine.model.piece(t) for t in ids[:max(1, prompt_tokens - overhead)]).decode(
+            "utf-8", errors="ignore").strip()
+        result: Dict[str, Optional[float]] = {"arm": arm, "n_ubatch": engine.batching.n_ubatch}
+        for name, instruction in (("plain", None), ("sda", "helpfulness")):
+            engine.generate(query, instruction, max_tokens=1, seed=1)  # warm-up
+            engine.reset_caches()
+            stats = engine.generate(query, instruction, max_tokens=1, seed=1).stats
+            engine.reset_caches()
+            decoded = stats.prefill_tokens_with + (stats.prefill_tokens_without or 0)
+            result[f"{name}_prompt_tokens"] = stats.prompt_tokens_with
+            result[f"{name}_tokens_per_second"] = decoded / stats.prefill_seconds
+            result[f"{name}_seconds"] = stats.prefill_seconds
+        return result
+    finally:
+        engine.close()
+
+
+def run_prefill_bench(model: Optional[str], *, n_threads: int, prompt_tokens: int, runs: int, n_ctx: int,
+                      progress: Callable[[str], None], n_gpu_layers: int = 0) -> dict:
+    """Prefill speed of a ``prompt_tokens`` prompt with ubatches of 32 (--exact on) and 512 (--exact off)."""
+    from . import models
+    from .engine.layout import batch_policy
+
+    model_path = str(models.resolve(model).resolve())
+    samples = _interleaved(PREFILL_ARMS, runs, progress,
+                           lambda arm: ["prefill", arm, model_path, str(n_threads), str(prompt_tokens), str(n_ctx),
+                                        str(n_gpu_layers)])
+    arms = {}
+    for arm, rows in samples.items():
+        arms[arm] = {key: statistics.median(r[key] for r in rows) for key in rows[0] if key != "arm"}
+    chosen = batch_policy(None, n_gpu_layers)
+    return {"model": model_path, "threads": n_threads, "n_gpu_layers": n_gpu_layers, "prompt_tokens": prompt_tokens,
+            "runs": runs, "arms": arms, "chosen": {"exact": chosen.exact, "n_ubatch": chosen.n_ubatch}}
+
+
+def format_prefill_report(report: dict) -> str:
+    lines = [f"model {report['model']}, {report['threads']} threads, {report['n_gpu_layers']} GPU layers, a "
+             f"{report['prompt_tokens']}-token prompt, median of {report['runs']} runs",
+             f"{'arm':<12} {'plain tok/s':>12} {'plain s':>9} {'SDA tok/s':>10} {'SDA s':>8}"]
+    for arm, a in report["arms"].items():
+        lines.append(f"{arm:<12} {a['plain_tokens_per_second']:>12.1f} {a['plain_seconds']:>9.3f} "
+                     f"{a['sda_tokens_per_second']:>10.1f} {a['sda_seconds']:>8.3f}")
+    a32, a512 = report["arms"]["ubatch-32"], report["arms"]["ubatch-512"]
+    c = report["chosen"]
+    lines += [f"ubatch 512 / 32: plain {a512['plain_tokens_per_second'] / a32['plain_tokens_per_second']:.2f}x, "
+              f"SDA {a512['sda_tokens_per_second'] / a32['sda_tokens_per_second']:.2f}x",
+              f"chosen here (--exact auto): ubatch {c['n_ubatch']} ({'exact' if c['exact'] else 'fast'})",
+              "SDA tok/s counts the prompt tokens of both streams (the common prefix is decoded in each)."]
+    return "\n".join(lines)
+
+
+def _interleaved(arms, runs: int, progress: Callable[[str], None], argv: Callable[[str], List[str]]) -> Dict[str, List[dict]]:
+    """Each arm's worker once per round, round after round, so that machine noise hits the arms alike.
+    Workers start in the directory holding this very package, so that `-m` imports it (with its libsda)
+    and not a source checkout that happens to be the current directory."""
+    package_root = str(Path(__file__).resolve().parent.parent)
+    samples: Dict[str, List[dict]] = {arm: [] for arm in arms}
+    for r in range(runs):
+        for arm in arms:
+            progress(f"run {r + 1}/{runs}: {arm}")
+            proc = subprocess.run([sys.executable, "-m", "sda_local.bench", *argv(arm)], capture_output=True,
+                                  text=True, cwd=package_root)
+            if proc.returncode != 0:
+                lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+                raise SDAError(f"benchmark arm {arm} failed: {lines[-1]}")
+            samples[arm].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return samples
 
 
 def run_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int, n_ctx: int,
@@ -112,20 +198,8 @@ def run_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int, n
     from . import models
 
     model_path = str(models.resolve(model).resolve())  # fetch once, with progress, before the workers start
-    # Workers start in the directory holding this very package, so that `-m` imports it (with its libsda)
-    # and not a source checkout that happens to be the current directory.
-    package_root = str(Path(__file__).resolve().parent.parent)
-    samples: Dict[str, List[dict]] = {arm: [] for arm in ARMS}
-    for r in range(runs):
-        for arm in ARMS:
-            progress(f"run {r + 1}/{runs}: {arm}")
-            cmd = [sys.executable, "-m", "sda_local.bench", arm, model_path, str(n_threads), str(tokens), str(n_ctx),
-                   str(n_gpu_layers)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=package_root)
-            if proc.returncode != 0:
-                lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
-                raise SDAError(f"benchmark arm {arm} failed: {lines[-1]}")
-            samples[arm].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    samples = _interleaved(ARMS, runs, progress,
+                           lambda arm: [arm, model_path, str(n_threads), str(tokens), str(n_ctx), str(n_gpu_layers)])
 
     def median(arm, key):
         values = [s[key] for s in samples[arm] if s.get(key) is not None]
@@ -194,6 +268,10 @@ def format_report(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    arm, model_arg, threads, n_tokens, ctx = sys.argv[1:6]
-    out = _worker(arm, model_arg, int(threads), int(n_tokens), int(ctx), int(sys.argv[6]) if len(sys.argv) > 6 else 0)
+    if sys.argv[1] == "prefill":
+        arm, model_arg, threads, n_tokens, ctx, ngl = sys.argv[2:8]
+        out = _prefill_worker(arm, model_arg, int(threads), int(n_tokens), int(ctx), int(ngl))
+    else:
+        arm, model_arg, threads, n_tokens, ctx = sys.argv[1:6]
+        out = _worker(arm, model_arg, int(threads), int(n_tokens), int(ctx), int(sys.argv[6]) if len(sys.argv) > 6 else 0)
     print(json.dumps(out))

@@ -143,6 +143,8 @@ class SDAModel(llm.Model):
         cache_type_v: Optional[Literal["f16", "q8_0", "q4_0"]] = Field(
             None, description="KV cache type of V (f16; quantized needs flash attention)")
         flash_attn: Optional[Literal["auto", "on", "off"]] = Field(None, description="Flash attention (auto)")
+        exact: Optional[Literal["auto", "on", "off"]] = Field(
+            None, description="Batch-exact prompts: ubatch 32 (on) or 512 (off); auto: on unless offloaded")
         steering: Optional[Literal["guarded", "paper"]] = Field(
             None, description="guarded (default: bounded, no echo) or paper (the paper's formula)")
 
@@ -164,12 +166,13 @@ class SDAModel(llm.Model):
         from .engine import SDAEngine
 
         key = (self.model, options.n_ctx or 4096, options.n_gpu_layers or 0, options.streams or "batched",
-               options.cache_type_k or "f16", options.cache_type_v or "f16", options.flash_attn or "auto")
+               options.cache_type_k or "f16", options.cache_type_v or "f16", options.flash_attn or "auto", options.exact)
         with _engines_lock:
             engine = _engines.get(key)
             if engine is None:
                 engine = _engines[key] = SDAEngine(self.model, n_ctx=key[1], n_gpu_layers=key[2], streams=key[3],
-                                                   cache_type_k=key[4], cache_type_v=key[5], flash_attn=key[6])
+                                                   cache_type_k=key[4], cache_type_v=key[5], flash_attn=key[6],
+                                                   exact=key[7])
         return engine
 
     def execute(self, prompt, stream, response, conversation):

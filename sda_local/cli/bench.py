@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .common import main, repack_option
+from .common import exact_option, main, repack_option
 
 
 @main.command()
@@ -21,11 +21,24 @@ from .common import main, repack_option
 @click.option("--serve", "serve_bench", is_flag=True,
               help="Concurrent SDA requests through the scheduler (1, 2, 4) against the raw decode limit, the "
                    "scheduler's own work per step, and a late request's first-token latency.")
+@click.option("--prefill", "prefill_tokens", default=None, type=click.IntRange(16),
+              help="Instead: prefill speed of a prompt of this many tokens, plain and SDA, with ubatches of 32 "
+                   "(--exact on) and 512 (--exact off).")
 @click.option("--json", "as_json", is_flag=True)
 @repack_option
-def bench(model, n_threads, tokens, runs, n_ctx, n_gpu_layers, serve_bench, as_json):
+@exact_option
+def bench(model, n_threads, tokens, runs, n_ctx, n_gpu_layers, serve_bench, prefill_tokens, as_json):
     """Speed and memory of plain vs SDA generation (medians of --runs, arms interleaved)."""
     progress = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    if serve_bench and prefill_tokens:
+        raise click.UsageError("--serve and --prefill are separate benchmarks: give one")
+    if prefill_tokens:
+        from ..bench import format_prefill_report, run_prefill_bench
+
+        report = run_prefill_bench(model, n_threads=n_threads, prompt_tokens=prefill_tokens, runs=runs,
+                                   n_ctx=max(n_ctx, prefill_tokens + 64), progress=progress, n_gpu_layers=n_gpu_layers)
+        click.echo(json.dumps(report, indent=2) if as_json else format_prefill_report(report))
+        return
     if serve_bench:
         from ..bench_serve import format_serve_report, run_serve_bench
 

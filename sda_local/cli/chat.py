@@ -64,7 +64,7 @@ def chat(align, strength, judge, judge_url, amplifier_map, on_judge_failure, sys
     if judge_url and judge is None:
         settings.judge = "openai"
     engine = make_engine(model, n_ctx, n_threads, n_gpu_layers, streams, verbose)
-    click.echo(engine.kv_memory.describe(), err=True)
+    click.echo(engine.describe_memory(), err=True)
     log = None if no_log else ConversationLog()
     for warning in log.warnings if log is not None else ():
         warn(warning)

@@ -240,6 +240,7 @@ def engine_options(f):
         click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
         *kv_options,
         repack_option,
+        exact_option,
         offline_option,
     ]
     for option in reversed(options):
@@ -291,6 +292,15 @@ def set_repack(ctx, param, value):
     return value
 
 
+def set_exact(ctx, param, value):
+    """--exact applies to every engine this process (and its bench workers) makes: it sets SDA_LOCAL_EXACT."""
+    from ..engine.layout import EXACT_ENV
+
+    if value is not None:
+        os.environ[EXACT_ENV] = value
+    return value
+
+
 def set_offline(ctx, param, value):
     """--offline applies to the whole process: it sets SDA_LOCAL_OFFLINE, which every network path checks."""
     from ..privacy import OFFLINE_ENV
@@ -309,6 +319,16 @@ repack_option = click.option(
     callback=set_repack,
     help="llama.cpp weight repacking (extra buffer types). auto (default, or $SDA_LOCAL_REPACK): off on Intel AMX "
          "CPUs, whose AMX kernels crash in this llama.cpp, on elsewhere.")
+
+
+exact_option = click.option(
+    "--exact", type=click.Choice(["auto", "on", "off"]), default=None, expose_value=False, is_eager=True,
+    callback=set_exact,
+    help="on: prompts go through llama.cpp in ubatches of 32 rows (16 where the build has a GPU or BLAS "
+         "backend), so each row's logits do not depend on the "
+         "batch (bit-exact on CPU: a = 0 is exactly prompting, reused caches and concurrent requests change "
+         "nothing), at a prefill cost; off: llama.cpp's usual ubatch of 512. auto (default, or $SDA_LOCAL_EXACT): "
+         "on unless layers are offloaded to a GPU.")
 
 
 def judge_options(f):

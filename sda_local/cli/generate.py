@@ -110,7 +110,7 @@ def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_f
                 click.echo(render_comparison(comparison))
             if show_stats:
                 print_stats(comparison.sda.stats)
-                click.echo(engine.kv_memory.describe(), err=True)
+                click.echo(engine.describe_memory(), err=True)
             return
         if align is not None:
             judge_obj = judge_from_cli(judge_spec, engine, needed=strength is None)
@@ -132,7 +132,7 @@ def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_f
             result = stream.result
         if show_stats:
             print_stats(result.stats)
-            click.echo(engine.kv_memory.describe(), err=True)
+            click.echo(engine.describe_memory(), err=True)
     finally:
         if judge_obj is not None:
             judge_obj.close()

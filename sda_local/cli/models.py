@@ -10,7 +10,7 @@ import click
 
 from .. import __version__
 from ..errors import InputError
-from .common import Group, kv_options, main, offline_option, repack_option
+from .common import Group, kv_options, main, offline_option, repack_option, exact_option
 
 
 @main.group(cls=Group)
@@ -92,7 +92,7 @@ def info_dict() -> dict:
     from ..logs import log_path
 
     system_info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
-    backends = [seg.split(" : ")[0].strip() for seg in system_info.split(" | ") if " : " in seg]
+    backends = hardware.llama_backends()
     lib = native.library()
     return {
         "sda_local": __version__,
@@ -110,8 +110,19 @@ def info_dict() -> dict:
         "conversation_log": str(log_path()),
         "cpu": hardware.cpu_report().to_dict(),
         "repack": hardware.repack_decision(),
+        "batches": _batches(),
         "system_info": system_info.strip(),
     }
+
+
+def _batches() -> str:
+    """The batch policy (--exact) on this build: on CPU, and with layers offloaded."""
+    from ..engine.layout import batch_policy
+
+    cpu, offloaded = batch_policy(None, 0), batch_policy(None, -1)
+    if cpu == offloaded:
+        return cpu.describe()
+    return f"{cpu.describe()} on CPU; {offloaded.describe()} with layers offloaded (--exact)"
 
 
 def kv_estimate(model, n_ctx: int, parallel: int) -> dict:
@@ -138,6 +149,7 @@ def kv_estimate(model, n_ctx: int, parallel: int) -> dict:
 @kv_options[1]
 @kv_options[2]
 @repack_option
+@exact_option
 @offline_option
 def info(as_json, model, n_ctx, parallel):
     """Versions, compiled-in llama.cpp backends, CPU features and the repack decision, native hook, model cache;

@@ -9,7 +9,7 @@ import click
 from ..engine.layout import STREAM_MODES
 from ..errors import InputError
 from .common import (judge_options, kv_options, kv_settings, main, offline_option, remote_judge_options,
-                     repack_option, warn)
+                     repack_option, exact_option, warn)
 
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
 
@@ -54,6 +54,7 @@ _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
 @kv_options[1]
 @kv_options[2]
 @repack_option
+@exact_option
 @offline_option
 def serve(host, port, parallel, ctx_size, queue_size, api_key, max_body, header_timeout, body_timeout,
           keep_alive_timeout, sse_keepalive, cors_origins, alias, judge, judge_url, amplifier_map,
@@ -91,7 +92,7 @@ def serve(host, port, parallel, ctx_size, queue_size, api_key, max_body, header_
                            streams=streams, parallel=parallel, verbose=verbose, **kv)
         for notice in engine.notices:
             click.echo(f"note: {notice}", err=True)
-        click.echo(f"sda-local: {engine.kv_memory.describe()}", err=True)
+        click.echo(f"sda-local: {engine.describe_memory()}", err=True)
         try:
             return engine, make_judge(judge_spec[0], engine, url=judge_spec[1], **judge_options)
         except BaseException:

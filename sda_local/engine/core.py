@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import threading
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -25,7 +27,7 @@ from .fusion import (DEFAULT_K, DEFAULT_T0, DEFAULT_TEMPERATURE_MODE, DEFAULT_TO
                      logit_injection_from_env)
 from .instruction import InstructionGuard, instruction_guard
 from .kvcache import KVConfig, kv_memory
-from .layout import STREAM_MODES, KVLayout, common_prefix_length
+from .layout import STREAM_MODES, KVLayout, batch_policy, common_prefix_length
 from .requests import GenerationRequest, GenerationResult, GenerationStats
 from .sampling import RequestSampler, check_grammar
 from .steering import DEFAULT_STEERING, Steering
@@ -63,7 +65,15 @@ def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        pass
+    if sys.platform == "darwin":  # Apple Silicon: the performance cores (ggml's barrier waits for the slowest)
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.perflevel0.physicalcpu"], capture_output=True, text=True,
+                                 timeout=5).stdout
+            return max(1, int(out))
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    return max(1, os.cpu_count() or 1)
 
 
 class SDAEngine:
@@ -79,7 +89,10 @@ class SDAEngine:
     where its AMX kernels crash), "on" or "off"; None reads $SDA_LOCAL_REPACK, else "auto".
     ``cache_type_k``/``cache_type_v``: the KV cache's element types, "f16", "q8_0" or "q4_0" (a quantized V
     needs flash attention); ``flash_attn``: "auto", "on" or "off", as llama.cpp's. ``kv_memory`` says what
-    the caches take (engine/kvcache.py).
+    the caches take (engine/kvcache.py). ``exact``: "on" cuts prompts into small ubatches so that every row's
+    logits are those of decoding it alone, whatever the batch (bit-exact on CPU: a = 0 is exactly prompting,
+    cache reuse and concurrent requests change nothing); "off" uses llama.cpp's usual ubatch (faster prefill);
+    "auto" (None reads $SDA_LOCAL_EXACT, else auto) is on unless layers are offloaded to a GPU.
     """
 
     def __init__(
@@ -97,6 +110,7 @@ class SDAEngine:
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
         flash_attn: str = "auto",
+        exact: Optional[str] = None,
     ):
         if streams not in STREAM_MODES:
             raise InputError(f"unknown streams mode {streams!r} (choose from {', '.join(STREAM_MODES)})")
@@ -108,6 +122,8 @@ class SDAEngine:
             raise InputError(f"unknown fusion backend {fusion_backend!r} (choose from auto, native, numpy)")
         repack = hardware.check_repack(repack)
         self.kv = KVConfig(cache_type_k, cache_type_v, flash_attn).check()
+        self.n_gpu_layers = n_gpu_layers
+        self.batching = batch_policy(exact, n_gpu_layers)
         self.model_path = models.resolve(model)
         self.model = GGUFModel(self.model_path, n_gpu_layers=n_gpu_layers, verbose=verbose, repack=repack)
         self.repack = repack
@@ -132,13 +148,18 @@ class SDAEngine:
         # against each other.
         self.compute_lock = threading.Lock()
         self.kv_memory = kv_memory(self.model.attention_shape(), self.kv, n_ctx=n_ctx, slots=parallel)
-        layout = KVLayout(streams, self.model, n_slots=parallel, n_ctx=n_ctx, n_threads=self.n_threads, kv=self.kv)
+        layout = KVLayout(streams, self.model, n_slots=parallel, n_ctx=n_ctx, n_threads=self.n_threads, kv=self.kv,
+                          batching=self.batching)
         self.scheduler = Scheduler(self.model, layout, compute_lock=self.compute_lock)
         self._forcing = None  # for the judges that read distributions (expected, self), created on first use
         self._forcing_guard = threading.Lock()
         self._closing = False  # set by close(), under _forcing_guard
         self._logit_injections = None  # TEST ONLY (see fusion.logit_injection_from_env), read on first use
 
+
+    def describe_memory(self) -> str:
+        """One line for the user at load: the KV caches and how prompts are batched."""
+        return f"{self.kv_memory.describe()}; {self.batching.describe()}"
 
     @property
     def fusion_backend(self) -> str:
@@ -335,7 +356,7 @@ class SDAEngine:
                 from .forcing import ForcingContext
 
                 self._forcing = ForcingContext(self.model, n_ctx=self.n_ctx, n_threads=self.n_threads, kv=self.kv,
-                                               compute_lock=self.compute_lock)
+                                               compute_lock=self.compute_lock, batching=self.batching)
                 self._forcing.injection = next((i for i in self._injections() if i.seed is None and i.row == "with"),
                                                None)
         return self._forcing

@@ -3,8 +3,8 @@ instead of sampling from it (expected-value scoring and the self judge).
 
 ``ForcingContext`` owns one llama_context on the model's weights with two sequences in a unified cache, so
 the self judge's two prompts (with and without the instruction) go through one batched prefill. Its batches
-keep llama.cpp's ubatch under the row count where the CPU matmul switches kernels (streams.N_UBATCH), as
-the generation streams do. Nothing here samples, and nothing depends on what was decoded before: every
+cut prompts into ubatches as the generation streams do (the engine's layout.BatchPolicy), so that
+forced log-probabilities equal those of generation. Nothing here samples, and nothing depends on what was decoded before: every
 call starts from an empty cache.
 """
 
@@ -21,7 +21,7 @@ from scipy.special import logsumexp
 from ..errors import ContextOverflowError, ModelError
 from .fusion import NonFiniteLogitsError, nonfinite_value
 from ..gguf_model import GGUFModel
-from .layout import N_BATCH, N_UBATCH, common_prefix_length
+from .layout import EXACT, N_BATCH, BatchPolicy, common_prefix_length
 
 N_SEQ = 2
 # Cells per sequence the context starts with: what a judged first answer and its prompt take. A longer input
@@ -41,13 +41,14 @@ class ForcingContext:
     sequence (``capacity``) and is made again, larger, when an input needs more (what its sequences held is
     decoded again there)."""
 
-    def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int, compute_lock=None, kv=None):
+    def __init__(self, model: GGUFModel, *, n_ctx: int, n_threads: int, compute_lock=None, kv=None,
+                 batching: BatchPolicy = EXACT):
         self.model = model
         self._compute_lock = compute_lock or threading.Lock()  # shared with the engine's scheduler
         self._user = threading.RLock()  # one judge at a time: a judgement is a series of calls
         self._closing = False  # set by close(): a judgement still running stops at its next decode
         self.n_ctx = n_ctx
-        self._n_threads, self._kv = n_threads, kv
+        self._n_threads, self._kv, self._batching = n_threads, kv, batching
         self.capacity = min(n_ctx, START_CELLS)
         self.ctx = self._new_context(self.capacity)
         self._box = [self.ctx]
@@ -77,7 +78,7 @@ class ForcingContext:
         return self.ctx
 
     def _new_context(self, cells: int):
-        return self.model.new_context(n_ctx=N_SEQ * cells, n_batch=N_BATCH, n_ubatch=N_UBATCH,
+        return self.model.new_context(n_ctx=N_SEQ * cells, n_batch=N_BATCH, n_ubatch=self._batching.n_ubatch,
                                       n_threads=self._n_threads, n_seq_max=N_SEQ, kv_unified=True, kv=self._kv)
 
     def clear(self) -> None:

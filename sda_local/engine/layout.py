@@ -25,8 +25,10 @@ free slot first.
 
 from __future__ import annotations
 
+import os
 import weakref
-from typing import List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import llama_cpp
 
@@ -39,13 +41,62 @@ N_BATCH = 512  # rows per llama_decode at most
 # (logits move by ~0.5 on SmolLM2-135M Q4_1). Below that, each row's result is bit-identical to decoding
 # it alone, so a stream's KV cache does not depend on how its prompt was split into batches nor on the
 # other rows of the batch: batched, contexts, prefill chunking, cache reuse and concurrent requests all
-# see the same logits, and a = 0 is exactly prompting.
-N_UBATCH = 32
+# see the same logits, and a = 0 is exactly prompting. A build with a BLAS or GPU backend (every macOS build:
+# Metal and Accelerate) hands ggml's scheduler another place for a matmul of 32 rows or more even with no
+# layer offloaded (ggml-blas's minimum batch; op_offload), so there the exact ubatch stays below that.
+def exact_ubatch(backends: Optional[Sequence[str]] = None) -> int:
+    """The exact ubatch of a llama.cpp build with ``backends`` (this one's when None)."""
+    from ..hardware import llama_backends
+
+    return 32 if set(llama_backends() if backends is None else backends) <= {"CPU"} else 16
+
+
+N_UBATCH = exact_ubatch()
+# llama.cpp's own default: what a GPU wants for prefill, where exactness across batch shapes does not hold
+# anyway (the backends pick kernels by batch size too).
+N_UBATCH_FAST = 512
+EXACT_MODES = ("auto", "on", "off")
+EXACT_ENV = "SDA_LOCAL_EXACT"
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 WITH, WITHOUT = 0, 1  # stream indices
 
 Location = Tuple[int, int]  # (context index, sequence id)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How prompts are cut into llama.cpp ubatches. ``exact``: ubatches of N_UBATCH rows, so that a row's
+    logits do not depend on the batch it was decoded in (on CPU; see N_UBATCH), at a prefill cost; otherwise
+    llama.cpp's usual N_UBATCH_FAST."""
+
+    exact: bool
+
+    @property
+    def n_ubatch(self) -> int:
+        return N_UBATCH if self.exact else N_UBATCH_FAST
+
+    def describe(self) -> str:
+        return f"{'exact' if self.exact else 'fast'} batches (ubatch {self.n_ubatch})"
+
+
+EXACT = BatchPolicy(True)
+
+
+def batch_policy(mode: Optional[str], n_gpu_layers: int, gpu_offload: Optional[bool] = None) -> BatchPolicy:
+    """``mode``: "on", "off" or "auto" (None reads $SDA_LOCAL_EXACT, else "auto"). auto is exact unless layers
+    are offloaded to a GPU: there small ubatches are slow and batch-invariance is not promised by the backend.
+    ``gpu_offload``: whether this llama.cpp build can offload (asked of llama.cpp when None)."""
+    value = mode if mode is not None else (os.environ.get(EXACT_ENV) or "auto")
+    value = str(value).strip().lower()
+    if value not in EXACT_MODES:
+        source = "exact" if mode is not None else EXACT_ENV
+        raise InputError(f"{source} must be one of {', '.join(EXACT_MODES)}, got {value!r}")
+    if value != "auto":
+        return BatchPolicy(value == "on")
+    if gpu_offload is None:
+        gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+    return BatchPolicy(not (gpu_offload and n_gpu_layers != 0))
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -95,7 +146,8 @@ class Batch:
 class KVLayout:
     """The llama.cpp contexts of ``n_slots`` slots, each with two streams of ``n_ctx`` cells."""
 
-    def __init__(self, mode: str, model: GGUFModel, *, n_slots: int, n_ctx: int, n_threads: int, kv=None):
+    def __init__(self, mode: str, model: GGUFModel, *, n_slots: int, n_ctx: int, n_threads: int, kv=None,
+                 batching: BatchPolicy = EXACT):
         if mode not in STREAM_MODES:
             raise InputError(f"unknown streams mode {mode!r} (choose from {', '.join(STREAM_MODES)})")
         per_context = 2 * n_slots if mode == "batched" else n_slots
@@ -107,7 +159,8 @@ class KVLayout:
         self.contexts: List[object] = []
         self._finalizer = weakref.finalize(self, _free_contexts, self.contexts)
         for _ in range(1 if mode == "batched" else 2):
-            self.contexts.append(model.new_context(n_ctx=per_context * n_ctx, n_batch=N_BATCH, n_ubatch=N_UBATCH,
+            self.contexts.append(model.new_context(n_ctx=per_context * n_ctx, n_batch=N_BATCH,
+                                                   n_ubatch=batching.n_ubatch,
                                                    n_threads=n_threads, n_seq_max=per_context, kv_unified=False,
                                                    kv=kv))
         self._memories = [llama_cpp.llama_get_memory(ctx) for ctx in self.contexts]

@@ -55,8 +55,10 @@ def make_judge(spec: Optional[str], engine, *, url: Optional[str] = None, **opti
         threads = engine.n_threads if engine is not None else None
         kv = getattr(engine, "kv", None)  # the same KV cache settings as the generating model's
         kv_options = dict(cache_type_k=kv.type_k, cache_type_v=kv.type_v, flash_attn=kv.flash_attn) if kv else {}
+        # Offloaded and batched like the generating model (a GPU user's judge model belongs on the GPU too).
+        same = dict(n_gpu_layers=engine.n_gpu_layers, exact="on" if engine.batching.exact else "off") if hasattr(engine, "batching") else {}
         judge_engine = SDAEngine(arg, n_ctx=4096, streams="contexts", n_threads=threads,
-                                 repack=getattr(engine, "repack", None), **kv_options)
+                                 repack=getattr(engine, "repack", None), **kv_options, **same)
         return LocalJudge(judge_engine, owns_engine=True, scoring=scoring)
     if kind == "self" and not arg:
         return SelfJudge(engine)
