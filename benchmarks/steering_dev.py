@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sda_local import ifeval, quality  # noqa: E402
+from sda_local.evaluation import ifeval, quality  # noqa: E402
 from sda_local.engine import SDAEngine  # noqa: E402
 from sda_local.engine.steering import Steering  # noqa: E402
 from sda_local.seeds import derive_seed  # noqa: E402

@@ -20,10 +20,9 @@ import statistics
 import time
 from typing import Callable, Dict, List, Optional
 
-import llama_cpp
-
 from .engine import SDAEngine
 from .engine.layout import KVLayout
+from .engine.llama import logits_row
 
 QUERIES = [
     "Write a detailed guide to planning a week-long hiking trip, with a packing list.",
@@ -59,13 +58,15 @@ def _prompts(engine: SDAEngine, query: str):
     return request.prompt_with, request.prompt_without
 
 
-def _raw_tps(engine: SDAEngine, n: int, steps: int) -> float:
-    """Tokens per second of n SDA requests at the decode limit: 2n rows per llama_decode, nothing else."""
-    layout = KVLayout("batched", engine.model, n_slots=n, n_ctx=1024, n_threads=engine.n_threads)
+def raw_steps_per_second(engine: SDAEngine, rows: int, steps: int) -> float:
+    """llama_decode steps per second with ``rows`` sequences decoding one token each and nothing else: the
+    decode limit of rows / 2 SDA requests (or of one plain request, ``rows`` 1)."""
+    layout = KVLayout("batched", engine.model, n_slots=(rows + 1) // 2, n_ctx=1024, n_threads=engine.n_threads,
+                      batching=engine.batching)
     try:
         ctx, batch = layout.contexts[0], layout.batches[0]
         prompt = engine.tokenize_prompt(engine.render(None, QUERIES[0]))
-        for seq in range(2 * n):
+        for seq in range(rows):
             batch.clear()
             for pos, token in enumerate(prompt):
                 batch.add(token, pos, seq, False)
@@ -74,14 +75,14 @@ def _raw_tps(engine: SDAEngine, n: int, steps: int) -> float:
         times = []
         for _ in range(steps):
             batch.clear()
-            for seq in range(2 * n):
+            for seq in range(rows):
                 batch.add(token, pos, seq, True)
             started = time.perf_counter()
             layout.decode(0)
-            llama_cpp.llama_get_logits_ith(ctx, 0)
+            logits_row(ctx.row(0), engine.model.n_vocab)  # what a sampler reads first
             times.append(time.perf_counter() - started)
             pos += 1
-        return n / statistics.median(times)
+        return 1 / statistics.median(times)
     finally:
         layout.close()
 
@@ -137,7 +138,7 @@ def run_serve_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: 
                 tps, steps = _scheduler_tps(engine, n, tokens, 100 * r)
                 samples["scheduler"][n].append(tps)
                 overhead += [(total - decode) / decode for total, decode, _ in steps if decode > 0]
-                samples["raw"][n].append(_raw_tps(engine, n, min(tokens, 64)))
+                samples["raw"][n].append(n * raw_steps_per_second(engine, 2 * n, min(tokens, 64)))
         progress("late arrival")
         late = [_late_arrival(engine, tokens) for _ in range(runs)]
         model_path = str(engine.model_path)

@@ -12,7 +12,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import List, Optional
 
-from . import quality
+from .evaluation import quality
 from .pipeline import AlignmentResult, align
 from .prompts import resolve_alignment
 

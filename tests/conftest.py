@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sda_local import SDAEngine, hardware, models
+from sda_local import SDAEngine, models
+from sda_local.models import hardware
 
 # SDA_LOCAL_TEST_MODEL=PATH: the model tests use this GGUF instead of the default catalogue model (on a machine
 # that cannot fetch it: e.g. benchmarks/synth_model.py's smollm2-135m shape, the default model's size and
@@ -81,35 +82,33 @@ def rows_batch_invariant(engine):
     some instruction sets. Probed directly: one decode step of sequence 0 alone, then the same step beside one
     and beside five other sequences in one ubatch, on a context like the engine's (its KV cache type).
     """
-    import llama_cpp
     import numpy as np
 
-    from sda_local.engine.layout import N_BATCH, N_UBATCH, Batch
+    from sda_local.engine.layout import N_BATCH, N_UBATCH
+    from sda_local.engine.llama import Batch, Context, logits_row
 
     model = engine.model
     n_seq = 6  # up to the rows the tests that rely on it decode at once (three SDA jobs)
-    ctx = model.new_context(n_ctx=n_seq * 256, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=2, n_seq_max=n_seq,
-                            kv=engine.kv)
+    ctx = Context(model, n_ctx=n_seq * 256, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=2, n_seq_max=n_seq,
+                  kv=engine.kv)
     batch = Batch(N_BATCH)
     try:
-        memory = llama_cpp.llama_get_memory(ctx)
         prompts = [model.tokenize(text, add_bos=False, special=False) for text in
                    ("The capital of France is", "A list of fruits: apple,", "def main():", "Once upon a time",
                     "The weather today", "Dear Sir or Madam,")]
         rows = []
         for group in ([0], [0, 1], list(range(n_seq))):
-            llama_cpp.llama_memory_clear(memory, True)
+            ctx.clear()
             for seq in range(n_seq):  # each prompt alone, as prefill does when no other row is ready
                 batch.clear()
                 for pos, token in enumerate(prompts[seq][:-1]):
                     batch.add(token, pos, seq, False)
-                assert llama_cpp.llama_decode(ctx, batch.batch) == 0
+                ctx.decode(batch)
             batch.clear()
             outputs = {seq: batch.add(prompts[seq][-1], len(prompts[seq]) - 1, seq, True) for seq in group}
-            assert llama_cpp.llama_decode(ctx, batch.batch) == 0
-            row = llama_cpp.llama_get_logits_ith(ctx, outputs[0])
-            rows.append(np.ctypeslib.as_array(row, shape=(model.n_vocab,)).copy())
+            ctx.decode(batch)
+            rows.append(logits_row(ctx.row(outputs[0]), model.n_vocab).copy())
         return all(np.array_equal(rows[0], row) for row in rows[1:])
     finally:
         batch.free()
-        llama_cpp.llama_free(ctx)
+        ctx.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import llama_cpp
 import pytest
 
 from sda_local import SDAEngine
@@ -44,7 +43,7 @@ def _ubatches(engine):
     contexts = list(engine.scheduler.layout.contexts)
     with engine.forcing() as forcing:
         contexts.append(forcing.ctx)
-    return {llama_cpp.llama_n_ubatch(ctx) for ctx in contexts}
+    return {ctx.n_ubatch for ctx in contexts}
 
 
 @pytest.mark.skipif(bool(TEST_NGL), reason="the tests' -ngl is applied under the engine, which sees 0 layers")

@@ -9,7 +9,7 @@ import platform
 import pytest
 
 from conftest import run_cli
-from sda_local import hardware
+from sda_local.models import hardware
 
 QUERY = "How do I fix a flat bike tyre?"
 

@@ -15,12 +15,12 @@ import pytest
 
 from conftest import run_cli
 from fault_server import FaultServer, completion
-from sda_local.datasets import load_dataset
+from sda_local.evaluation.datasets import load_dataset
 from sda_local.errors import InputError
 from sda_local.evaluation import (EvalConfig, Evaluation, RunFile, judged_units, summarize, summary_markdown,
                                   verify_units)
 from sda_local.seeds import MAX_SEED
-from sda_local.verifiable import VERIFIABLE
+from sda_local.evaluation.verifiable import VERIFIABLE
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EXE = os.path.join(os.path.dirname(sys.executable), "sda-local")
@@ -385,7 +385,7 @@ def test_eval_ifeval_on_the_dev_set_reports_quality_per_arm(tmp_path, model_path
     summary = json.loads(run.with_suffix(".summary.json").read_text())
     cell = summary["verifiable_overall"]["sda"]
     assert cell["n"] == 4 and {"echo", "echo_share", "degenerate", "fluency", "clean"} <= set(cell)
-    from sda_local.quality import clean
+    from sda_local.evaluation.quality import clean
 
     sda_checks = [c for c in checks if c["arm"] == "sda"]
     assert cell["clean"] == sum(clean(c["complied"], c["echo"], c["degenerate"], c["fluency"])

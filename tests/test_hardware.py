@@ -14,7 +14,8 @@ import pytest
 import requests
 
 from conftest import run_cli
-from sda_local import SDAEngine, hardware
+from sda_local import SDAEngine
+from sda_local.models import hardware
 from sda_local.errors import InputError
 from sda_local.judging import make_judge
 from sda_local.rubrics import RUBRICS
@@ -102,7 +103,7 @@ def test_llama_cpp_server_started_through_sda_local_decodes(model_path):
     from test_judges import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "sda_local.hardware", "server", "--model", str(model_path),
+    proc = subprocess.Popen([sys.executable, "-m", "sda_local.models.hardware", "server", "--model", str(model_path),
                              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512", "--n_threads", "2",
                              "--verbose", "False"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("if_verifiable")
 
-from sda_local import ifeval  # noqa: E402
+from sda_local.evaluation import ifeval  # noqa: E402
 
 
 def test_every_ifeval_type_of_the_package_is_covered():

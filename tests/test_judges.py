@@ -180,8 +180,8 @@ def free_port() -> int:
 def llama_server(model_path):
     """llama-cpp-python's own OpenAI-compatible server on the default model, on a free loopback port."""
     port = free_port()
-    # Started through sda_local.hardware: the model loads under the repack decision, so no AMX crash.
-    proc = subprocess.Popen([sys.executable, "-m", "sda_local.hardware", "server", "--model", str(model_path), "--host",
+    # Started through sda_local.models.hardware: the model loads under the repack decision, so no AMX crash.
+    proc = subprocess.Popen([sys.executable, "-m", "sda_local.models.hardware", "server", "--model", str(model_path), "--host",
                              "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2",
                              "--verbose", "False"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/v1"

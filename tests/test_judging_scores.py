@@ -20,7 +20,7 @@ from scipy.special import logsumexp
 
 from conftest import run_cli
 from sda_local import SDAEngine
-from sda_local.judge_bench import Cache, auc, distinct_deciles
+from sda_local.evaluation.judge_bench import Cache, auc, distinct_deciles
 from sda_local.errors import InputError
 from sda_local.judging import JudgeError, LocalJudge, SelfJudge, self_amplifier
 from sda_local.judging.selfscore import A_MAX, R_FULL, R_ZERO

@@ -11,7 +11,7 @@ import pytest
 
 from sda_local import fuse
 from sda_local.engine import native
-from sda_local.engine.sampling import TOKEN_DATA
+from sda_local.engine.llama import TOKEN_DATA
 
 lib = native.library()
 pytestmark = pytest.mark.skipif(lib is None, reason="libsda is not loaded")

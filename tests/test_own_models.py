@@ -331,9 +331,9 @@ def test_plain_http_needs_a_sha256(cache):
 
 _ADD_MODELS = """
 import sys
-from sda_local import models
+from sda_local.models import registry
 for i in range(int(sys.argv[2])):
-    models._save_user_model(f"m{sys.argv[1]}-{i}", {"path": "/x", "sha256": "0" * 64, "size": 1, "source": "x"})
+    registry._save_user_model(f"m{sys.argv[1]}-{i}", {"path": "/x", "sha256": "0" * 64, "size": 1, "source": "x"})
 """
 
 

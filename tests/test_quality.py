@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sda_local import quality
-from sda_local.datasets import DEV_SET, load_dataset
+from sda_local.evaluation import quality
+from sda_local.evaluation.datasets import DEV_SET, load_dataset
 
 
 def test_echo_counts_runs_of_the_instruction_not_in_the_query():
@@ -68,7 +68,7 @@ def test_the_dev_set_is_forty_questions_of_its_own_format():
 
 
 def test_clean_compliance_needs_every_quality():
-    from sda_local.quality import CLEAN_FLUENCY, clean
+    from sda_local.evaluation.quality import CLEAN_FLUENCY, clean
 
     assert clean(True, False, False, CLEAN_FLUENCY)
     assert not clean(False, False, False, -1.0)  # did not comply

@@ -120,7 +120,7 @@ def judge():
             outcome.append("never stopped")
         except ModelError as exc:
             outcome.append(str(exc))
-        outcome.append("context still held: %s" % (forcing._batch is not None))
+        outcome.append("context still held: %s" % (forcing.ctx is not None))
 
 thread = threading.Thread(target=judge)
 thread.start()

@@ -13,8 +13,8 @@ from scipy.special import log_softmax
 
 from sda_local import fuse
 from sda_local.engine import native
-from sda_local.engine.sampling import TOKEN_DATA
-from sda_local.gguf_model import GGUFModel
+from sda_local.engine.llama import TOKEN_DATA
+from sda_local.models.gguf import GGUFModel
 
 lib = native.library()
 pytestmark = pytest.mark.skipif(lib is None, reason="libsda is not loaded")

@@ -162,8 +162,8 @@ def test_guard_stops_the_copy_that_the_paper_formula_makes(engine):
     from sda_local.judging.selfscore import A_MAX
 
     pytest.importorskip("if_verifiable")
-    from sda_local import ifeval, quality
-    from sda_local.datasets import DEV_SET, load_dataset
+    from sda_local.evaluation import ifeval, quality
+    from sda_local.evaluation.datasets import DEV_SET, load_dataset
     from sda_local.seeds import derive_seed
 
     questions = dict(load_dataset(DEV_SET).items)

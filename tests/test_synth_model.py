@@ -27,7 +27,7 @@ def test_a_tiny_synthetic_model_loads_generates_and_is_peaked(tmp_path):
     f16, out = tmp_path / "tiny.f16.gguf", tmp_path / "tiny.Q8_0.gguf"
     synth.write_f16("tiny", f16, shape=shape)
     synth.quantize(f16, out, "q8_0", 2)
-    from sda_local.gguf_model import attention_shape_of
+    from sda_local.models.gguf import attention_shape_of
 
     assert attention_shape_of(out) == ((2, 2), 64, 64)
     checked = synth.check(out, steps=8)

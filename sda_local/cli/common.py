@@ -285,7 +285,7 @@ def kv_settings() -> dict:
 
 def set_repack(ctx, param, value):
     """--repack applies to every model this process (and its bench workers) loads: it sets SDA_LOCAL_REPACK."""
-    from ..hardware import REPACK_ENV
+    from ..models.hardware import REPACK_ENV
 
     if value is not None:
         os.environ[REPACK_ENV] = value

@@ -85,15 +85,15 @@ def eval_command(datasets, query_field, dimensions, arms, limit, offset, sample,
 
     from ..evaluation import EvalConfig, Evaluation, RunFile, judged_units, verify_units
     from ..judging import make_judge, redact_url
-    from ..verifiable import VERIFIABLE
+    from ..evaluation.verifiable import VERIFIABLE
 
     if resume_path is not None:
         if datasets or run_path or shard:
             raise InputError("--resume continues a run with its own settings: give no --dataset, --run or --shard")
         run = RunFile(resume_path)
     else:
-        from .. import ifeval
-        from ..datasets import DEV_SET, DEV_SET_NAME
+        from ..evaluation import ifeval
+        from ..evaluation.datasets import DEV_SET, DEV_SET_NAME
 
         verify_ids = []
         for v in (verify or "").split(","):

@@ -90,9 +90,9 @@ def judge(query, answer, align, judge, judge_url, amplifier_map, as_json, model,
 def judge_bench(datasets, limit, offset, questions, verify, cases, sources, spread_limit, judge, judge_url, amplifier_map,
                 max_tokens, seed, cache_path, chart, as_json, model, n_ctx, n_threads, n_gpu_layers, streams, verbose):
     """Measure a judge against ground truth: TruthfulQA honesty, verifiable instructions, amplifier spread."""
-    from ..datasets import load_dataset
-    from ..judge_bench import BenchConfig, Cache, JudgeBench, report_markdown, write_chart
-    from ..verifiable import VERIFIABLE
+    from ..evaluation.datasets import load_dataset
+    from ..evaluation.judge_bench import BenchConfig, Cache, JudgeBench, report_markdown, write_chart
+    from ..evaluation.verifiable import VERIFIABLE
 
     if not datasets:
         raise InputError("give at least one --dataset (TruthfulQA for the pairs and questions; any paper set "

@@ -25,7 +25,7 @@ def models():
 def models_list(show_all, as_json):
     """List catalogue models (cached or not), the models you pulled, and with --all those of other tools."""
     from .. import models as catalogue
-    from .. import stores
+    from ..models import stores
 
     default = catalogue.default_model_name()
     rows = [
@@ -86,8 +86,10 @@ def info_dict() -> dict:
 
     import llama_cpp
 
-    from .. import hardware, privacy
+    from .. import privacy
+    from ..models import hardware
     from ..engine import native
+    from ..engine.llama import supports_gpu_offload
     from .. import models as catalogue
     from ..logs import log_path
 
@@ -99,7 +101,7 @@ def info_dict() -> dict:
         "llama_cpp_python": metadata.version("llama-cpp-python"),
         "python": sys.version.split()[0],
         "llama_cpp_backends": backends,
-        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "gpu_offload": supports_gpu_offload(),
         "native": lib is not None,
         "native_path": native.loaded_path(),
         "native_simd": native.simd(),
@@ -129,7 +131,7 @@ def kv_estimate(model, n_ctx: int, parallel: int) -> dict:
     """What the KV caches of ``serve --parallel P -c P*n_ctx`` (or any command at --n-ctx) take on ``model``,
     from its GGUF header alone (no weights are read; a catalogue name not yet fetched is fetched)."""
     from ..engine.kvcache import KVConfig, kv_memory
-    from ..gguf_model import attention_shape_of
+    from ..models.gguf import attention_shape_of
     from .. import models as catalogue
     from .common import kv_settings
 

@@ -17,9 +17,10 @@ import sys
 import threading
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-from .. import hardware, models
+from .. import models
+from ..models import hardware
 from ..errors import ContextOverflowError, InputError, ModelError
-from ..gguf_model import SPECIAL_TOKEN_ATTRS, TOKEN_ATTR_LSTRIP, TOKEN_ATTR_RSTRIP, GGUFModel
+from ..models.gguf import SPECIAL_TOKEN_ATTRS, TOKEN_ATTR_LSTRIP, TOKEN_ATTR_RSTRIP, GGUFModel
 from ..prompts import QUESTION_SYSTEM, PromptFormatter, check_text, resolve_alignment
 from ..seeds import check_seed
 from . import native

@@ -11,27 +11,21 @@ call starts from an empty cache.
 from __future__ import annotations
 
 import threading
-import weakref
 from typing import List, Sequence, Tuple
 
-import llama_cpp
 import numpy as np
 from scipy.special import logsumexp
 
 from ..errors import ContextOverflowError, ModelError
 from .fusion import NonFiniteLogitsError, nonfinite_value
-from ..gguf_model import GGUFModel
+from ..models.gguf import GGUFModel
 from .layout import EXACT, N_BATCH, BatchPolicy, common_prefix_length
+from .llama import Batch, Context
 
 N_SEQ = 2
 # Cells per sequence the context starts with: what a judged first answer and its prompt take. A longer input
 # grows it (up to n_ctx), so the judges do not hold a second full-size KV cache beside the slots' for nothing.
 START_CELLS = 1024
-
-
-def _free(ctx_box: list) -> None:
-    while ctx_box:
-        llama_cpp.llama_free(ctx_box.pop())
 
 
 class ForcingContext:
@@ -51,9 +45,7 @@ class ForcingContext:
         self._n_threads, self._kv, self._batching = n_threads, kv, batching
         self.capacity = min(n_ctx, START_CELLS)
         self.ctx = self._new_context(self.capacity)
-        self._box = [self.ctx]
-        self._finalizer = weakref.finalize(self, _free, self._box)
-        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, N_SEQ)
+        self._batch = Batch(N_BATCH)
         self._lengths = [0] * N_SEQ  # tokens in each sequence's cache
         self._tokens: List[List[int]] = [[] for _ in range(N_SEQ)]  # those tokens, to decode them again on growth
         # TEST ONLY (fusion.logit_injection_from_env): overwrite logit 0 of the first part's STEP-th row (the
@@ -77,18 +69,18 @@ class ForcingContext:
             raise ModelError("the engine is closing")
         return self.ctx
 
-    def _new_context(self, cells: int):
-        return self.model.new_context(n_ctx=N_SEQ * cells, n_batch=N_BATCH, n_ubatch=self._batching.n_ubatch,
-                                      n_threads=self._n_threads, n_seq_max=N_SEQ, kv_unified=True, kv=self._kv)
+    def _new_context(self, cells: int) -> Context:
+        return Context(self.model, n_ctx=N_SEQ * cells, n_batch=N_BATCH, n_ubatch=self._batching.n_ubatch,
+                       n_threads=self._n_threads, n_seq_max=N_SEQ, kv_unified=True, kv=self._kv)
 
     def clear(self) -> None:
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._live()), True)
+        self._live().clear()
         self._lengths = [0] * N_SEQ
         self._tokens = [[] for _ in range(N_SEQ)]
 
     def truncate(self, seq: int, length: int) -> None:
         """Forget positions >= length of a sequence (to try another branch after a shared prefix)."""
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._live()), seq, length, -1)
+        self._live().forget(seq, length)
         self._lengths[seq] = min(self._lengths[seq], length)
         del self._tokens[seq][length:]
 
@@ -110,9 +102,8 @@ class ForcingContext:
     def _grow(self, cells: int) -> None:
         """A context of ``cells`` a sequence in place of this one, holding what this one held."""
         old = self._live()
-        new = self._new_context(cells)
-        self._box[0], self.ctx, self.capacity = new, new, cells
-        llama_cpp.llama_free(old)
+        self.ctx, self.capacity = self._new_context(cells), cells
+        old.close()
         held = self._tokens
         self._lengths, self._tokens = [0] * N_SEQ, [[] for _ in range(N_SEQ)]
         self.decode([(seq, tokens, 0) for seq, tokens in enumerate(held) if tokens])
@@ -137,24 +128,22 @@ class ForcingContext:
         b = self._batch
         for chunk_start in range(0, len(entries), N_BATCH):
             chunk = entries[chunk_start:chunk_start + N_BATCH]
-            b.n_tokens = 0
+            b.clear()
             owners = []
             for token, pos, seq, owner in chunk:
-                i = b.n_tokens
-                b.token[i], b.pos[i], b.n_seq_id[i] = token, pos, 1
-                b.seq_id[i][0] = seq
-                b.logits[i] = owner >= 0
-                b.n_tokens = i + 1
+                b.add(token, pos, seq, owner >= 0)
                 if owner >= 0:
                     owners.append(owner)
-            with self._compute_lock:
-                rc = llama_cpp.llama_decode(self._live(), b)  # close() waits for this judgement: it ends here
-            if rc != 0:
+            ctx = self._live()  # close() waits for this judgement to end: a judgement left running ends here
+            try:
+                with self._compute_lock:
+                    ctx.decode(b)
+            except ModelError:
                 self.clear()
-                raise ModelError(f"llama_decode failed (code {rc}): out of context or memory")
+                raise
             if owners:
                 # Output rows are contiguous, in batch order.
-                out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._live()), shape=(len(owners), n_vocab))
+                out = self._live().logits(len(owners))
                 owners_arr = np.asarray(owners)
                 for owner in np.unique(owners_arr):
                     rows[owner].append(out[owners_arr == owner].copy())
@@ -200,9 +189,9 @@ class ForcingContext:
         shared = min([common_prefix_length(prompts[0], p) for p in prompts] + [len(p) - 1 for p in prompts])
         if len(prompts) > 1 and shared > 0:
             self.decode([(0, prompts[0][:shared], 0)])
-            memory = llama_cpp.llama_get_memory(self._live())
+            ctx = self._live()
             for seq in range(1, len(prompts)):
-                llama_cpp.llama_memory_seq_cp(memory, 0, seq, 0, shared)
+                ctx.share(0, seq, shared)
                 self._lengths[seq] = shared
                 self._tokens[seq] = list(prompts[0][:shared])
         else:
@@ -221,11 +210,10 @@ class ForcingContext:
             self._free()
 
     def _free(self) -> None:
-        self.ctx = None  # every method ends at _live() from now on
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        self._finalizer()
+        ctx, self.ctx = self.ctx, None  # every method ends at _live() from now on
+        self._batch.free()
+        if ctx is not None:
+            ctx.close()
 
 
 def log_softmax_at(rows: np.ndarray, ids_per_row: Sequence[Sequence[int]]) -> List[np.ndarray]:

@@ -26,14 +26,12 @@ free slot first.
 from __future__ import annotations
 
 import os
-import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-import llama_cpp
-
-from ..errors import InputError, ModelError
-from ..gguf_model import GGUFModel
+from ..errors import InputError
+from ..models.gguf import GGUFModel
+from .llama import Batch, Context, supports_gpu_offload
 
 STREAM_MODES = ("batched", "contexts")
 N_BATCH = 512  # rows per llama_decode at most
@@ -46,7 +44,7 @@ N_BATCH = 512  # rows per llama_decode at most
 # layer offloaded (ggml-blas's minimum batch; op_offload), so there the exact ubatch stays below that.
 def exact_ubatch(backends: Optional[Sequence[str]] = None) -> int:
     """The exact ubatch of a llama.cpp build with ``backends`` (this one's when None)."""
-    from ..hardware import llama_backends
+    from ..models.hardware import llama_backends
 
     return 32 if set(llama_backends() if backends is None else backends) <= {"CPU"} else 16
 
@@ -95,7 +93,7 @@ def batch_policy(mode: Optional[str], n_gpu_layers: int, gpu_offload: Optional[b
     if value != "auto":
         return BatchPolicy(value == "on")
     if gpu_offload is None:
-        gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+        gpu_offload = supports_gpu_offload()
     return BatchPolicy(not (gpu_offload and n_gpu_layers != 0))
 
 
@@ -105,42 +103,6 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-class Batch:
-    """A reusable llama_batch; tokens are appended with their position, sequence and logits flag."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
-
-    def clear(self) -> None:
-        self.batch.n_tokens = 0
-
-    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
-        """Append a token; returns its output index (for ``llama_get_logits_ith``) when ``logits``, else -1."""
-        b = self.batch
-        i = b.n_tokens
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq
-        b.logits[i] = logits
-        b.n_tokens = i + 1
-        return i if logits else -1
-
-    @property
-    def n_tokens(self) -> int:
-        return self.batch.n_tokens
-
-    @property
-    def room(self) -> int:
-        return self.capacity - self.batch.n_tokens
-
-    def free(self) -> None:
-        if self.batch is not None:
-            llama_cpp.llama_batch_free(self.batch)
-            self.batch = None
 
 
 class KVLayout:
@@ -154,16 +116,15 @@ class KVLayout:
         if per_context > MAX_SEQUENCES:
             raise InputError(f"at most {MAX_SEQUENCES // 2} parallel slots, got {n_slots}")
         self.mode, self.n_slots, self.n_ctx = mode, n_slots, n_ctx
-        # Contexts this layout owns: freed by close(), or when it is collected or the interpreter exits
-        # without close() (finalizers run newest first: before the model they were made on).
-        self.contexts: List[object] = []
-        self._finalizer = weakref.finalize(self, _free_contexts, self.contexts)
-        for _ in range(1 if mode == "batched" else 2):
-            self.contexts.append(model.new_context(n_ctx=per_context * n_ctx, n_batch=N_BATCH,
-                                                   n_ubatch=batching.n_ubatch,
-                                                   n_threads=n_threads, n_seq_max=per_context, kv_unified=False,
-                                                   kv=kv))
-        self._memories = [llama_cpp.llama_get_memory(ctx) for ctx in self.contexts]
+        self.contexts: List[Context] = []
+        try:
+            for _ in range(1 if mode == "batched" else 2):
+                self.contexts.append(Context(model, n_ctx=per_context * n_ctx, n_batch=N_BATCH,
+                                             n_ubatch=batching.n_ubatch, n_threads=n_threads,
+                                             n_seq_max=per_context, kv_unified=False, kv=kv))
+        except BaseException:
+            self.close()
+            raise
         self.batches = [Batch(N_BATCH) for _ in self.contexts]
 
     def location(self, slot: int, stream: int) -> Location:
@@ -174,27 +135,19 @@ class KVLayout:
     def forget(self, location: Location, keep: int) -> None:
         """Drop a sequence's cache positions >= keep."""
         ctx_index, seq = location
-        llama_cpp.llama_memory_seq_rm(self._memories[ctx_index], seq, keep, -1)
+        self.contexts[ctx_index].forget(seq, keep)
 
     def clear(self) -> None:
-        for memory in self._memories:
-            llama_cpp.llama_memory_clear(memory, True)
+        for context in self.contexts:
+            context.clear()
 
     def decode(self, ctx_index: int) -> None:
         batch = self.batches[ctx_index]
-        if batch.n_tokens == 0:
-            return
-        rc = llama_cpp.llama_decode(self.contexts[ctx_index], batch.batch)
-        if rc != 0:
-            raise ModelError(f"llama_decode failed (code {rc}): out of context or memory")
+        if batch.n_tokens:
+            self.contexts[ctx_index].decode(batch)
 
     def close(self) -> None:
-        for batch in self.batches:
+        for batch in getattr(self, "batches", ()):
             batch.free()
-        self._finalizer()
-        self._memories = []
-
-
-def _free_contexts(contexts: List[object]) -> None:
-    while contexts:
-        llama_cpp.llama_free(contexts.pop())
+        for context in self.contexts:
+            context.close()

@@ -26,17 +26,15 @@ check is one integer comparison.
 from __future__ import annotations
 
 import ctypes
-import math
 import time
 from typing import Optional, Tuple
 
-import llama_cpp
 import numpy as np
 from scipy.special import log_softmax, logsumexp
 
 from ..errors import InputError, ModelError
-from ..gguf_model import GGUFModel
-from . import native
+from ..models.gguf import GGUFModel
+from . import llama, native
 from .fusion import (
     INJECTION_VALUES,
     TEMPERATURE_MODES,
@@ -46,13 +44,11 @@ from .fusion import (
     generation_stopped,
     nonfinite_value,
 )
+from .llama import TOKEN_DATA, SamplerChain
 from .requests import GenerationRequest, TokenInfo
 from .steering import EchoTracker, fuse_steered_numpy
 
-TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
-assert TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
-
-RowPointer = Tuple[object, int]  # (llama_context, output index) for llama_get_logits_ith
+RowPointer = llama.Row  # (llama_context, output index) for llama_get_logits_ith
 
 
 class RequestSampler:
@@ -79,7 +75,7 @@ class RequestSampler:
         self._observed = [0.0, 0]  # observed: sum of log p_with - log p_without, tokens counted
         self._echo = None  # the numpy fusion's echo guard (the native sampler keeps its own)
         if r.greedy:
-            self.chain = _chain([_grammar(model, r.grammar), llama_cpp.llama_sampler_init_greedy()])
+            self.chain = SamplerChain([_grammar(model, r.grammar), llama.greedy()])
             self._sample = self._sample_row_checked
             return
         if r.inspected:
@@ -114,10 +110,9 @@ class RequestSampler:
             samplers.append(native.nucleus_sampler_init(lib, r.top_p, r.seed, temperature))
         else:
             if not r.fused:
-                samplers.append(llama_cpp.llama_sampler_init_temp(temperature))
-            samplers.append(llama_cpp.llama_sampler_init_top_p(r.top_p, 1))
-            samplers.append(llama_cpp.llama_sampler_init_dist(r.seed))
-        self.chain = _chain(samplers)
+                samplers.append(llama.temperature(temperature))
+            samplers += [llama.top_p(r.top_p), llama.draw(r.seed)]
+        self.chain = SamplerChain(samplers)
         if injection is not None and self._head is not None:
             native.inject_fault(lib, self._head, INJECTION_VALUES[injection.value], injection.step, injection.row)
 
@@ -125,13 +120,12 @@ class RequestSampler:
         masks = [_grammar(model, r.grammar)] if r.grammar is not None else []
         if r.ignore_eos:
             masks.append(_eog_ban(model))
-        self._pre = _chain(masks) if masks else None
+        self._pre = SamplerChain(masks) if masks else None
         self._one = np.zeros(1, dtype=TOKEN_DATA) if masks else None  # _allowed's single candidate
         if lib is not None:
-            self.chain = _chain([native.nucleus_sampler_init(lib, r.top_p, r.seed, 1.0)])
+            self.chain = SamplerChain([native.nucleus_sampler_init(lib, r.top_p, r.seed, 1.0)])
         else:
-            self.chain = _chain([llama_cpp.llama_sampler_init_top_p(r.top_p, 1),
-                                 llama_cpp.llama_sampler_init_dist(r.seed)])
+            self.chain = SamplerChain([llama.top_p(r.top_p), llama.draw(r.seed)])
         if r.fused:
             self.backend = "numpy"
             self._echo = EchoTracker.of(r.guard, r.steering.echo_run) if r.guard.sources else None
@@ -164,15 +158,15 @@ class RequestSampler:
 
     def free(self) -> None:
         if self._pre is not None:
-            llama_cpp.llama_sampler_free(self._pre)
+            self._pre.close()
             self._pre = None
         if self.chain is not None:
-            llama_cpp.llama_sampler_free(self.chain)  # frees the samplers it holds, the head included
+            self.chain.close()  # frees the samplers it holds, the head included
             self.chain = None
 
     # -- the variants ---------------------------------------------------------------------------------
     def _row(self, row: RowPointer) -> np.ndarray:
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(*row), shape=(self.model.n_vocab,))
+        return llama.logits_row(row, self.model.n_vocab)
 
     def _refused(self) -> ModelError:
         fault = native.sampler_fault(self.lib, self._head)
@@ -185,7 +179,7 @@ class RequestSampler:
 
     def _sample_native_sda(self, with_row, without_row) -> int:
         self.lib.sda_sampler_set_rows(self._sda, *with_row, *without_row)
-        token = llama_cpp.llama_sampler_sample(self.chain, *with_row)
+        token = self.chain.sample(with_row)
         if token < 0:
             raise self._refused()
         if self._wants_info:  # token_stats: the native sampler's figures of this step
@@ -212,7 +206,7 @@ class RequestSampler:
         return total / n if n else None
 
     def _sample_native(self, with_row, without_row) -> int:
-        token = llama_cpp.llama_sampler_sample(self.chain, *with_row)
+        token = self.chain.sample(with_row)
         if token < 0:
             raise self._refused()
         return token
@@ -236,7 +230,7 @@ class RequestSampler:
 
     def _sample_row_checked(self, with_row, without_row) -> int:
         self._checked_row(with_row)
-        return llama_cpp.llama_sampler_sample(self.chain, *with_row)
+        return self.chain.sample(with_row)
 
     def _fuse_numpy(self, with_row, without_row):
         """(fused log-probs, temperature, js, raw with-row) of this step, the numpy fusion's."""
@@ -262,7 +256,7 @@ class RequestSampler:
         self._totals[2] += time.perf_counter() - started
         return fused, temperature, js, z_with
 
-    def _candidates_of(self, logits: np.ndarray):
+    def _candidates_of(self, logits: np.ndarray) -> np.ndarray:
         n = self.model.n_vocab
         if self._candidates is None:
             self._candidates = np.zeros(n, dtype=TOKEN_DATA)
@@ -270,19 +264,15 @@ class RequestSampler:
         cand = self._candidates
         cand["id"] = self._token_ids  # top-p reorders the array in place
         cand["logit"] = logits
-        arr = llama_cpp.llama_token_data_array(
-            data=cand.ctypes.data_as(llama_cpp.llama_token_data_p), size=n, selected=-1, sorted=False
-        )
-        return cand, arr
+        return cand
 
-    def _draw(self, arr) -> int:
-        llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(arr))
-        return arr.data[arr.selected].id
+    def _draw(self, cand: np.ndarray) -> int:
+        return self.chain.apply(cand)
 
     def _accept(self, token: int) -> None:
-        llama_cpp.llama_sampler_accept(self.chain, token)
+        self.chain.accept(token)
         if self._pre is not None:
-            llama_cpp.llama_sampler_accept(self._pre, token)
+            self._pre.accept(token)
         if self._echo is not None:
             self._echo.accept(token)
 
@@ -290,15 +280,12 @@ class RequestSampler:
         """Whether the masks (the grammar) let ``token`` through: one candidate instead of the vocabulary."""
         one = self._one
         one["id"], one["logit"] = token, 0.0
-        arr = llama_cpp.llama_token_data_array(data=one.ctypes.data_as(llama_cpp.llama_token_data_p), size=1,
-                                               selected=-1, sorted=False)
-        llama_cpp.llama_sampler_apply(self._pre, ctypes.byref(arr))
+        self._pre.apply(one)
         return bool(np.isfinite(one["logit"][0]))
 
     def _sample_numpy(self, with_row, without_row) -> int:
         fused, temperature, js, z_with = self._fuse_numpy(with_row, without_row)
-        _, arr = self._candidates_of(fused)
-        token = self._draw(arr)
+        token = self._draw(self._candidates_of(fused))
         self._accept(token)
         if self._wants_info:
             self.last = TokenInfo(token, js=js, temperature=temperature, prompt_top=int(np.argmax(z_with)))
@@ -312,24 +299,24 @@ class RequestSampler:
             prompt_top = int(np.argmax(z_with))
         else:
             logits = self._checked_row(with_row) / np.float32(r.t0)
-        cand, arr = self._candidates_of(logits)
+        cand = self._candidates_of(logits)
         token, log_probs = None, None
         if self._pre is not None and r.logprobs is None:
             # llama.cpp's common sampler does the same: draw unmasked and keep the token if the grammar allows
             # it (masking the whole vocabulary costs milliseconds a token); else mask, then draw again.
-            token = self._draw(arr)
+            token = self._draw(cand)
             if not self._allowed(token):
-                cand, arr = self._candidates_of(logits)
+                cand = self._candidates_of(logits)
                 token = None
         if token is None:
             if self._pre is not None:  # the grammar's and the EOG ban's masks (-inf), in place, order kept
-                llama_cpp.llama_sampler_apply(self._pre, ctypes.byref(arr))
+                self._pre.apply(cand)
                 if np.isneginf(cand["logit"]).all():  # e.g. a finished grammar with EOS banned
                     raise ModelError("the grammar allows no token here; generation stopped")
             if r.logprobs is not None:
                 with np.errstate(invalid="ignore", divide="ignore"):  # masked tokens: -inf, as they should be
                     log_probs = log_softmax(cand["logit"].astype(np.float64))
-            token = self._draw(arr)
+            token = self._draw(cand)
         self._accept(token)
         if self._wants_info:
             info = TokenInfo(token, js=js, temperature=temperature, prompt_top=prompt_top)
@@ -357,8 +344,8 @@ def _best(log_probs: np.ndarray, n: int):
 
 
 def _grammar(model: GGUFModel, grammar: str):
-    sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
-    if not sampler:
+    sampler = llama.grammar(model, grammar)
+    if sampler is None:
         raise InputError("invalid grammar")
     return sampler
 
@@ -367,18 +354,8 @@ def check_grammar(model: GGUFModel, grammar: str) -> None:
     """Raise InputError unless llama.cpp parses ``grammar`` (GBNF, rule ``root``)."""
     if not isinstance(grammar, str) or not grammar.strip():
         raise InputError("the grammar is empty")
-    llama_cpp.llama_sampler_free(_grammar(model, grammar))
+    llama.free_sampler(_grammar(model, grammar))
 
 
 def _eog_ban(model: GGUFModel):
-    eog = model.eog_tokens()
-    biases = (llama_cpp.llama_logit_bias * len(eog))(*[(t, -math.inf) for t in eog])
-    return llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(eog), biases)
-
-
-def _chain(samplers):
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    for s in samplers:
-        llama_cpp.llama_sampler_chain_add(chain, ctypes.cast(s, llama_cpp.llama_sampler_p_ctypes)
-                                          if isinstance(s, int) else s)
-    return chain
+    return llama.ban(model.n_vocab, model.eog_tokens())

@@ -30,7 +30,7 @@ import time
 from typing import Callable, Deque, List, Optional, Union
 
 from ..errors import ModelError
-from ..gguf_model import GGUFModel
+from ..models.gguf import GGUFModel
 from .layout import N_BATCH, WITH, WITHOUT, KVLayout, common_prefix_length
 from .requests import GenerationRequest, GenerationStats, TokenInfo
 from .sampling import RequestSampler
@@ -402,7 +402,7 @@ class Scheduler:
         for i, token in enumerate(tokens):
             out = batch.add(token, start + i, seq, logits_last and i == len(tokens) - 1)
         job._added[stream].extend(tokens)
-        return (self.layout.contexts[ctx_index], out)
+        return self.layout.contexts[ctx_index].ptr, out
 
     def _sample(self, job: Job) -> None:
         if job.state == PREFILL:

@@ -39,17 +39,17 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, 
 
 from .charts import pyplot
 from .datasets import PAPER_OMEGA, load_dataset
-from .errors import InputError, ModelError
-from .judging import JudgeError
-from .jsonl import Appender, read_complete, read_repaired
-from .pipeline import amplifier_of
-from .prompts import resolve_alignment
-from .rubrics import rubric_for
-from .seeds import check_seed, derive_seed
-from .shards import Shard
+from ..errors import InputError, ModelError
+from ..judging import JudgeError
+from ..jsonl import Appender, read_complete, read_repaired
+from ..pipeline import judge_amplifier
+from ..prompts import resolve_alignment
+from ..rubrics import rubric_for
+from ..seeds import check_seed, derive_seed
+from ..shards import Shard
 from . import ifeval, quality
-from .engine.fusion import DEFAULT_TEMPERATURE_MODE, TEMPERATURE_MODES
-from .engine.steering import DEFAULT_STEERING, PAPER, Steering
+from ..engine.fusion import DEFAULT_TEMPERATURE_MODE, TEMPERATURE_MODES
+from ..engine.steering import DEFAULT_STEERING, PAPER, Steering
 from .verifiable import VERIFIABLE
 
 ARMS = ("base", "prompt-only", "steering-only", "sda")
@@ -372,16 +372,17 @@ class Evaluation:
         done = self.scores.get(key)
         if done is not None and done["score"] is not None:  # a failed judgement is retried
             return done
-        rubric = rubric_for(alignment)
-        try:
-            j = self.judge.score(query, base_text, rubric)
-            a = amplifier_of(j, self.config.amplifier_map)
-            record = {"score": j.score, "amplifier": a, "judge": j.judge, "rubric_version": j.rubric_version,
-                      "scoring": j.scoring, "spread": j.spread}
-        except JudgeError as exc:
-            record = {"score": None, "amplifier": self.config.failure_strength, "judge_failure": str(exc),
-                      "rubric_version": rubric.version}
-            self.on_event(f"{key}: judge failed on the initial answer ({exc}); a = {self.config.failure_strength} "
+        # The pipeline's own judging step (the same a, the same failure policy: a fixed a, retried on --resume).
+        choice = judge_amplifier(self.judge, query, base_text, alignment, amplifier_map=self.config.amplifier_map,
+                                 on_judge_failure=f"fixed:{self.config.failure_strength}")
+        j = choice.judgement
+        if j is not None:
+            record = {"score": j.score, "amplifier": choice.amplifier, "judge": j.judge,
+                      "rubric_version": j.rubric_version, "scoring": j.scoring, "spread": j.spread}
+        else:
+            record = {"score": None, "amplifier": choice.amplifier, "judge_failure": choice.failure,
+                      "rubric_version": choice.rubric_version}
+            self.on_event(f"{key}: judge failed on the initial answer ({choice.failure}); a = {choice.amplifier:g} "
                           "(--resume retries it)")
         return self._record({"type": "score", "key": key, **record})
 

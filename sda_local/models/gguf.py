@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import llama_cpp
 
 from . import hardware
-from .errors import ContextOverflowError, ModelError
+from ..errors import ContextOverflowError, ModelError
 
 GGUF_MAGIC = b"GGUF"
 

@@ -26,8 +26,8 @@ import re
 from collections import Counter
 from typing import List, NamedTuple, Optional, Sequence, Set, Tuple
 
-from .errors import InputError, ModelError
-from .prompts import resolve_alignment
+from ..errors import InputError, ModelError
+from ..prompts import resolve_alignment
 
 ECHO_RUN = 4
 DEGENERATE_NGRAM = 3

@@ -16,7 +16,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Iterator, List, Optional, Tuple
 
-from .errors import InputError
+from ..errors import InputError
 
 REPACK_MODES = ("auto", "on", "off")
 REPACK_ENV = "SDA_LOCAL_REPACK"

@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .errors import InputError
+from ..errors import InputError
 
 PREFIX = "ifeval:"
 # The 25 types of if_verifiable.ifeval.instructions_registry.INSTRUCTION_DICT (0.1.2), in its order. The

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import InputError
+from ..errors import InputError
 
 
 @dataclass(frozen=True)

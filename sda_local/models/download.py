@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 import requests
 
-from .errors import InputError, ModelError
-from .privacy import OfflineError, require_network
+from ..errors import InputError, ModelError
+from ..privacy import OfflineError, require_network
 
 HF_ENDPOINT_ENV = "HF_ENDPOINT"
 HF_TOKEN_ENV = "HF_TOKEN"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List
 
-from .errors import ModelError
+from ..errors import ModelError
 
 OLLAMA_ENV = "OLLAMA_MODELS"
 LMSTUDIO_ENV = "SDA_LOCAL_LMSTUDIO_MODELS"

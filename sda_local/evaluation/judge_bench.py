@@ -33,14 +33,14 @@ import numpy as np
 
 from .charts import pyplot
 from .datasets import load_dataset, read_jsonl
-from .errors import InputError
-from .judging import JudgeError
-from .jsonl import Appender, read_repaired
-from .pipeline import amplifier_of
-from .prompts import resolve_alignment
-from .rubrics import rubric_for
-from .seeds import derive_seed
-from .engine.steering import PAPER
+from ..errors import InputError
+from ..judging import JudgeError
+from ..jsonl import Appender, read_repaired
+from ..pipeline import amplifier_of
+from ..prompts import resolve_alignment
+from ..rubrics import rubric_for
+from ..seeds import derive_seed
+from ..engine.steering import PAPER
 from .verifiable import VERIFIABLE
 
 SOURCES = ("base", "prompt", "steered")

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .errors import InputError, ModelError
-from .privacy import OfflineError, require_network
+from ..errors import InputError, ModelError
+from ..privacy import OfflineError, require_network
 
 CACHE_ENV = "SDA_LOCAL_CACHE"
 CATALOGUE_ENV = "SDA_LOCAL_CATALOGUE"
@@ -72,8 +72,8 @@ def catalogue_path() -> Path:
         if not Path(override).is_file():
             raise ModelError(f"{CATALOGUE_ENV} points to a missing file: {override}")
         return Path(override)
-    here = Path(__file__).resolve().parent
-    for candidate in (here / _CATALOGUE_NAME, here.parent / "models" / _CATALOGUE_NAME):
+    here = Path(__file__).resolve().parent  # sda_local/models
+    for candidate in (here / _CATALOGUE_NAME, here.parent.parent / "models" / _CATALOGUE_NAME):
         if candidate.is_file():
             return candidate
     raise ModelError("the model catalogue is missing from this installation (reinstall sda-local)")
@@ -238,7 +238,7 @@ def _check_new_name(name: str) -> None:
 def _save_user_model(name: str, record: dict) -> None:
     """Adds one entry, locked and atomic (jsonl.update_json). A name taken meanwhile by another process is
     refused, its entry kept."""
-    from .jsonl import update_json
+    from ..jsonl import update_json
 
     def add(models: dict) -> None:
         if name in models:
