@@ -27,6 +27,8 @@ ARMS = {
     "sda-batched": "SDA: one context, two sequences (native fusion)",
     "sda-contexts": "SDA: two contexts (native fusion)",
     "sda-batched-numpy": "SDA: one context, two sequences (numpy fusion)",
+    "raw-1-row": "llama_decode alone, 1 row a step (plain's decode limit)",
+    "raw-2-rows": "llama_decode alone, 2 rows a step (SDA's decode limit)",
 }
 
 
@@ -55,7 +57,7 @@ def _worker(arm: str, model: str, n_threads: int, tokens: int, n_ctx: int, n_gpu
 
         from .prompts import QUESTION_SYSTEM, PromptFormatter
 
-        from .hardware import llama_cpp_repack
+        from .models.hardware import llama_cpp_repack
 
         with llama_cpp_repack():  # the same weight layout as the engine's arms (no AMX repacking on AMX CPUs)
             llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
@@ -81,6 +83,16 @@ def _worker(arm: str, model: str, n_threads: int, tokens: int, n_ctx: int, n_gpu
             for _ in stream:
                 pass
             return ticks
+    elif arm.startswith("raw-"):
+        from .bench_serve import raw_steps_per_second
+        from .engine import SDAEngine
+
+        engine = SDAEngine(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+        rows = 1 if arm == "raw-1-row" else 2
+        raw_steps_per_second(engine, rows, 16)  # warm-up
+        result["tokens_per_second"] = raw_steps_per_second(engine, rows, tokens)
+        result["peak_rss_mb"] = _peak_rss_mb()
+        return result
     else:
         from .engine import SDAEngine
 
@@ -103,9 +115,13 @@ def _worker(arm: str, model: str, n_threads: int, tokens: int, n_ctx: int, n_gpu
         # The rest of the sampling call: llama.cpp filling the candidates, EOG ban, nucleus (top-p + draw).
         fusion = stats.fusion_us_per_token or 0.0
         result["chain_us_per_token"] = stats.sampling_us_per_token - fusion
-    # ru_maxrss: KiB on Linux, bytes on macOS
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+    result["peak_rss_mb"] = _peak_rss_mb()
     return result
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss: KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 # A passage to cut prompts of a chosen length from (its text is irrelevant: only the token count matters).
@@ -222,6 +238,9 @@ def run_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int, n
     best = max(("sda-batched", "sda-contexts"), key=lambda a: arms[a]["tokens_per_second"])
     best_tps = arms[best]["tokens_per_second"]
     step_us = 1e6 / best_tps
+    # What two rows a step cost against one, measured in the same run: SDA's ceiling against plain.
+    raw_ratio = arms["raw-2-rows"]["tokens_per_second"] / arms["raw-1-row"]["tokens_per_second"]
+    engine_ratio = best_tps / arms["engine-plain"]["tokens_per_second"]
     return {
         "model": model_path,
         "threads": n_threads,
@@ -233,6 +252,9 @@ def run_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: int, n
         "summary": {
             "best_sda_mode": best,
             "sda_over_plain": best_tps / plain,
+            "raw_2_rows_over_1": raw_ratio,
+            "sda_over_engine_plain": engine_ratio,
+            "sda_share_of_raw_ratio": engine_ratio / raw_ratio,
             "native_fusion_share_of_step": arms[best]["fusion_us_per_token"] / step_us,
             "sampling_share_of_step": (arms[best]["fusion_us_per_token"] + arms[best]["chain_us_per_token"]) / step_us,
             "sda_rss_over_plain_mb": arms[best]["peak_rss_mb"] - arms["llama-cpp-python"]["peak_rss_mb"],
@@ -258,6 +280,8 @@ def format_report(report: dict) -> str:
     lines += [
         f"best SDA mode: {s['best_sda_mode']}",
         f"SDA / plain tok/s: {s['sda_over_plain']:.2f}  (target >= 0.55)",
+        f"raw decode, 2 rows / 1 row: {s['raw_2_rows_over_1']:.2f}; SDA / engine plain: "
+        f"{s['sda_over_engine_plain']:.2f} = {s['sda_share_of_raw_ratio']:.2f} of it  (target >= 0.95)",
         f"native fusion share of an SDA step: {100 * s['native_fusion_share_of_step']:.1f}%  (target <= 3%)",
         f"sampling (fusion + rest of the chain) share of an SDA step: {100 * s['sampling_share_of_step']:.1f}%",
         "chain us/tok: the rest of the sampling call per token (llama.cpp filling the candidates, EOG ban, "

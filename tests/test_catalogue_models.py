@@ -43,6 +43,22 @@ def test_large_vocabulary_base_model(gemma_path):
 
 
 @pytest.mark.slow
+def test_bench_prefill_compares_the_two_batch_policies(model_path):
+    from sda_local.engine.layout import N_UBATCH
+
+    proc = run_cli("bench", "--prefill", "96", "--runs", "1", "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    exact, fast = report["arms"]["ubatch-32"], report["arms"]["ubatch-512"]
+    assert exact["n_ubatch"] == N_UBATCH and fast["n_ubatch"] == 512
+    for arm in (exact, fast):
+        # the prompt as asked (the template's tokens included); SDA's with-prompt holds the instruction too
+        assert 90 <= arm["plain_prompt_tokens"] <= 100 < arm["sda_prompt_tokens"]
+        assert arm["plain_tokens_per_second"] > 0 and arm["sda_tokens_per_second"] > 0
+    assert run_cli("bench", "--prefill", "96", "--serve").returncode == 2  # one benchmark at a time
+
+
+@pytest.mark.slow
 def test_bench_reports_every_arm(model_path):
     proc = run_cli("bench", "--runs", "1", "--tokens", "16", "--json", timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -55,5 +71,11 @@ def test_bench_reports_every_arm(model_path):
         assert report["arms"][arm]["chain_us_per_token"] > 0
     assert report["arms"]["llama-cpp-python"]["chain_us_per_token"] is None
     assert set(report["summary"]) == {"best_sda_mode", "sda_over_plain", "native_fusion_share_of_step",
-                                      "sampling_share_of_step", "sda_rss_over_plain_mb"}
+                                      "sampling_share_of_step", "sda_rss_over_plain_mb", "raw_2_rows_over_1",
+                                      "sda_over_engine_plain", "sda_share_of_raw_ratio"}
+    # The decode limits, in the same run: two rows a step cost more than one, and SDA stays under its limit.
+    for arm in ("raw-1-row", "raw-2-rows"):
+        assert report["arms"][arm]["tokens_per_second"] > 0 and report["arms"][arm]["fusion_us_per_token"] is None
+    s = report["summary"]
+    assert s["sda_share_of_raw_ratio"] == pytest.approx(s["sda_over_engine_plain"] / s["raw_2_rows_over_1"])
     assert "chain us/tok" in format_report(report)
