@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sda_local import SDAEngine, align  # noqa: E402
 from sda_local.judging.selfscore import SelfJudge  # noqa: E402
 
-DEV = Path(__file__).resolve().parents[1] / "sda_local" / "data" / "dev_questions.jsonl"
+DEV = Path(__file__).resolve().parents[1] / "sda_local" / "evaluation" / "data" / "dev_questions.jsonl"
 INSTRUCTION = "Do not use any commas in your answer."
 
 

@@ -27,7 +27,7 @@ from sda_local.engine import SDAEngine  # noqa: E402
 from sda_local.engine.steering import Steering  # noqa: E402
 from sda_local.seeds import derive_seed  # noqa: E402
 
-DEV = Path(__file__).resolve().parents[1] / "sda_local" / "data" / "dev_questions.jsonl"
+DEV = Path(__file__).resolve().parents[1] / "sda_local" / "evaluation" / "data" / "dev_questions.jsonl"
 
 
 def parse_arm(spec: str):

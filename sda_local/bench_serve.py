@@ -61,30 +61,43 @@ def _prompts(engine: SDAEngine, query: str):
 def raw_steps_per_second(engine: SDAEngine, rows: int, steps: int) -> float:
     """llama_decode steps per second with ``rows`` sequences decoding one token each and nothing else: the
     decode limit of rows / 2 SDA requests (or of one plain request, ``rows`` 1)."""
-    layout = KVLayout("batched", engine.model, n_slots=(rows + 1) // 2, n_ctx=1024, n_threads=engine.n_threads,
-                      batching=engine.batching)
+    return raw_steps_interleaved(engine, (rows,), steps)[0]
+
+
+def raw_steps_interleaved(engine: SDAEngine, row_counts, steps: int) -> list:
+    """``raw_steps_per_second`` for each of ``row_counts`` at once: their steps alternate, so that the
+    machine's drift hits them alike and their ratio is measured, not guessed from two runs."""
+    prompt = engine.tokenize_prompt(engine.render(None, QUERIES[0]))
+    n_ctx = len(prompt) + steps + 1
+    layouts = []
     try:
-        ctx, batch = layout.contexts[0], layout.batches[0]
-        prompt = engine.tokenize_prompt(engine.render(None, QUERIES[0]))
-        for seq in range(rows):
-            batch.clear()
-            for pos, token in enumerate(prompt):
-                batch.add(token, pos, seq, False)
-            layout.decode(0)
-        token, pos = prompt[-1], len(prompt)
-        times = []
-        for _ in range(steps):
-            batch.clear()
+        for rows in row_counts:
+            layouts.append(KVLayout("batched", engine.model, n_slots=(rows + 1) // 2, n_ctx=n_ctx,
+                                    n_threads=engine.n_threads, batching=engine.batching))
+        for layout, rows in zip(layouts, row_counts):
+            batch = layout.batches[0]
             for seq in range(rows):
-                batch.add(token, pos, seq, True)
-            started = time.perf_counter()
-            layout.decode(0)
-            logits_row(ctx.row(0), engine.model.n_vocab)  # what a sampler reads first
-            times.append(time.perf_counter() - started)
+                batch.clear()
+                for pos, token in enumerate(prompt):
+                    batch.add(token, pos, seq, False)
+                layout.decode(0)
+        token, pos = prompt[-1], len(prompt)
+        times = [[] for _ in row_counts]
+        for _ in range(steps):
+            for layout, rows, spent in zip(layouts, row_counts, times):
+                batch = layout.batches[0]
+                batch.clear()
+                for seq in range(rows):
+                    batch.add(token, pos, seq, True)
+                started = time.perf_counter()
+                layout.decode(0)
+                logits_row(layout.contexts[0].row(0), engine.model.n_vocab)  # what a sampler reads first
+                spent.append(time.perf_counter() - started)
             pos += 1
-        return 1 / statistics.median(times)
+        return [1 / statistics.median(spent) for spent in times]
     finally:
-        layout.close()
+        for layout in layouts:
+            layout.close()
 
 
 def _prefill_alone(engine: SDAEngine) -> float:

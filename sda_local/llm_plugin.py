@@ -144,7 +144,7 @@ class SDAModel(llm.Model):
             None, description="KV cache type of V (f16; quantized needs flash attention)")
         flash_attn: Optional[Literal["auto", "on", "off"]] = Field(None, description="Flash attention (auto)")
         exact: Optional[Literal["auto", "on", "off"]] = Field(
-            None, description="Batch-exact prompts: ubatch 32 (on) or 512 (off); auto: on unless offloaded")
+            None, description="Batch-exact prompts (on: small ubatches) or llama.cpp's 512 (off); auto: on unless offloaded")
         steering: Optional[Literal["guarded", "paper"]] = Field(
             None, description="guarded (default: bounded, no echo) or paper (the paper's formula)")
 
@@ -164,15 +164,17 @@ class SDAModel(llm.Model):
 
     def _engine(self, options: "SDAModel.Options"):
         from .engine import SDAEngine
+        from .engine.layout import batch_policy
 
         key = (self.model, options.n_ctx or 4096, options.n_gpu_layers or 0, options.streams or "batched",
-               options.cache_type_k or "f16", options.cache_type_v or "f16", options.flash_attn or "auto", options.exact)
+               options.cache_type_k or "f16", options.cache_type_v or "f16", options.flash_attn or "auto",
+               batch_policy(options.exact, options.n_gpu_layers or 0).exact)  # what auto and the environment give
         with _engines_lock:
             engine = _engines.get(key)
             if engine is None:
                 engine = _engines[key] = SDAEngine(self.model, n_ctx=key[1], n_gpu_layers=key[2], streams=key[3],
                                                    cache_type_k=key[4], cache_type_v=key[5], flash_attn=key[6],
-                                                   exact=key[7])
+                                                   exact="on" if key[7] else "off")
         return engine
 
     def execute(self, prompt, stream, response, conversation):

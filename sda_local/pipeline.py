@@ -148,7 +148,7 @@ class AlignedJob:
         self.choice: Optional[AmplifierChoice] = None
         self._source = amplifier_source  # "strength" or "default" when nothing is judged
         self.stage_seconds: dict = {}
-        self._started = 0.0
+        self._started = self._steered_started = 0.0
 
     @property
     def judged(self) -> bool:
@@ -177,6 +177,8 @@ class AlignedJob:
         self.engine.scheduler.wait(first)
         if first.error is not None:
             raise first.error
+        if first.cancelled or first.stats.finish_reason == "cancelled":  # stop(): nothing whole to judge
+            raise ModelError("the first answer was cancelled; nothing was judged")
         judging = time.perf_counter()
         self.stage_seconds["initial"] = judging - self._started
         choice = judge_amplifier(self.judge, self.query, first.text, self.alignment, amplifier_map=self.amplifier_map,
@@ -230,6 +232,8 @@ class AlignedJob:
     def result(self) -> "AlignmentResult":
         """The steered answer and how its a was chosen (once the steered job is done)."""
         job = self.steered_job
+        if job is None or not job.done:
+            raise ModelError("the steered answer has not finished")
         self.stage_seconds["sda"] = time.perf_counter() - self._steered_started
         first = self.first_job
         return AlignmentResult(job.text, list(job.tokens), job.stats, instruction=self.alignment.instruction,
@@ -238,8 +242,11 @@ class AlignedJob:
                                stage_seconds=dict(self.stage_seconds), **self.report())
 
 
-# Options of a steered request that a plain (or observed) first answer does not take.
-_STEERED_ONLY = ("k", "temperature_mode", "token_stats", "logprobs", "steering")
+# The options a first answer takes from the steered request's: what plain generation has (the response format
+# included); the fusion's own (k, temperature mode, steering) and what is reported per token are not its.
+_FIRST_ANSWER_OPTIONS = ("max_tokens", "t0", "top_p", "seed", "stop", "grammar", "ignore_eos")
+# What align_stream passes on to the requests: SDAEngine.stream's generation options.
+STREAM_OPTIONS = ("max_tokens", "t0", "top_p", "temperature_mode", "seed", "k", "ignore_eos", "stop", "steering")
 
 
 def plan_alignment(engine, prompt_with, prompt_without, alignment, *, query: str, history=(), judge=None,
@@ -261,7 +268,7 @@ def plan_alignment(engine, prompt_with, prompt_without, alignment, *, query: str
                              instruction=alignment.instruction, **request_options)
     first = None
     if strength is None and judge is not None:
-        plain = {k: v for k, v in request_options.items() if k not in _STEERED_ONLY}
+        plain = {k: v for k, v in request_options.items() if k in _FIRST_ANSWER_OPTIONS}
         if first_max_tokens is not None:
             plain["max_tokens"] = min(plain.get("max_tokens", first_max_tokens), first_max_tokens)
         if observes(judge) and plain.get("grammar") is None:
@@ -338,6 +345,9 @@ def _align_stream(
 ) -> AlignmentStream:
     if engine.model is None:
         raise ModelError("the engine is closed")
+    unknown = sorted(set(request_options) - set(STREAM_OPTIONS))
+    if unknown:
+        raise TypeError(f"align_stream() got an unexpected keyword argument {unknown[0]!r}")
     check_text("query", query)
     if system is not None:
         check_text("system prompt", system)

@@ -84,13 +84,13 @@ def rows_batch_invariant(engine):
     """
     import numpy as np
 
-    from sda_local.engine.layout import N_BATCH, N_UBATCH
+    from sda_local.engine.layout import N_BATCH
     from sda_local.engine.llama import Batch, Context, logits_row
 
     model = engine.model
     n_seq = 6  # up to the rows the tests that rely on it decode at once (three SDA jobs)
-    ctx = Context(model, n_ctx=n_seq * 256, n_batch=N_BATCH, n_ubatch=N_UBATCH, n_threads=2, n_seq_max=n_seq,
-                  kv=engine.kv)
+    ctx = Context(model, n_ctx=n_seq * 256, n_batch=N_BATCH, n_ubatch=engine.batching.n_ubatch, n_threads=2,
+                  n_seq_max=n_seq, kv=engine.kv)
     batch = Batch(N_BATCH)
     try:
         prompts = [model.tokenize(text, add_bos=False, special=False) for text in

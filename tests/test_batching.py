@@ -8,7 +8,8 @@ import json
 import pytest
 
 from sda_local import SDAEngine
-from sda_local.engine.layout import EXACT_ENV, N_UBATCH, N_UBATCH_FAST, batch_policy, exact_ubatch
+from sda_local.engine.layout import EXACT_ENV, N_UBATCH_FAST, batch_policy, exact_ubatch
+from sda_local.engine.llama import devices, supports_gpu_offload
 from sda_local.errors import InputError
 
 from conftest import TEST_NGL, run_cli
@@ -20,7 +21,7 @@ def test_auto_is_exact_unless_layers_are_offloaded(monkeypatch):
     assert not batch_policy(None, 99, gpu_offload=True).exact
     assert not batch_policy("auto", -1, gpu_offload=True).exact  # -1: all layers
     assert batch_policy(None, 99, gpu_offload=False).exact  # a CPU build ignores -ngl: nothing is offloaded
-    assert batch_policy("on", 99, gpu_offload=True).n_ubatch == N_UBATCH
+    assert batch_policy("on", 99, gpu_offload=True).n_ubatch == exact_ubatch()
     assert batch_policy("off", 0, gpu_offload=False).n_ubatch == N_UBATCH_FAST == 512
     monkeypatch.setenv(EXACT_ENV, "off")
     assert not batch_policy(None, 0, gpu_offload=False).exact
@@ -32,11 +33,15 @@ def test_auto_is_exact_unless_layers_are_offloaded(monkeypatch):
         batch_policy("yes", 0)
 
 
-def test_the_exact_ubatch_stays_below_where_another_backend_takes_a_matmul():
+def test_the_exact_ubatch_stays_below_where_another_device_takes_a_matmul():
     assert exact_ubatch(["CPU"]) == 32  # under the CPU matmul's 64-row switch
-    for build in (["CPU", "BLAS"], ["Metal", "BLAS", "CPU"], ["CUDA", "CPU"]):
-        assert exact_ubatch(build) == 16  # ggml-blas and op_offload take matmuls from 32 rows on
-    assert N_UBATCH == exact_ubatch()
+    for build in (["CPU", "ACCEL"], ["GPU", "ACCEL", "CPU"], ["GPU", "CPU"], ["IGPU", "CPU"], []):
+        assert exact_ubatch(build) == 16  # ggml-blas and op_offload take matmuls from 32 rows on; unknown: 16
+    # This build, read from ggml's device registry (a CPU-only llama-cpp-python here: one CPU device).
+    found = devices()
+    assert found and ("CPU", "CPU") in found
+    if not supports_gpu_offload() and len(found) == 1:
+        assert exact_ubatch() == 32
 
 
 def _ubatches(engine):
@@ -46,10 +51,9 @@ def _ubatches(engine):
     return {ctx.n_ubatch for ctx in contexts}
 
 
-@pytest.mark.skipif(bool(TEST_NGL), reason="the tests' -ngl is applied under the engine, which sees 0 layers")
-def test_every_context_of_an_engine_takes_the_policys_ubatch(model_path, engine, monkeypatch):
-    monkeypatch.delenv(EXACT_ENV, raising=False)
-    assert engine.batching.exact and _ubatches(engine) == {N_UBATCH}  # CPU: exact
+def test_every_context_of_an_engine_takes_the_policys_ubatch(model_path):
+    with SDAEngine(str(model_path), n_ctx=1024, n_threads=2, exact="on") as exact:
+        assert exact.batching.exact and _ubatches(exact) == {exact_ubatch()}
     with SDAEngine(str(model_path), n_ctx=1024, n_threads=2, exact="off", streams="contexts") as fast:
         assert not fast.batching.exact and _ubatches(fast) == {N_UBATCH_FAST}
         # What "off" still promises: the same request on the same cache state gives the same answer.
@@ -57,7 +61,14 @@ def test_every_context_of_an_engine_takes_the_policys_ubatch(model_path, engine,
         first = fast.generate(query, "helpfulness", strength=0.5, max_tokens=12, seed=5)
         fast.reset_caches()
         again = fast.generate(query, "helpfulness", strength=0.5, max_tokens=12, seed=5)
-        assert first.tokens == again.tokens and first.stats.prefill_tokens_with > N_UBATCH
+        assert first.tokens == again.tokens and first.stats.prefill_tokens_with > exact_ubatch()
+
+
+@pytest.mark.skipif(bool(TEST_NGL), reason="the tests' -ngl is applied under the engine, which sees 0 layers")
+def test_auto_is_exact_on_cpu_and_reads_the_environment(model_path, monkeypatch):
+    monkeypatch.delenv(EXACT_ENV, raising=False)
+    with SDAEngine(str(model_path), n_ctx=256, n_threads=2) as default:
+        assert default.batching.exact
     monkeypatch.setenv(EXACT_ENV, "off")
     with SDAEngine(str(model_path), n_ctx=256, n_threads=2) as from_env:
         assert not from_env.batching.exact
@@ -72,7 +83,7 @@ def test_cli_exact_option(model_path):
     out = run_cli("generate", "Name a colour.", "-m", str(model_path), "-n", "2", "--seed", "1", "--stats",
                   "--n-ctx", "512", env={EXACT_ENV: ""})  # empty: unset
     if not TEST_NGL:
-        assert f"; exact batches (ubatch {N_UBATCH})" in out.stderr.decode()
+        assert f"; exact batches (ubatch {exact_ubatch()})" in out.stderr.decode()
     bad = run_cli("generate", "Hi", "-m", str(model_path), env={EXACT_ENV: "maybe"})
     lines = bad.stderr.decode().strip().splitlines()
     assert bad.returncode != 0 and "Traceback" not in bad.stderr.decode()

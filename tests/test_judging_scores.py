@@ -3,7 +3,7 @@ their CLI, and judge-bench, each checked against an independent computation.
 
 The oracle is llama-cpp-python's high-level ``Llama`` class on the same GGUF file: its own context, its own
 batching, its own logits buffer. It is built with the kernels the engine uses (flash attention as llama.cpp's
-"auto" resolves it on CPU, ubatch of streams.N_UBATCH rows): with the other kernels the same prompt's
+"auto" resolves it on CPU, ubatch of layout.exact_ubatch() rows): with the other kernels the same prompt's
 log-probabilities differ by up to 0.5 nats on this Q4 model, which would say nothing about the code under test.
 """
 
@@ -26,7 +26,7 @@ from sda_local.judging import JudgeError, LocalJudge, SelfJudge, self_amplifier
 from sda_local.judging.selfscore import A_MAX, R_FULL, R_ZERO
 from sda_local.prompts import resolve_alignment
 from sda_local.rubrics import RUBRICS, judge_messages, pairwise_messages, rubric_for
-from sda_local.engine.layout import N_BATCH, N_UBATCH
+from sda_local.engine.layout import N_BATCH, exact_ubatch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 QUERY = "How do I boil an egg?"
@@ -52,7 +52,7 @@ class Oracle:
     """Full log-softmax rows of a token sequence, from llama-cpp-python's own Llama class."""
 
     def __init__(self, model_path):
-        self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=1024, n_batch=N_BATCH, n_ubatch=N_UBATCH,
+        self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=1024, n_batch=N_BATCH, n_ubatch=exact_ubatch(),
                                    n_threads=THREADS, n_threads_batch=THREADS, flash_attn=True, logits_all=True,
                                    verbose=False)
 

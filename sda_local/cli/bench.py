@@ -22,8 +22,8 @@ from .common import exact_option, main, repack_option
               help="Concurrent SDA requests through the scheduler (1, 2, 4) against the raw decode limit, the "
                    "scheduler's own work per step, and a late request's first-token latency.")
 @click.option("--prefill", "prefill_tokens", default=None, type=click.IntRange(16),
-              help="Instead: prefill speed of a prompt of this many tokens, plain and SDA, with ubatches of 32 "
-                   "(--exact on) and 512 (--exact off).")
+              help="Instead: prefill speed of a prompt of this many tokens, plain and SDA, with exact ubatches "
+                   "(--exact on: 32, or 16 on a build with another device) and llama.cpp's 512 (--exact off).")
 @click.option("--json", "as_json", is_flag=True)
 @repack_option
 @exact_option

@@ -89,7 +89,7 @@ def info_dict() -> dict:
     from .. import privacy
     from ..models import hardware
     from ..engine import native
-    from ..engine.llama import supports_gpu_offload
+    from ..engine.llama import devices, supports_gpu_offload
     from .. import models as catalogue
     from ..logs import log_path
 
@@ -102,6 +102,7 @@ def info_dict() -> dict:
         "python": sys.version.split()[0],
         "llama_cpp_backends": backends,
         "gpu_offload": supports_gpu_offload(),
+        "devices": [f"{name} ({kind})" for name, kind in devices()],
         "native": lib is not None,
         "native_path": native.loaded_path(),
         "native_simd": native.simd(),

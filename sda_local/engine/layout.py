@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from ..errors import InputError
 from ..models.gguf import GGUFModel
-from .llama import Batch, Context, supports_gpu_offload
+from .llama import Batch, Context, devices, supports_gpu_offload
 
 STREAM_MODES = ("batched", "contexts")
 N_BATCH = 512  # rows per llama_decode at most
@@ -39,17 +39,20 @@ N_BATCH = 512  # rows per llama_decode at most
 # (logits move by ~0.5 on SmolLM2-135M Q4_1). Below that, each row's result is bit-identical to decoding
 # it alone, so a stream's KV cache does not depend on how its prompt was split into batches nor on the
 # other rows of the batch: batched, contexts, prefill chunking, cache reuse and concurrent requests all
-# see the same logits, and a = 0 is exactly prompting. A build with a BLAS or GPU backend (every macOS build:
-# Metal and Accelerate) hands ggml's scheduler another place for a matmul of 32 rows or more even with no
-# layer offloaded (ggml-blas's minimum batch; op_offload), so there the exact ubatch stays below that.
-def exact_ubatch(backends: Optional[Sequence[str]] = None) -> int:
-    """The exact ubatch of a llama.cpp build with ``backends`` (this one's when None)."""
-    from ..models.hardware import llama_backends
-
-    return 32 if set(llama_backends() if backends is None else backends) <= {"CPU"} else 16
+# see the same logits, and a = 0 is exactly prompting. A build with any other device (a GPU; BLAS; every macOS
+# build: Metal and Accelerate) gives ggml's scheduler another place for a matmul of 32 rows or more even with
+# no layer offloaded (ggml-blas's minimum batch; op_offload), so there the exact ubatch stays below that.
+N_UBATCH_CPU, N_UBATCH_SHARED = 32, 16
 
 
-N_UBATCH = exact_ubatch()
+def exact_ubatch(device_types: Optional[Sequence[str]] = None) -> int:
+    """The exact ubatch of a llama.cpp build whose devices are of ``device_types`` (this build's when None; a
+    registry that cannot be read counts as not CPU-only)."""
+    if device_types is None:
+        device_types = [kind for _, kind in devices()]
+    return N_UBATCH_CPU if device_types and set(device_types) == {"CPU"} else N_UBATCH_SHARED
+
+
 # llama.cpp's own default: what a GPU wants for prefill, where exactness across batch shapes does not hold
 # anyway (the backends pick kernels by batch size too).
 N_UBATCH_FAST = 512
@@ -64,15 +67,15 @@ Location = Tuple[int, int]  # (context index, sequence id)
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    """How prompts are cut into llama.cpp ubatches. ``exact``: ubatches of N_UBATCH rows, so that a row's
-    logits do not depend on the batch it was decoded in (on CPU; see N_UBATCH), at a prefill cost; otherwise
-    llama.cpp's usual N_UBATCH_FAST."""
+    """How prompts are cut into llama.cpp ubatches. ``exact``: ubatches of ``exact_ubatch()`` rows, so that a
+    row's logits do not depend on the batch it was decoded in (on CPU), at a prefill cost; otherwise llama.cpp's
+    usual N_UBATCH_FAST."""
 
     exact: bool
 
     @property
     def n_ubatch(self) -> int:
-        return N_UBATCH if self.exact else N_UBATCH_FAST
+        return exact_ubatch() if self.exact else N_UBATCH_FAST
 
     def describe(self) -> str:
         return f"{'exact' if self.exact else 'fast'} batches (ubatch {self.n_ubatch})"

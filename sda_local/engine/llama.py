@@ -9,8 +9,11 @@ engine does not call llama.cpp's C API (the model itself is ``models.gguf.GGUFMo
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
+import sys
 import weakref
+from pathlib import Path
 from typing import Sequence, Tuple
 
 import llama_cpp
@@ -29,6 +32,33 @@ def supports_gpu_offload() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
+DEVICE_TYPES = ("CPU", "GPU", "IGPU", "ACCEL", "META")  # enum ggml_backend_dev_type, in order
+
+
+@functools.lru_cache(maxsize=None)
+def devices() -> Tuple[Tuple[str, str], ...]:
+    """(name, type) of every device ggml registered in this build (CPU, CUDA0, Metal, BLAS, ...), from its
+    device registry (llama.cpp's system info leaves out backends without a feature list, such as BLAS). Empty
+    when the registry cannot be read."""
+    lib_dir = Path(llama_cpp.__file__).resolve().parent / "lib"
+    names = {"darwin": "libggml.dylib", "win32": "ggml.dll"}
+    try:
+        ggml = ctypes.CDLL(str(lib_dir / names.get(sys.platform, "libggml.so")))
+        ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+        ggml.ggml_backend_dev_get.restype, ggml.ggml_backend_dev_get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        ggml.ggml_backend_dev_type.restype, ggml.ggml_backend_dev_type.argtypes = ctypes.c_int, [ctypes.c_void_p]
+        ggml.ggml_backend_dev_name.restype, ggml.ggml_backend_dev_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return ()
+    found = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        device = ggml.ggml_backend_dev_get(i)
+        kind = ggml.ggml_backend_dev_type(device)
+        found.append(((ggml.ggml_backend_dev_name(device) or b"?").decode("utf-8", "replace"),
+                      DEVICE_TYPES[kind] if 0 <= kind < len(DEVICE_TYPES) else str(kind)))
+    return tuple(found)
+
+
 def logits_row(row: Row, n_vocab: int) -> np.ndarray:
     """A row's logits, in place (valid until that context's next decode)."""
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(*row), shape=(n_vocab,))
@@ -39,12 +69,14 @@ class Context:
 
     def __init__(self, model: GGUFModel, *, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int,
                  n_seq_max: int = 1, kv_unified: bool = False, kv=None):
-        self.ptr = model.new_context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
-                                     n_seq_max=n_seq_max, kv_unified=kv_unified, kv=kv)
-        self._memory = llama_cpp.llama_get_memory(self.ptr)
+        ptr = model.new_context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
+                                n_seq_max=n_seq_max, kv_unified=kv_unified, kv=kv)
+        # Freed by close(), or when collected (the finalizer holds the model, so a context collected with its
+        # engine's garbage is freed before the weights), or at exit before the model (newest first).
+        self._finalizer = weakref.finalize(self, _free_context, ptr, model)
+        self.ptr = ptr
+        self._memory = llama_cpp.llama_get_memory(ptr)
         self.n_vocab = model.n_vocab
-        # Freed by close(), or when collected, or at exit before the model (finalizers run newest first).
-        self._finalizer = weakref.finalize(self, llama_cpp.llama_free, self.ptr)
 
     @property
     def n_ubatch(self) -> int:
@@ -87,6 +119,10 @@ class Context:
         self.ptr = None
 
 
+def _free_context(ptr, model) -> None:
+    llama_cpp.llama_free(ptr)
+
+
 class Batch:
     """A reusable llama_batch of ``capacity`` tokens, one sequence id each."""
 
@@ -96,6 +132,9 @@ class Batch:
         self._finalizer = weakref.finalize(self, llama_cpp.llama_batch_free, self.ptr)
 
     def clear(self) -> None:
+        """Empty it (every filling starts here: a freed batch is refused, never written)."""
+        if self.ptr is None:
+            raise ModelError("the llama.cpp batch is freed")
         self.ptr.n_tokens = 0
 
     def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
@@ -119,18 +158,26 @@ class Batch:
         return self.capacity - self.ptr.n_tokens
 
     def free(self) -> None:
-        self._finalizer()
+        self._finalizer()  # llama_batch_free once
+        self.ptr = None
 
 
 class SamplerChain:
-    """A llama_sampler chain; it owns the samplers given to it (llama.cpp frees them with the chain)."""
+    """A llama_sampler chain. It owns the samplers given to it from the call on, also when it fails (a sampler
+    that could not be made, None or NULL, is refused and every other one freed): llama.cpp frees them with
+    the chain."""
 
     def __init__(self, samplers: Sequence[object]):
         self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        for sampler in samplers:  # libsda's come as addresses, llama.cpp's as pointers
-            llama_cpp.llama_sampler_chain_add(self.ptr, ctypes.cast(sampler, llama_cpp.llama_sampler_p_ctypes)
-                                              if isinstance(sampler, int) else sampler)
         self._finalizer = weakref.finalize(self, llama_cpp.llama_sampler_free, self.ptr)
+        samplers = list(samplers)
+        if not all(samplers):
+            for sampler in filter(None, samplers):
+                free_sampler(sampler)
+            self.close()
+            raise ModelError("a llama.cpp sampler could not be made")
+        for sampler in samplers:
+            llama_cpp.llama_sampler_chain_add(self.ptr, _as_sampler(sampler))
 
     def sample(self, row: Row) -> int:
         """The token the chain samples from a context's output row (LLAMA_TOKEN_NULL, -1, when none)."""
@@ -176,7 +223,12 @@ def grammar(model: GGUFModel, text: str):
 
 def free_sampler(sampler) -> None:
     """A sampler that never joined a chain."""
-    llama_cpp.llama_sampler_free(sampler)
+    llama_cpp.llama_sampler_free(_as_sampler(sampler))
+
+
+def _as_sampler(sampler):
+    """libsda's samplers come as addresses, llama.cpp's as pointers."""
+    return ctypes.cast(sampler, llama_cpp.llama_sampler_p_ctypes) if isinstance(sampler, int) else sampler
 
 
 def ban(n_vocab: int, tokens: Sequence[int]):

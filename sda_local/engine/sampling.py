@@ -70,6 +70,7 @@ class RequestSampler:
         self.backend: Optional[str] = None  # the fusion's: "native", "numpy", or None (plain generation)
         self.last: Optional[TokenInfo] = None  # the last token's figures, when the request asks for them
         self._pre = None  # the inspected path's masks, applied before the logprobs are read
+        self.chain: Optional[SamplerChain] = None
         r = request
         self._wants_info = r.logprobs is not None or (r.token_stats and r.fused)
         self._observed = [0.0, 0]  # observed: sum of log p_with - log p_without, tokens counted
@@ -81,12 +82,26 @@ class RequestSampler:
         if r.inspected:
             self._init_inspected(model, lib, r)
             return
+        samplers: list = []  # made here, not yet owned by a chain: freed if a later one cannot be made
+        try:
+            self._samplers(model, lib, r, numpy_fusion, samplers)
+        except BaseException:
+            for sampler in samplers:
+                llama.free_sampler(sampler)
+            raise
+        self.chain = SamplerChain(samplers)  # owns them from here, also if it fails
+        if injection is not None and self._head is not None:
+            native.inject_fault(lib, self._head, INJECTION_VALUES[injection.value], injection.step, injection.row)
+
+    def _samplers(self, model: GGUFModel, lib, r: GenerationRequest, numpy_fusion: bool, samplers: list) -> None:
+        """Make the chain's samplers, appending each to ``samplers`` as soon as it exists."""
         if r.fused:
             native_fusion = lib is not None and not numpy_fusion
             self.backend = "native" if native_fusion else "numpy"
             if native_fusion:
                 params = native.make_params(r.strength, r.k, r.t0, TEMPERATURE_MODES[r.temperature_mode])
                 self._sda = self._head = native.sampler_init(lib, params, model.n_vocab, None, -1)
+                samplers.append(self._head)
                 if not r.steering.is_paper:
                     native.set_steering(lib, self._sda, r.steering, r.guard)
                 self._sample = self._sample_native_sda
@@ -96,10 +111,10 @@ class RequestSampler:
         else:
             if lib is not None:
                 self._head = native.guard_sampler_init(lib)
+                samplers.append(self._head)
                 self._sample = self._sample_native
             else:
                 self._sample = self._sample_row_checked
-        samplers = [self._head] if self._head is not None else []
         if r.ignore_eos:
             samplers.append(_eog_ban(model))
         if r.observe:
@@ -112,9 +127,6 @@ class RequestSampler:
             if not r.fused:
                 samplers.append(llama.temperature(temperature))
             samplers += [llama.top_p(r.top_p), llama.draw(r.seed)]
-        self.chain = SamplerChain(samplers)
-        if injection is not None and self._head is not None:
-            native.inject_fault(lib, self._head, INJECTION_VALUES[injection.value], injection.step, injection.row)
 
     def _init_inspected(self, model: GGUFModel, lib, r: GenerationRequest) -> None:
         masks = [_grammar(model, r.grammar)] if r.grammar is not None else []
@@ -267,7 +279,10 @@ class RequestSampler:
         return cand
 
     def _draw(self, cand: np.ndarray) -> int:
-        return self.chain.apply(cand)
+        token = self.chain.apply(cand)
+        if token < 0:
+            raise ModelError("the sampler chain selected no token; generation stopped")
+        return token
 
     def _accept(self, token: int) -> None:
         self.chain.accept(token)

@@ -166,7 +166,7 @@ def run_llama_cpp_server(argv: List[str], repack: Optional[str] = None) -> None:
         runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 
 
-if __name__ == "__main__":  # python -m sda_local.hardware server ARGS...: llama-cpp-python's server, AMX-safe
+if __name__ == "__main__":  # python -m sda_local.models.hardware server ARGS...: llama-cpp-python's server, AMX-safe
     if sys.argv[1:2] == ["server"]:
         run_llama_cpp_server(sys.argv[2:])
     else:
