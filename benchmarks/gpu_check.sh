@@ -454,6 +454,9 @@ if bench:
     ratio = sda / plain
     print(f"  SDA (batched, the default) / plain: {ratio:.2f} (target >= 0.9: "
           f"{'met' if ratio >= 0.9 else 'MISSED'}); the best SDA mode, {s['best_sda_mode']}: {s['sda_over_plain']:.2f}")
+    if "raw_2_rows_over_1" in s:
+        print(f"  raw decode 2 rows / 1 row a step: {s['raw_2_rows_over_1']:.2f}; SDA / engine plain "
+              f"{s['sda_over_engine_plain']:.2f} = {s['sda_share_of_raw_ratio']:.2f} of it (CPU target >= 0.95)")
     fusion, chain = b["fusion_us_per_token"] or 0.0, b["chain_us_per_token"] or 0.0
     share = (fusion + chain) * sda / 1e6
     print(f"  fusion + sampling share of an SDA step: {100 * share:.1f}% (target <= 5%: "

@@ -151,3 +151,28 @@ def test_numpy_oracle_is_independent_of_native_float32_rounding():
     lp32, _, _ = fuse(z_with, z_without, 0.5, backend="native")
     assert lp64.dtype == np.float32 and lp32.dtype == np.float32
     np.testing.assert_allclose(lp32, lp64, **TOL)
+
+
+@pytest.mark.parametrize("n", [1, 7, 49152, 262144 + 3])
+def test_native_log_sum_exp_matches_scipy(n):
+    from scipy.special import logsumexp
+
+    lib = native.library()
+    rng = np.random.default_rng(n)
+    row = (rng.standard_normal(n) * 5).astype(np.float32)
+    row[rng.random(n) < 0.1] = -np.inf  # masked tokens
+    row[0] = 3.0  # at least one finite entry
+    expected = float(logsumexp(row.astype(np.float64)))
+    assert native.log_sum_exp(lib, row) == pytest.approx(expected, rel=1e-6, abs=1e-5)
+    shifted = row + np.float32(1e4)  # large magnitudes: the maximum is taken out first
+    assert native.log_sum_exp(lib, shifted) == pytest.approx(expected + 1e4, rel=1e-6)
+
+
+def test_native_log_sum_exp_names_a_faulty_row():
+    lib = native.library()
+    row = np.zeros(100, np.float32)
+    nan_row, inf_row, masked = row.copy(), row.copy(), np.full(100, -np.inf, np.float32)
+    nan_row[57], inf_row[3] = np.nan, np.inf
+    assert math.isnan(native.log_sum_exp(lib, nan_row))
+    assert native.log_sum_exp(lib, inf_row) == math.inf
+    assert native.log_sum_exp(lib, masked) == -math.inf

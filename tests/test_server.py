@@ -116,6 +116,17 @@ def test_a_judged_request_runs_the_pipelines_own_flow(client, engine, rows_batch
     assert local.initial_text in r.choices[0].message.model_extra["reasoning_content"]
 
 
+def test_ignore_eos_runs_to_max_tokens(client):
+    # "What is 2+2?" ends by itself (test_frontends); with llama-server's ignore_eos it runs to max_tokens.
+    for extra in ({"ignore_eos": True}, {"ignore_eos": True, "sda": {"align": "honesty", "strength": 0.5}}):
+        r = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "What is 2+2?"}],
+                                           max_tokens=48, seed=1, extra_body=extra)
+        assert r.usage.completion_tokens == 48 and r.choices[0].finish_reason == "length", extra
+    short = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "What is 2+2?"}],
+                                           seed=1)  # no max_tokens, no ignore_eos: it ends by itself
+    assert short.choices[0].finish_reason == "stop"
+
+
 def test_completions_endpoint(client):
     r = client.completions.create(model="any", prompt="The capital of France is", max_tokens=6, seed=1)
     assert r.object == "text_completion" and r.choices[0].text and r.usage.prompt_tokens > 0
@@ -249,14 +260,16 @@ def test_past_the_queue_the_server_answers_429(model_path):
 
 
 def test_api_key_and_sigterm_during_a_stream(model_path):
-    with ServerProcess("-m", str(model_path), "--api-key", "s3cret", "-c", "1024", "--parallel", "1",
+    with ServerProcess("-m", str(model_path), "--api-key", "s3cret", "-c", "4096", "--parallel", "1",
                        "--threads", "2") as s:
         assert_error(post(s, CHAT, MESSAGES), 401, "invalid_api_key")
         assert_error(post(s, CHAT, {"messages": MESSAGES}, headers={"Authorization": "Bearer wrong"}), 401)
         ok = post(s, CHAT, {"messages": MESSAGES, "max_tokens": 2}, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and requests.get(s.url + "/health").status_code == 200
-        body = {"messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 2000,
-                "stream": True}
+        # ignore_eos: the answer cannot end by itself within the server's 5 s of graceful shutdown (a story the
+        # model chose to finish early ended with "stop" on a fast run, and failed this test).
+        body = {"messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 4000,
+                "stream": True, "ignore_eos": True}
         with post(s, CHAT, body, headers={"Authorization": "Bearer s3cret"}, stream=True) as response:
             lines = response.iter_lines()
             next(lines)

@@ -35,7 +35,7 @@ extern "C" {
 #    define SDA_API __attribute__((visibility("default")))
 #endif
 
-#define SDA_ABI_VERSION 7
+#define SDA_ABI_VERSION 8
 
 struct llama_sampler;
 struct llama_context;
@@ -137,6 +137,11 @@ SDA_API int32_t sda_abi_version(void);
 /* Floats per SIMD pack of the fusion and the nucleus sampler, fixed at build time: 16 (AVX-512), 8 (AVX/AVX2),
  * 4 (NEON, SSE2) or 1 (the scalar fallback). */
 SDA_API int32_t sda_simd_width(void);
+
+/* log(sum(exp(logits))) over n floats, in float, SIMD (one pass for the maximum, one for the sum): NaN when the
+ * row holds a NaN, +inf when it holds a +inf, -inf when every entry is -inf. log_softmax(logits)[t] is
+ * logits[t] minus this (the pipeline's observed first answer: each token's log-probability under both rows). */
+SDA_API float sda_log_sum_exp(const float * logits, int32_t n);
 
 /* SDA_OK on success, SDA_ERR_INVALID on invalid arguments, SDA_ERR_NAN_* / SDA_ERR_INF_* when a row holds a
  * NaN or +inf (out_log_probs is then unspecified; the with-row, and NaN, are reported first). -inf entries

@@ -5,6 +5,7 @@
 #include "sda.h"
 #include "vecmath.hpp"
 
+#include <limits>
 #include <utility>
 
 extern "C" {
@@ -15,6 +16,11 @@ int32_t sda_abi_version(void) {
 
 int32_t sda_simd_width(void) {
     return static_cast<int32_t>(sda::kWidth);
+}
+
+float sda_log_sum_exp(const float * logits, int32_t n) {
+    if (!logits || n <= 0) return std::numeric_limits<float>::quiet_NaN();
+    return sda::log_sum_exp(logits, static_cast<size_t>(n));
 }
 
 int32_t sda_fuse(const float * logits_with, const float * logits_without, int32_t n, const sda_params * params,

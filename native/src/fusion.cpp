@@ -338,14 +338,30 @@ fusion_result fuse_scaled(const float * z_with, const float * z_without, size_t 
     return fuse_scaled(z_with, z_without, n, params, ws, sink, steering);
 }
 
-void log_softmax_inplace(float * x, size_t n) {
+// The largest entry, NaNs ignored (-inf when there is none).
+static float row_max(const float * x, size_t n) {
     vfloat m_lanes = splat(-kInf, vfloat{});
     for_each_pack(x, x, 0, n, [&](vfloat a, vfloat, size_t) { m_lanes = vmax(a, m_lanes); });
-    const float m = hmax(m_lanes);
-    if (!(m > -kInf) || !(m < kInf)) return;
+    return hmax(m_lanes);
+}
+
+// log(sum(exp(x - m))) + m for a finite m >= every entry: NaN when x holds a NaN.
+static float log_sum_exp_from(const float * x, size_t n, float m) {
     lane_sum sum;
     for_each_pack(x, x, 0, n, [&](vfloat a, vfloat, size_t) { sum.add(exp_nonpositive(a - m)); });
-    const float lse = static_cast<float>(m + std::log(sum.total()));
+    return static_cast<float>(m + std::log(sum.total()));
+}
+
+float log_sum_exp(const float * x, size_t n) {
+    const float m = row_max(x, n);
+    if (!(m > -kInf) || !(m < kInf)) return m;  // every entry -inf (or NaN), or a +inf
+    return log_sum_exp_from(x, n, m);
+}
+
+void log_softmax_inplace(float * x, size_t n) {
+    const float m = row_max(x, n);
+    if (!(m > -kInf) || !(m < kInf)) return;
+    const float lse = log_sum_exp_from(x, n, m);
     for (size_t i = 0; i < n; ++i) x[i] -= lse;
 }
 

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import llama_cpp  # noqa: F401  (must be loaded first, see above)
 import numpy as np
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 # enum sda_status of sda.h: the non-finite codes, as (value, row).
 NONFINITE_CODES = {-2: ("NaN", "with"), -3: ("+inf", "with"), -4: ("NaN", "without"), -5: ("+inf", "without")}
 ROWS = {"with": 0, "without": 1}  # enum sda_row
@@ -110,6 +110,8 @@ def declare_fusion(lib: ctypes.CDLL) -> None:
                                      ctypes.POINTER(SDASteering), ctypes.POINTER(SDAGuards), _float_p, _float_p,
                                      _float_p]
     lib.sda_fuse_steered.restype = ctypes.c_int32
+    lib.sda_log_sum_exp.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    lib.sda_log_sum_exp.restype = ctypes.c_float
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -307,3 +309,8 @@ def inject_fault(lib: ctypes.CDLL, sampler: int, value: int, step: int, row: str
     """TEST ONLY: see sda_sampler_inject_fault in sda.h."""
     if lib.sda_sampler_inject_fault(sampler, value, step, ROWS[row]) != 0:
         raise ValueError("sda_sampler_inject_fault rejected its arguments")
+
+
+def log_sum_exp(lib: ctypes.CDLL, row: np.ndarray) -> float:
+    """log(sum(exp(row))) of a contiguous float32 row, natively (NaN / +inf when the row holds one)."""
+    return lib.sda_log_sum_exp(row.ctypes.data, row.size)

@@ -204,13 +204,22 @@ class RequestSampler:
         """The plain chain on the without-instruction row; the token's log-probability under both raw rows."""
         token = self._plain_sample(without_row, None)
         if not self.model.is_eog(token):  # the self judge's r is over the answer's tokens, as its forcing was
-            z_with = self._row(with_row)
-            if nonfinite_value(z_with) is not None:
-                raise generation_stopped(nonfinite_value(z_with), "with", self.steps)
-            z_without = self._row(without_row)
-            self._observed[0] += _log_prob(z_with, token) - _log_prob(z_without, token)
+            z_with, z_without = self._row(with_row), self._row(without_row)
+            norm_with = self._log_sum_exp(z_with)  # NaN or +inf when the row holds one (the chain checked the other)
+            if np.isnan(norm_with) or norm_with == np.inf:
+                raise generation_stopped(nonfinite_value(z_with) or "NaN", "with", self.steps)
+            # log softmax(row)[token] for both rows, in float64 from float32 norms, as forcing.log_softmax_at
+            # computes them, so the observed r and the forced r are the same numbers.
+            self._observed[0] += ((float(z_with[token]) - norm_with)
+                                  - (float(z_without[token]) - self._log_sum_exp(z_without)))
             self._observed[1] += 1
         return token
+
+    def _log_sum_exp(self, row: np.ndarray) -> float:
+        """One float32 log-sum-exp of a row: libsda's (two SIMD passes, no copy) or, without it, scipy's."""
+        if self.lib is not None:
+            return native.log_sum_exp(self.lib, row)
+        return float(logsumexp(row))
 
     def observed_log_ratio(self) -> Optional[float]:
         """Observed: the mean of log p_with - log p_without over the answer's tokens (None before any)."""
@@ -340,12 +349,6 @@ class RequestSampler:
                 info.top = _best(log_probs, r.logprobs)
             self.last = info
         return token
-
-
-def _log_prob(row: np.ndarray, token: int) -> float:
-    """log softmax(row)[token], as forcing.log_softmax_at computes it (one float32 logsumexp, no float64 copy of
-    the vocabulary), so the observed r and the forced r are the same numbers."""
-    return float(np.float64(row[token]) - np.float64(logsumexp(row)))
 
 
 def _best(log_probs: np.ndarray, n: int):

@@ -144,6 +144,7 @@ class _Sampling(BaseModel):
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
     seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
     stop: Optional[Union[str, List[str]]] = None
+    ignore_eos: bool = False  # llama-server's extension: end-of-generation tokens are never sampled
     n: int = 1
     user: Optional[str] = None
     response_format: Optional[ResponseFormat] = None

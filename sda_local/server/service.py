@@ -155,7 +155,7 @@ class GenerationService:
         # No max_tokens: until EOS or the slot's context is full (the scheduler ends it there first).
         max_tokens = body.token_limit or self.engine.n_ctx
         options = dict(max_tokens=max_tokens, t0=t0, top_p=body.top_p or DEFAULT_TOP_P, seed=body.seed,
-                       stop=tuple(body.stop or ()), grammar=grammar_for(body.response_format),
+                       stop=tuple(body.stop or ()), ignore_eos=body.ignore_eos, grammar=grammar_for(body.response_format),
                        logprobs=body.logprob_count)
         if sda is not None:
             options.update(k=sda.k, temperature_mode=sda.temperature_mode, token_stats=sda.token_stats)
