@@ -177,7 +177,7 @@ class AlignedJob:
         self.engine.scheduler.wait(first)
         if first.error is not None:
             raise first.error
-        if first.cancelled or first.stats.finish_reason == "cancelled":  # stop(): nothing whole to judge
+        if first.stats.finish_reason == "cancelled":  # stop(): nothing whole to judge
             raise ModelError("the first answer was cancelled; nothing was judged")
         judging = time.perf_counter()
         self.stage_seconds["initial"] = judging - self._started
@@ -244,7 +244,8 @@ class AlignedJob:
 
 # The options a first answer takes from the steered request's: what plain generation has (the response format
 # included); the fusion's own (k, temperature mode, steering) and what is reported per token are not its.
-_FIRST_ANSWER_OPTIONS = ("max_tokens", "t0", "top_p", "seed", "stop", "grammar", "ignore_eos")
+# ignore_eos is not: the judged answer ends where the model ends it.
+_FIRST_ANSWER_OPTIONS = ("max_tokens", "t0", "top_p", "seed", "stop", "grammar")
 # What align_stream passes on to the requests: SDAEngine.stream's generation options.
 STREAM_OPTIONS = ("max_tokens", "t0", "top_p", "temperature_mode", "seed", "k", "ignore_eos", "stop", "steering")
 

@@ -90,3 +90,18 @@ def test_cli_exact_option(model_path):
     assert lines[-1].endswith(f"{EXACT_ENV} must be one of auto, on, off, got 'maybe'")
     info = run_cli("info", "--json")
     assert info.returncode == 0 and "ubatch" in json.loads(info.stdout)["batches"]
+
+
+def test_the_ownership_layer_refuses_what_it_cannot_own():
+    from sda_local.engine import llama
+    from sda_local.errors import ModelError
+
+    with pytest.raises(ModelError, match="a llama.cpp sampler could not be made"):
+        llama.SamplerChain([llama.top_p(0.9), None])  # the top-p sampler is freed, not leaked nor added
+    batch = llama.Batch(8)
+    batch.clear()
+    assert batch.add(1, 0, 0, True) == 0 and batch.n_tokens == 1
+    batch.free()
+    batch.free()  # once only
+    with pytest.raises(ModelError, match="batch is freed"):
+        batch.clear()

@@ -176,3 +176,14 @@ def test_native_log_sum_exp_names_a_faulty_row():
     assert math.isnan(native.log_sum_exp(lib, nan_row))
     assert native.log_sum_exp(lib, inf_row) == math.inf
     assert native.log_sum_exp(lib, masked) == -math.inf
+    # No finite entry to take the maximum from: NaNs must still show (a broken model's row is all NaN).
+    assert math.isnan(native.log_sum_exp(lib, np.full(100, np.nan, np.float32)))
+    masked_nan = masked.copy()
+    masked_nan[99] = np.nan
+    assert math.isnan(native.log_sum_exp(lib, masked_nan))
+    both_faults = inf_row.copy()
+    both_faults[10] = np.nan
+    assert native.log_sum_exp(lib, both_faults) == math.inf
+    # Not a float32 row: converted, never read as raw memory.
+    assert native.log_sum_exp(lib, np.zeros(8)) == pytest.approx(math.log(8))
+    assert native.log_sum_exp(lib, np.zeros((8, 2), np.float32)[:, 0]) == pytest.approx(math.log(8))

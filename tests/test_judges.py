@@ -449,6 +449,27 @@ def test_pipeline_without_judge_and_with_strength(engine):
     assert r.amplifier == 0.2 and r.amplifier_source == "strength" and r.score is None
 
 
+def test_the_aligned_job_refuses_misuse(engine):
+    from sda_local.errors import ModelError
+    from sda_local.pipeline import align_stream, plan_alignment
+
+    with pytest.raises(TypeError, match="unexpected keyword argument 'observe'"):
+        align_stream(engine, QUERY, "honesty", judge=None, observe=True)  # the handle's own business
+    alignment = resolve_alignment("honesty")
+    job = plan_alignment(engine, *engine.formatter.pair(QUERY, alignment), alignment, query=QUERY, strength=0.3,
+                         max_tokens=4, seed=1)
+    try:
+        with pytest.raises(ModelError, match="has not finished"):
+            job.result()
+        for _ in engine.scheduler.pieces(job.start_steered()):
+            pass
+        result = job.result()
+        assert result.amplifier == 0.3 and result.amplifier_source == "strength" and len(result.tokens) <= 4
+    finally:
+        job.close()
+        job.close()  # twice is harmless
+
+
 def test_judge_failure_policies(engine):
     with FaultServer([("score", 250)]) as server:
         judge, _ = fast_judge(server.url)

@@ -138,8 +138,8 @@ SDA_API int32_t sda_abi_version(void);
  * 4 (NEON, SSE2) or 1 (the scalar fallback). */
 SDA_API int32_t sda_simd_width(void);
 
-/* log(sum(exp(logits))) over n floats, in float, SIMD (one pass for the maximum, one for the sum): NaN when the
- * row holds a NaN, +inf when it holds a +inf, -inf when every entry is -inf. log_softmax(logits)[t] is
+/* log(sum(exp(logits))) over n floats, in float, SIMD (one pass for the maximum, one for the sum): +inf when the
+ * row holds a +inf, else NaN when it holds a NaN, -inf when every entry is -inf. log_softmax(logits)[t] is
  * logits[t] minus this (the pipeline's observed first answer: each token's log-probability under both rows). */
 SDA_API float sda_log_sum_exp(const float * logits, int32_t n);
 

@@ -354,7 +354,13 @@ static float log_sum_exp_from(const float * x, size_t n, float m) {
 
 float log_sum_exp(const float * x, size_t n) {
     const float m = row_max(x, n);
-    if (!(m > -kInf) || !(m < kInf)) return m;  // every entry -inf (or NaN), or a +inf
+    if (m == kInf) return m;
+    if (m == -kInf) {  // no finite entry: every one -inf, or NaNs among them (the maximum skips NaNs)
+        for (size_t i = 0; i < n; ++i) {
+            if (x[i] != x[i]) return std::numeric_limits<float>::quiet_NaN();
+        }
+        return m;
+    }
     return log_sum_exp_from(x, n, m);
 }
 

@@ -148,7 +148,7 @@ void apply_guards(const fusion_result & r, int32_t guard_to, const sda_guards & 
 // x <- log_softmax(x), in place.
 void log_softmax_inplace(float * x, size_t n);
 
-// log(sum(exp(x))): NaN when x holds a NaN, +inf when it holds a +inf, -inf when every entry is -inf.
+// log(sum(exp(x))): +inf when x holds a +inf, else NaN when it holds a NaN, -inf when every entry is -inf.
 float log_sum_exp(const float * x, size_t n);
 
 }  // namespace sda

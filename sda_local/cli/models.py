@@ -172,4 +172,6 @@ def info(as_json, model, n_ctx, parallel):
             value = value["summary"]
         elif isinstance(value, dict):
             value = "; ".join(f"{k}: {' '.join(v) if isinstance(v, list) else v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value))
         click.echo(f"{key:>18}: {value}")

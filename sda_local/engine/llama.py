@@ -40,21 +40,37 @@ def devices() -> Tuple[Tuple[str, str], ...]:
     """(name, type) of every device ggml registered in this build (CPU, CUDA0, Metal, BLAS, ...), from its
     device registry (llama.cpp's system info leaves out backends without a feature list, such as BLAS). Empty
     when the registry cannot be read."""
-    lib_dir = Path(llama_cpp.__file__).resolve().parent / "lib"
-    names = {"darwin": "libggml.dylib", "win32": "ggml.dll"}
+    # The ggml beside the libllama llama-cpp-python loaded (LLAMA_CPP_LIB_PATH included): the registry is
+    # libggml's, the device accessors libggml-base's (found through it by dlsym, but not by Windows'
+    # GetProcAddress, so both are asked).
+    lib_dir = Path(getattr(llama_cpp.llama_cpp, "_base_path", Path(llama_cpp.__file__).resolve().parent / "lib"))
+    prefix, suffix = {"darwin": ("lib", ".dylib"), "win32": ("", ".dll")}.get(sys.platform, ("lib", ".so"))
+
+    def symbol(name, restype, argtypes):
+        for lib in libs:
+            function = getattr(lib, name, None)
+            if function is not None:
+                function.restype, function.argtypes = restype, argtypes
+                return function
+        raise AttributeError(name)
+
     try:
-        ggml = ctypes.CDLL(str(lib_dir / names.get(sys.platform, "libggml.so")))
-        ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-        ggml.ggml_backend_dev_get.restype, ggml.ggml_backend_dev_get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-        ggml.ggml_backend_dev_type.restype, ggml.ggml_backend_dev_type.argtypes = ctypes.c_int, [ctypes.c_void_p]
-        ggml.ggml_backend_dev_name.restype, ggml.ggml_backend_dev_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+        libs = [ctypes.CDLL(str(lib_dir / f"{prefix}ggml{suffix}"))]
+        try:
+            libs.append(ctypes.CDLL(str(lib_dir / f"{prefix}ggml-base{suffix}")))
+        except OSError:
+            pass
+        count = symbol("ggml_backend_dev_count", ctypes.c_size_t, [])
+        get = symbol("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t])
+        kind_of = symbol("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p])
+        name_of = symbol("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p])
     except (OSError, AttributeError):
         return ()
     found = []
-    for i in range(ggml.ggml_backend_dev_count()):
-        device = ggml.ggml_backend_dev_get(i)
-        kind = ggml.ggml_backend_dev_type(device)
-        found.append(((ggml.ggml_backend_dev_name(device) or b"?").decode("utf-8", "replace"),
+    for i in range(count()):
+        device = get(i)
+        kind = kind_of(device)
+        found.append(((name_of(device) or b"?").decode("utf-8", "replace"),
                       DEVICE_TYPES[kind] if 0 <= kind < len(DEVICE_TYPES) else str(kind)))
     return tuple(found)
 

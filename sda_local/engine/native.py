@@ -146,10 +146,11 @@ def library() -> Optional[ctypes.CDLL]:
         _state["path"] = str(path)
         try:
             lib = ctypes.CDLL(str(path))
-            _declare(lib)
-            version = lib.sda_abi_version()
+            lib.sda_abi_version.argtypes, lib.sda_abi_version.restype = [], ctypes.c_int32
+            version = lib.sda_abi_version()  # first: a stale library is named as such, not by a missing symbol
             if version != ABI_VERSION:
                 raise OSError(f"ABI version {version}, expected {ABI_VERSION}")
+            _declare(lib)
             _state["lib"] = lib
         except (OSError, AttributeError) as exc:
             _state["error"] = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
@@ -312,5 +313,7 @@ def inject_fault(lib: ctypes.CDLL, sampler: int, value: int, step: int, row: str
 
 
 def log_sum_exp(lib: ctypes.CDLL, row: np.ndarray) -> float:
-    """log(sum(exp(row))) of a contiguous float32 row, natively (NaN / +inf when the row holds one)."""
+    """log(sum(exp(row))) of a float32 row, natively (+inf / NaN when the row holds one, -inf when every entry
+    is -inf). A logit row is passed as it is; anything else is made a contiguous float32 copy first."""
+    row = np.ascontiguousarray(row, dtype=np.float32)
     return lib.sda_log_sum_exp(row.ctypes.data, row.size)
