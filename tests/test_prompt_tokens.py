@@ -178,3 +178,28 @@ def test_prompts_copy_and_pickle():
     prompt = PromptFormatter(None, "", "").render("Sys", "Q <|im_start|>")
     for clone in (copy.copy(prompt), copy.deepcopy(prompt), pickle.loads(pickle.dumps(prompt))):
         assert clone == prompt and clone.segments == prompt.segments and isinstance(clone, Prompt)
+
+
+def test_token_pieces_are_right_when_threads_ask_at_once(model_path):
+    """llama_token_to_piece releases the GIL: threads asking for pieces together (batch lines, the server's
+    judge, the scheduler) once shared a buffer, and a mixed-up piece was cached for good ("is" became ".un" in a
+    parallel batch's first answer)."""
+    import threading
+
+    from sda_local.models.gguf import GGUFModel
+
+    reference = GGUFModel(str(model_path))
+    tokens = list(range(reference.n_vocab))
+    expected = [reference.piece(t) for t in tokens]
+    reference.close()
+    shared = GGUFModel(str(model_path))  # an empty piece cache, asked by 4 threads over the whole vocabulary
+    try:
+        threads = [threading.Thread(target=lambda k=k: [shared.piece(t) for t in tokens[k::2] + tokens[::-1]])
+                   for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [shared.piece(t) for t in tokens] == expected
+    finally:
+        shared.close()

@@ -174,7 +174,6 @@ class GGUFModel:
         self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))  # -1 (LLAMA_TOKEN_NULL) when there is none
         self._pieces: Dict[int, bytes] = {}
         self._attrs: Dict[int, int] = {}
-        self._piece_buf = ctypes.create_string_buffer(256)
         self._eog_tokens: Optional[List[int]] = None
         template = llama_cpp.llama_model_chat_template(model, None)
         self.chat_template: Optional[str] = template.decode("utf-8") if template else None
@@ -217,7 +216,9 @@ class GGUFModel:
     def piece(self, token: int) -> bytes:
         cached = self._pieces.get(token)
         if cached is None:
-            buf = self._piece_buf
+            # A buffer of its own: the call releases the GIL, and threads (batch lines, the server's judge, the
+            # scheduler) ask for pieces at once; a shared one mixed their bytes and cached the mix for good.
+            buf = ctypes.create_string_buffer(64)
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
