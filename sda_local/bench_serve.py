@@ -58,15 +58,10 @@ def _prompts(engine: SDAEngine, query: str):
     return request.prompt_with, request.prompt_without
 
 
-def raw_steps_per_second(engine: SDAEngine, rows: int, steps: int) -> float:
-    """llama_decode steps per second with ``rows`` sequences decoding one token each and nothing else: the
-    decode limit of rows / 2 SDA requests (or of one plain request, ``rows`` 1)."""
-    return raw_steps_interleaved(engine, (rows,), steps)[0]
-
-
 def raw_steps_interleaved(engine: SDAEngine, row_counts, steps: int) -> list:
-    """``raw_steps_per_second`` for each of ``row_counts`` at once: their steps alternate, so that the
-    machine's drift hits them alike and their ratio is measured, not guessed from two runs."""
+    """llama_decode steps per second for each of ``row_counts`` (sequences decoding one token each and nothing
+    else: the decode limit of rows / 2 SDA requests, or of one plain request for 1 row). Their steps alternate,
+    so that the machine's drift hits them alike and their ratio is measured, not guessed from two runs."""
     prompt = engine.tokenize_prompt(engine.render(None, QUERIES[0]))
     n_ctx = len(prompt) + steps + 1
     layouts = []
@@ -151,7 +146,7 @@ def run_serve_bench(model: Optional[str], *, n_threads: int, tokens: int, runs: 
                 tps, steps = _scheduler_tps(engine, n, tokens, 100 * r)
                 samples["scheduler"][n].append(tps)
                 overhead += [(total - decode) / decode for total, decode, _ in steps if decode > 0]
-                samples["raw"][n].append(n * raw_steps_per_second(engine, 2 * n, min(tokens, 64)))
+                samples["raw"][n].append(n * raw_steps_interleaved(engine, (2 * n,), min(tokens, 64))[0])
         progress("late arrival")
         late = [_late_arrival(engine, tokens) for _ in range(runs)]
         model_path = str(engine.model_path)

@@ -11,7 +11,6 @@ them.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Dict, Literal, Optional, Tuple
@@ -44,14 +43,13 @@ def _update_registry(change) -> None:
 
 
 def registered_models() -> Dict[str, str]:
-    path = _registry_path()
-    if not path.exists():
-        return {}
+    from .jsonl import read_json_object
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json_object(_registry_path())
     except (OSError, ValueError):
         return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    return {str(k): str(v) for k, v in data.items()}
 
 
 @llm.hookimpl

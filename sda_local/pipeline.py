@@ -283,10 +283,9 @@ def plan_alignment(engine, prompt_with, prompt_without, alignment, *, query: str
 
 class AlignmentStream:
     """Iterate for the SDA answer's text pieces (the initial answer and the judge run first);
-    ``result`` is the AlignmentResult once the iteration is complete; ``job`` the AlignedJob."""
+    ``result`` is the AlignmentResult once the iteration is complete."""
 
-    def __init__(self, job: AlignedJob, run, on_close: Optional[Callable[[], None]] = None):
-        self.job = job
+    def __init__(self, run, on_close: Optional[Callable[[], None]] = None):
         self._run = run
         self._on_close = on_close
         self.result: Optional[AlignmentResult] = None
@@ -380,4 +379,4 @@ def _align_stream(
         finally:  # a failure or a closed stream: nothing keeps running, and a held slot is freed at once
             job.close()
 
-    return AlignmentStream(job, run(), on_close)
+    return AlignmentStream(run(), on_close)

@@ -94,7 +94,7 @@ def info_dict() -> dict:
     from ..logs import log_path
 
     system_info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
-    backends = hardware.llama_backends()
+    backends = [seg.split(" : ")[0].strip() for seg in system_info.split(" | ") if " : " in seg]
     lib = native.library()
     return {
         "sda_local": __version__,

@@ -60,14 +60,6 @@ def _cpuinfo() -> Tuple[str, List[str]]:
     return model, flags
 
 
-def llama_backends() -> List[str]:
-    """The backends this llama.cpp build registered, as its system info names them ("CPU", "CUDA", "Metal", "BLAS")."""
-    import llama_cpp
-
-    info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
-    return [segment.split(" : ")[0].strip() for segment in info.split(" | ") if " : " in segment]
-
-
 def _llama_features() -> List[str]:
     """Feature names that llama.cpp's system info marks as 1 (what its CPU backend was compiled with)."""
     import llama_cpp

@@ -213,14 +213,13 @@ def user_catalogue_path() -> Path:
 
 
 def user_models() -> Dict[str, dict]:
+    from ..jsonl import read_json_object
+
     path = user_catalogue_path()
-    if not path.exists():
-        return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read_json_object(path)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the user catalogue {path}: {exc}") from None
-    return data if isinstance(data, dict) else {}
 
 
 def check_name(name: str) -> None:
