@@ -29,7 +29,8 @@ HELP = """Commands:
   /align PRESET|TEXT|off   steer towards a preset (helpfulness, harmlessness, honesty, empathy,
                            summarization) or an instruction of your own; off = plain chat
   /strength A|auto         amplifier a set by hand, or auto: the judge scores a first answer each turn
-  /judge self|local|openai[:MODEL]|none   who sets a in auto mode (self: the model's likelihood ratio)
+  /judge auto|self|verify|local|openai[:MODEL]|none   who sets a in auto mode (auto: a program's check of
+                           a verifiable instruction, else self: the model's likelihood ratio)
   /show                    last score, a, mean temperature, mean JS, tok/s, SDA overhead
   /clear                   forget the conversation
   /save FILE, /load FILE   JSON transcript with all settings
@@ -267,7 +268,7 @@ class ChatSession:
 
     def _cmd_judge(self, arg):
         if not arg:
-            return f"judge: {self.settings.judge} (usage: /judge self|local|openai[:MODEL]|none)"
+            return f"judge: {self.settings.judge} (usage: /judge auto|self|verify|local|openai[:MODEL]|none)"
         previous = (self.settings.judge, self.settings.judge_url)
         self.settings.judge = arg
         if not arg.lower().startswith("openai"):

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 
 from .engine.fusion import MAX_STRENGTH, MAX_T0, MIN_T0, MIN_TOP_P
 from .errors import SDAError
+from .judging.factory import DEFAULT_JUDGE
 from .seeds import MAX_SEED
 
 REGISTRY_FILE = "sda-models.json"  # in llm's user directory: {name: GGUF path}
@@ -128,7 +129,7 @@ class SDAModel(llm.Model):
                                                        "summarization) or an instruction sentence; none: plain")
         strength: Optional[float] = Field(None, ge=0, le=MAX_STRENGTH,
                                           description="Amplifier a (0 = prompting); absent: set by the judge")
-        judge: Optional[str] = Field(None, description="self (default), local, local:PATH, none, openai[:MODEL]")
+        judge: Optional[str] = Field(None, description="auto (default), self, verify, local, local:PATH, none, openai[:MODEL]")
         temperature_mode: Optional[Literal["paper", "reference", "fixed"]] = None
         t0: Optional[float] = Field(None, ge=MIN_T0, le=MAX_T0, description="Base temperature T0 (0.6)")
         top_p: Optional[float] = Field(None, ge=MIN_TOP_P, le=1, description="Nucleus mass (0.95)")
@@ -202,7 +203,7 @@ class SDAModel(llm.Model):
             from .engine.steering import DEFAULT_STEERING, PAPER
 
             steering = PAPER if options.steering == "paper" else DEFAULT_STEERING
-            run = align_stream(engine, query, align, judge=options.judge or "self", strength=options.strength,
+            run = align_stream(engine, query, align, judge=options.judge or DEFAULT_JUDGE, strength=options.strength,
                                system=system, history=history, steering=steering, **generation)
         yield from run
         result = run.result

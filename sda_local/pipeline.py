@@ -1,6 +1,7 @@
 """The full SDA pipeline for one query (SPEC.md section 1).
 
-1. Initial answer without the instruction (T0 0.6, top-p 0.95).
+1. Initial answer without the instruction (T0 0.6, top-p 0.95); for a judge that checks a verifiable
+   instruction by program (``verify``, and ``auto`` on such instructions), the answer *with* it, a = 0.
 2. A judge scores it 1..100 under the dimension's rubric (a custom instruction is scored against itself).
 3. a = F(score) (``amplifier_map``, the paper's sigmoid by default).
 4. SDA generation with that a.
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from .amplifier import DEFAULT_MAP, AMPLIFIER_MAPS, amplifier
 from .errors import InputError, ModelError
-from .judging import Judgement, JudgeError, make_judge
+from .judging import DEFAULT_JUDGE, Judgement, JudgeError, make_judge
+from .judging.verifier import FIRST_OBSERVED, FIRST_PROMPTED, FIRST_WITHOUT, first_answer_mode
 from .prompts import check_text, resolve_alignment
 from .rubrics import rubric_for
 
@@ -95,6 +97,21 @@ def judge_amplifier(judge, query: str, answer: str, alignment, *, amplifier_map:
     return AmplifierChoice(amplifier_of(judgement, amplifier_map), "judge", judgement.rubric_version, judgement)
 
 
+def steered_settings(first_mode: Optional[str], amplifier: float, steering, temperature_mode: str):
+    """The steered answer's (steering, temperature mode) once a is known, after a first answer of ``first_mode``.
+
+    After a prompted first answer (the verify judge's): a = 0 means it complied, and the steered pass is
+    prompting alone at T0, the same tokens again; a > 0 means it missed, and the steered answer has no onset,
+    since its first tokens would be those of the answer that missed (same seed, a = 0 during the onset)."""
+    if first_mode != FIRST_PROMPTED:
+        return steering, temperature_mode
+    if amplifier == 0:
+        return steering, "fixed"
+    if steering.onset:
+        steering = replace(steering, onset=0)
+    return steering, temperature_mode
+
+
 @dataclass
 class AlignmentResult:
     """The SDA answer (``text``, ``tokens``, ``stats``) and how its amplifier was chosen."""
@@ -140,10 +157,11 @@ class AlignedJob:
 
     def __init__(self, engine, alignment, steered, *, query: str, history=(), judge=None, first=None,
                  amplifier_source: str = "default", amplifier_map: str = DEFAULT_MAP,
-                 on_judge_failure: str = DEFAULT_ON_JUDGE_FAILURE):
+                 on_judge_failure: str = DEFAULT_ON_JUDGE_FAILURE, first_mode: Optional[str] = None):
         self.engine, self.alignment, self.query, self.history = engine, alignment, query, tuple(history)
         self.judge, self.amplifier_map, self.on_judge_failure = judge, amplifier_map, on_judge_failure
         self.first_request, self.steered_request = first, steered  # GenerationRequests
+        self.first_mode = first_mode  # which first answer the judge reads (judging.verifier's FIRST_*)
         self.first_job = self.steered_job = None
         self.choice: Optional[AmplifierChoice] = None
         self._source = amplifier_source  # "strength" or "default" when nothing is judged
@@ -188,6 +206,9 @@ class AlignedJob:
         request.strength = float(choice.amplifier)
         if choice.temperature_mode is not None:
             request.temperature_mode = choice.temperature_mode
+        else:
+            request.steering, request.temperature_mode = steered_settings(
+                self.first_mode, request.strength, request.steering, request.temperature_mode)
         if self.first_request.hold:  # the steered answer takes the slot the first answer holds
             request.follows = first
         self.choice = choice
@@ -222,7 +243,8 @@ class AlignedJob:
         fields.update(judge=self.judge.identity, rubric_version=choice.rubric_version, amplifier_map=self.amplifier_map)
         judgement = choice.judgement
         if judgement is not None:  # no map when the judge set a itself
-            fields.update(score=judgement.score, scoring=judgement.scoring, score_spread=judgement.spread,
+            # The judge that spoke: auto names the verify or the self judge it used.
+            fields.update(judge=judgement.judge, score=judgement.score, scoring=judgement.scoring, score_spread=judgement.spread,
                           judge_reply=judgement.raw,
                           amplifier_map=None if judgement.amplifier is not None else self.amplifier_map)
         else:
@@ -267,18 +289,22 @@ def plan_alignment(engine, prompt_with, prompt_without, alignment, *, query: str
     steered = engine.request(prompt_with, prompt_without,
                              strength=strength if strength is not None else DEFAULT_STRENGTH,
                              instruction=alignment.instruction, **request_options)
-    first = None
+    first = mode = None
     if strength is None and judge is not None:
         plain = {k: v for k, v in request_options.items() if k in _FIRST_ANSWER_OPTIONS}
         if first_max_tokens is not None:
             plain["max_tokens"] = min(plain.get("max_tokens", first_max_tokens), first_max_tokens)
-        if observes(judge) and plain.get("grammar") is None:
+        mode = first_answer_mode(judge, alignment)
+        if mode == FIRST_PROMPTED:  # held: the steered answer finds its with-prompt cached in that slot
+            first = engine.request(prompt_with, None, hold=True, **plain)
+        elif mode == FIRST_OBSERVED and plain.get("grammar") is None:
             first = engine.request(prompt_with, prompt_without, observe=True, hold=True, **plain)
         else:
             first = engine.request(prompt_without, None, **plain)
+            mode = FIRST_WITHOUT
     return AlignedJob(engine, alignment, steered, query=query, history=history, judge=judge, first=first,
                       amplifier_source="strength" if strength is not None else "default",
-                      amplifier_map=amplifier_map, on_judge_failure=on_judge_failure)
+                      amplifier_map=amplifier_map, on_judge_failure=on_judge_failure, first_mode=mode)
 
 
 class AlignmentStream:
@@ -306,10 +332,11 @@ def align(engine, query: str, align: str, **options) -> AlignmentResult:
     return stream.result
 
 
-def align_stream(engine, query: str, align: str, *, judge="self", **options) -> AlignmentStream:
+def align_stream(engine, query: str, align: str, *, judge=DEFAULT_JUDGE, **options) -> AlignmentStream:
     """Like ``align`` but yields the SDA answer's text pieces; ``.result`` is an AlignmentResult.
 
-    ``judge``: "self" (the default: the engine's likelihood ratio), "local" (the engine's model scores
+    ``judge``: "auto" (the default: "verify" for an instruction a program checks, else "self"), "self" (the
+    engine's likelihood ratio), "verify" (a program checks the prompted first answer), "local" (the engine's model scores
     under a rubric), "local:PATH|NAME", "openai[:MODEL]", "none"/None, or a judge object (SelfJudge,
     LocalJudge, RemoteJudge). Options: ``strength`` (skips the judge), ``amplifier_map``,
     ``on_judge_failure`` ("error", "fixed:A", "prompt-only"), ``on_warning`` (callable), ``on_judged``

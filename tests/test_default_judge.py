@@ -16,6 +16,7 @@ from sda_local.errors import InputError
 from sda_local.judging import DEFAULT_JUDGE, LocalJudge, make_judge
 from sda_local.judging.local import PAIR_TIE_MARGIN
 from sda_local.judging.selfscore import self_amplifier
+from sda_local.judging.verifier import A_MAX as VERIFY_A
 from sda_local.prompts import resolve_alignment
 from sda_local.rubrics import rubric_for
 
@@ -32,26 +33,30 @@ def truthfulqa():
     return path
 
 
-def test_the_default_judge_is_self(engine):
-    assert DEFAULT_JUDGE == "self"
-    for instruction in (NO_COMMAS, "helpfulness"):
+def test_the_default_judge_verifies_what_a_program_can_check_and_is_self_elsewhere(engine):
+    assert DEFAULT_JUDGE == "auto"
+    for instruction in ("helpfulness", "Answer like a pirate and do not use any commas."):  # not checkable in full
         result = align(engine, "Name three fruits.", instruction, max_tokens=12, seed=1)
         assert result.judge.startswith("self:") and result.scoring == "self" and result.amplifier_source == "judge"
         # score is r rounded to 6 digits; the amplifier comes from r itself
         assert result.amplifier == pytest.approx(self_amplifier(result.score), abs=1e-4) and result.amplifier_map is None
+    result = align(engine, "Name three fruits.", NO_COMMAS, max_tokens=12, seed=1)
+    assert result.judge == "verify" and result.scoring == "verify" and result.amplifier_source == "judge"
+    assert result.amplifier == (0.0 if "," not in result.initial_text else VERIFY_A) and result.amplifier_map is None
     result = align(engine, "Name three fruits.", "helpfulness", judge="local", max_tokens=12, seed=1)
     assert result.judge.startswith("local:") and result.scoring == "expected"
     assert isinstance(result.score, float) and 1 <= result.score <= 100 and result.score_spread > 0
     assert result.amplifier_map == "sigmoid"
 
 
-def test_cli_generate_uses_the_self_judge_and_reports_r(model_path):
+def test_cli_generate_uses_the_default_judge_and_reports_its_verdict(model_path):
     proc = run_cli("generate", "Name three fruits.", "--align", NO_COMMAS, "-n", "12", "--seed", "3", "--json",
                    "--threads", "1", timeout=600)
     assert proc.returncode == 0, proc.stderr.decode()
     out = json.loads(proc.stdout)
-    assert out["judge"].startswith("self:") and out["scoring"] == "self"
-    assert out["amplifier"] == pytest.approx(self_amplifier(out["score"]), abs=1e-4)
+    assert out["judge"] == "verify" and out["scoring"] == "verify"
+    assert out["amplifier"] == (0.0 if "," not in out["initial_text"] else VERIFY_A)
+    assert out["score"] == (100.0 if out["amplifier"] == 0 else 0.0)
 
 
 def test_expected_pairs_are_judged_in_both_orders(engine):
@@ -69,7 +74,8 @@ def test_expected_pairs_are_judged_in_both_orders(engine):
 
 def test_make_judge_knows_self(engine):
     assert make_judge("self", engine).identity.startswith("self:")
-    assert make_judge(None, engine, scoring="greedy").identity.startswith("self:")  # scoring: local judges only
+    assert make_judge(None, engine, scoring="greedy").identity.startswith("auto:")  # scoring: local judges only
+    assert make_judge("verify", engine).identity == "verify"
     assert make_judge("local", engine, scoring="greedy").scoring == "greedy"
     with pytest.raises(InputError, match="unknown judge"):
         make_judge("self:x", engine)
@@ -169,7 +175,7 @@ def test_the_pipeline_reads_r_off_the_first_answer(engine, monkeypatch):
         raise AssertionError("the self judge teacher-forced the first answer again")
 
     monkeypatch.setattr(SelfJudge, "ratio", no_forcing)
-    result = align(engine, "Name three fruits.", NO_COMMAS, max_tokens=24, seed=4)
+    result = align(engine, "Name three fruits.", NO_COMMAS, judge="self", max_tokens=24, seed=4)
     monkeypatch.undo()
     alignment = resolve_alignment(NO_COMMAS)
     forced = SelfJudge(engine).ratio("Name three fruits.", result.initial_text, alignment)

@@ -24,6 +24,7 @@ from sda_local.evaluation.judge_bench import Cache, auc, distinct_deciles
 from sda_local.errors import InputError
 from sda_local.judging import JudgeError, LocalJudge, SelfJudge, self_amplifier
 from sda_local.judging.selfscore import A_MAX, R_FULL, R_ZERO
+from sda_local.judging.verifier import A_MAX as VERIFY_A
 from sda_local.prompts import resolve_alignment
 from sda_local.rubrics import RUBRICS, judge_messages, pairwise_messages, rubric_for
 from sda_local.engine.layout import N_BATCH, exact_ubatch
@@ -281,9 +282,10 @@ def test_cli_judge_scorings(model_path):
     assert expected["amplifier_map"] == "sigmoid" and 0 <= expected["amplifier"] <= 1
     assert expected["judge"].startswith("local:")
 
-    proc = judge_cli(model_path, "--judge-scoring", "greedy")  # the default judge is self: scoring unused
+    proc = judge_cli(model_path, "--judge-scoring", "greedy")  # the default judge checks this one: scoring unused
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["judge"].startswith("self:")
+    verdict = json.loads(proc.stdout)
+    assert verdict["judge"] == "verify" and verdict["amplifier"] == (0.0 if "," not in ANSWER else VERIFY_A)
 
     proc = judge_cli(model_path, "--judge-scoring", "bogus")
     err = proc.stderr.decode()

@@ -58,7 +58,8 @@ def test_the_judge_sets_the_amplifier_and_plain_generation_has_none(run_llm):
                      "2", "Name three fruits.")
     assert judged.returncode == 0, judged.stderr
     r = last_log(run_llm)["response_json"]
-    assert r["amplifier_source"] == "judge" and r["judge"].startswith("self:") and 0 <= r["amplifier"] <= A_MAX
+    assert r["amplifier_source"] == "judge" and r["judge"] == "verify" and r["amplifier"] in (0.0, 1.0)
+    assert r["amplifier"] == (0.0 if r["score"] == 100 else 1.0)  # the verify judge's a
     plain = run_llm("-m", "sda", "-o", "max_tokens", "8", "-o", "seed", "3", "Name a colour.")
     assert plain.returncode == 0, plain.stderr
     r = last_log(run_llm)["response_json"]

@@ -89,8 +89,12 @@ def test_the_full_pipeline_sets_the_amplifier_with_the_server_judge(client):
     r = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Name three fruits."}],
                                        max_tokens=16, seed=2, extra_body={"sda": {"align": "Answer without commas."}})
     report = r.model_extra["sda"]
-    assert report["amplifier_source"] == "judge" and report["judge"].startswith("self:")
-    assert 0 <= report["amplifier"] <= 0.5 and report["score"] is not None
+    assert report["amplifier_source"] == "judge" and report["judge"] == "verify"  # a program checks "without commas"
+    assert report["amplifier"] in (0.0, 1.0) and report["score"] in (0.0, 100.0)  # the verify judge's a
+    selfjudged = client.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "Name three fruits."}], max_tokens=16, seed=2,
+        extra_body={"sda": {"align": "Answer like a friendly pirate."}}).model_extra["sda"]
+    assert selfjudged["judge"].startswith("self:") and 0 <= selfjudged["amplifier"] <= 0.5
     fixed = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Name three fruits."}],
                                            max_tokens=4, extra_body={"sda": {"align": "honesty", "judge": "none"}})
     assert fixed.model_extra["sda"]["amplifier"] == 0.5 and fixed.model_extra["sda"]["amplifier_source"] == "default"
@@ -108,7 +112,7 @@ def test_a_judged_request_runs_the_pipelines_own_flow(client, engine, rows_batch
     r = client.chat.completions.create(model="any", messages=[{"role": "user", "content": query}], max_tokens=24,
                                        seed=11, extra_body={"sda": {"align": instruction, "show_judging": True}})
     report = r.model_extra["sda"]
-    local = align(engine, query, instruction, judge="self", max_tokens=24, seed=11)
+    local = align(engine, query, instruction, max_tokens=24, seed=11)  # the default judge, as the server's
     assert report["amplifier_source"] == local.amplifier_source == "judge"
     assert report["amplifier"] == pytest.approx(local.amplifier, abs=1e-9)
     assert report["score"] == pytest.approx(local.score, abs=1e-6)
@@ -485,7 +489,7 @@ def test_judged_requests_under_load_keep_their_slot_for_the_steered_answer():
         def ask(question):
             return client.chat.completions.create(
                 model="any", messages=[{"role": "user", "content": question}], max_tokens=8, seed=3,
-                extra_body={"sda": {"align": "Do not use any commas in your answer."}})
+                extra_body={"sda": {"align": "Answer like a friendly pirate."}})  # the self judge's observed answer
 
         with ThreadPoolExecutor(len(questions)) as pool:
             answers = list(pool.map(ask, questions))

@@ -337,9 +337,11 @@ def judge_options(f):
 
     options = [
         click.option("--judge", "-j", default=None,
-                     help="Who sets the amplifier from the first answer: self (default; no judge: the model's "
-                          "likelihood ratio with and without the instruction), local (this model scores it under "
-                          "a rubric), local:PATH|NAME, openai[:MODEL] (default gpt-4.1), none (fixed a = 0.5)."),
+                     help="Who sets the amplifier from the first answer: auto (default: verify where a program "
+                          "can check the whole instruction, else self), self (no judge: the model's likelihood "
+                          "ratio with and without the instruction), verify (a program checks the answer prompted "
+                          "with the instruction: a = 0 if it complies), local (this model scores it under a "
+                          "rubric), local:PATH|NAME, openai[:MODEL] (default gpt-4.1), none (fixed a = 0.5)."),
         click.option("--judge-scoring", type=click.Choice(list(SCORINGS)), expose_value=False,
                      callback=store_judge_option("scoring"),
                      help="How a local judge scores: expected (the mean of its score distribution; default) or "

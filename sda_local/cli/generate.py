@@ -55,8 +55,9 @@ def generate(query, align, strength, judge, judge_url, amplifier_map, on_judge_f
              parallel, shard, model, n_ctx, n_threads, n_gpu_layers, streams, verbose):
     """Answer QUERY with SDA steering towards --align (streamed to stdout).
 
-    With --align and no --strength, the full pipeline runs: a first answer without the instruction, a judge
-    scores it (--judge, local by default), the score sets the amplifier, then the SDA answer.
+    With --align and no --strength, the full pipeline runs: a first answer, a judge scores it (--judge; auto
+    by default: a program's check for an instruction it can verify, prompted first; else the self judge, on an
+    answer without the instruction), the score sets the amplifier, then the SDA answer.
     """
     query = decode_arg("query", query)
     align = decode_arg("--align", align)

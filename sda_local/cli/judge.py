@@ -57,7 +57,8 @@ def judge(query, answer, align, judge, judge_url, amplifier_map, as_json, model,
                                "rubric_version": judgement.rubric_version, "judge": judgement.judge,
                                "reply": judgement.raw, "seconds": judgement.seconds}, ensure_ascii=False))
     else:
-        click.echo(f"score {judgement.shown()} -> a = {a:.3f} ({shown_map or 'self map'}; {judgement.rubric_version}; "
+        own = "the judge's own a"  # the self and verify judges set a themselves
+        click.echo(f"score {judgement.shown()} -> a = {a:.3f} ({shown_map or own}; {judgement.rubric_version}; "
                    f"{judgement.judge})")
 
 

@@ -42,7 +42,8 @@ from .datasets import PAPER_OMEGA, load_dataset
 from ..errors import InputError, ModelError
 from ..judging import JudgeError
 from ..jsonl import Appender, read_complete, read_repaired
-from ..pipeline import judge_amplifier
+from ..judging.verifier import FIRST_PROMPTED, first_answer_mode
+from ..pipeline import judge_amplifier, steered_settings
 from ..prompts import resolve_alignment
 from ..rubrics import rubric_for
 from ..seeds import check_seed, derive_seed
@@ -116,8 +117,9 @@ class EvalConfig:
             raise InputError("--verify-only needs --verify")
         if isinstance(self.verify_strength, str) and self.verify_strength != "judge":
             raise InputError(f"--verify-strength must be a number >= 0 or judge, got {self.verify_strength!r}")
-        if self.judge.strip().lower() == "self" and not self.verify_only:
-            raise InputError("--judge self sets amplifiers but cannot compare two answers, which the judged "
+        kind = self.judge.strip().lower()
+        if kind in ("self", "auto", "verify") and not self.verify_only:
+            raise InputError(f"--judge {kind} sets amplifiers but cannot compare two answers, which the judged "
                              "protocol does: add --verify-only, or use --judge local or openai")
         check_seed(self.seed, "--seed")
         if self.shard is not None:
@@ -441,16 +443,25 @@ class Evaluation:
         instruction, check, required, kwargs = self._verifiable(vid, query, seed)
         arms = self.config.verify_arms
         s = self.config.verify_strength
-        steering = self.config.steering_obj
+        steering = judged_steering = self.config.steering_obj
         temperature = self.config.sda_temperature
-        base = self._base_answer(key, query, seed) if "base" in arms or s == "judge" else None
-        if s == "judge":  # the pipeline: the base answer is the initial answer, the judge sets a
-            s = self._initial_score(key, query, resolve_alignment(instruction), base["text"])["amplifier"]
-        plans = {"prompt-only": dict(strength=0.0, temperature_mode="fixed"),
-                 "steering-only": dict(strength=s, temperature_mode="fixed", steering=steering),
+        prompted = s == "judge" and first_answer_mode(self.judge, resolve_alignment(instruction)) == FIRST_PROMPTED
+        base = self._base_answer(key, query, seed) if "base" in arms or (s == "judge" and not prompted) else None
+        prompt_only = dict(strength=0.0, temperature_mode="fixed")
+        if s == "judge":  # the pipeline: the judge reads the initial answer and sets a
+            # The initial answer is the base answer, or for a judge that checks the instruction by program the
+            # prompted one (a = 0): the prompt-only arm's answer, the same request as the pipeline's.
+            initial = self._answer(key, "prompt-only", query, instruction, seed, **prompt_only) if prompted else base
+            s = self._initial_score(key, query, resolve_alignment(instruction), initial["text"])["amplifier"]
+            # As the pipeline: the steered answer after a prompted first answer.
+            judged_steering, temperature = steered_settings(FIRST_PROMPTED if prompted else None, s, steering,
+                                                            temperature)
+        plans = {"prompt-only": prompt_only,
+                 "steering-only": dict(strength=s, temperature_mode="fixed", steering=judged_steering),
                  "paper": dict(strength=FIXED_STRENGTH, temperature_mode="paper", steering=PAPER),
-                 "sda-fixed": dict(strength=FIXED_STRENGTH, temperature_mode=temperature, steering=steering),
-                 "sda": dict(strength=s, temperature_mode=temperature, steering=steering)}
+                 "sda-fixed": dict(strength=FIXED_STRENGTH, temperature_mode=self.config.sda_temperature,
+                                   steering=steering),
+                 "sda": dict(strength=s, temperature_mode=temperature, steering=judged_steering)}
         for arm in arms:
             if arm == "base":
                 text = base["text"]

@@ -8,16 +8,18 @@ from ..errors import InputError
 from .local import DEFAULT_SCORING, LocalJudge, check_scoring
 from .remote import DEFAULT_REMOTE_MODEL, OPENAI_URL, RemoteJudge
 from .selfscore import SelfJudge
+from .verifier import AutoJudge, VerifyJudge
 
 # make_judge's options for a remote judge (the first four are the CLI's --judge-timeout, --judge-retries,
 # --judge-max-wait, --allow-insecure-judge); a local judge ignores them.
 REMOTE_OPTIONS = ("read_timeout", "max_attempts", "max_wait", "allow_insecure", "connect_timeout", "api_key")
 JUDGE_OPTIONS = ("scoring",) + REMOTE_OPTIONS  # scoring: --judge-scoring, for local judges
-# The judge of --align without --strength or --judge: the one that steered best in judge-bench and the
-# verifiable pipeline on the default model and Gemma 3 270M (README, "Choosing the judge").
-DEFAULT_JUDGE = "self"
+# The judge of --align without --strength or --judge: a program's check where the instruction is verifiable,
+# else the self judge, which steered best in judge-bench and the verifiable pipeline on the default model and
+# Gemma 3 270M (README, "Choosing the judge" and "Steering without echo").
+DEFAULT_JUDGE = "auto"
 # Judges that run on the generation model itself: they need its engine.
-ENGINE_JUDGES = ("local", "self")
+ENGINE_JUDGES = ("local", "self", "auto")
 
 
 def parse_judge_spec(spec: Optional[str], url: Optional[str] = None) -> Tuple[str, str]:
@@ -30,7 +32,8 @@ def parse_judge_spec(spec: Optional[str], url: Optional[str] = None) -> Tuple[st
 
 
 def make_judge(spec: Optional[str], engine, *, url: Optional[str] = None, **options):
-    """A judge from a CLI-style spec: none | self | local | local:PATH_OR_NAME | openai | openai:MODEL.
+    """A judge from a CLI-style spec: none | auto | self | verify | local | local:PATH_OR_NAME | openai |
+    openai:MODEL.
 
     ``engine`` serves ``self`` and ``local``. ``url`` (any OpenAI-compatible base URL) implies ``openai``
     when no spec is given. ``options`` (JUDGE_OPTIONS, None = default): ``scoring`` ("expected" or "greedy")
@@ -62,6 +65,10 @@ def make_judge(spec: Optional[str], engine, *, url: Optional[str] = None, **opti
         return LocalJudge(judge_engine, owns_engine=True, scoring=scoring)
     if kind == "self" and not arg:
         return SelfJudge(engine)
+    if kind == "auto" and not arg:
+        return AutoJudge(engine)
+    if kind == "verify" and not arg:
+        return VerifyJudge()
     if kind == "openai":
         return RemoteJudge(arg or DEFAULT_REMOTE_MODEL, base_url=url or OPENAI_URL, **remote_options)
-    raise InputError(f"unknown judge {spec!r} (self, local, local:PATH|NAME, openai, openai:MODEL, none)")
+    raise InputError(f"unknown judge {spec!r} (auto, self, verify, local, local:PATH|NAME, openai, openai:MODEL, none)")
