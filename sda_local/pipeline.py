@@ -292,9 +292,10 @@ def plan_alignment(engine, prompt_with, prompt_without, alignment, *, query: str
     first = mode = None
     if strength is None and judge is not None:
         plain = {k: v for k, v in request_options.items() if k in _FIRST_ANSWER_OPTIONS}
-        if first_max_tokens is not None:
-            plain["max_tokens"] = min(plain.get("max_tokens", first_max_tokens), first_max_tokens)
         mode = first_answer_mode(judge, alignment)
+        # A prompted first answer is checked as the answer it may become: never cut shorter than the answer.
+        if first_max_tokens is not None and mode != FIRST_PROMPTED:
+            plain["max_tokens"] = min(plain.get("max_tokens", first_max_tokens), first_max_tokens)
         if mode == FIRST_PROMPTED:  # held: the steered answer finds its with-prompt cached in that slot
             first = engine.request(prompt_with, None, hold=True, **plain)
         elif mode == FIRST_OBSERVED and plain.get("grammar") is None:

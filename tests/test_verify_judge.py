@@ -139,7 +139,9 @@ def test_each_judge_reads_its_own_first_answer(engine):
     auto = make_judge(None, engine)
     assert isinstance(auto, AutoJudge)
     assert first_answer_mode(auto, commas) == FIRST_PROMPTED and first_answer_mode(auto, kind) == FIRST_OBSERVED
-    assert first_answer_mode(VerifyJudge(), kind) == FIRST_PROMPTED
+    assert first_answer_mode(VerifyJudge(), commas) == FIRST_PROMPTED
+    with pytest.raises(InputError, match="not one a program can check"):
+        first_answer_mode(VerifyJudge(), kind)
     assert first_answer_mode(SelfJudge(engine), commas) == FIRST_OBSERVED
     assert first_answer_mode(make_judge("local", engine), commas) == FIRST_WITHOUT
     with pytest.raises(InputError, match="unknown judge"):
@@ -191,6 +193,7 @@ def test_cli_judge_verify_and_eval_with_the_default_judge(tmp_path, model_path):
     answers = {(r["key"], r["arm"]): r for r in records if r["type"] == "answer"}
     checks = {(r["key"], r["arm"]): r for r in records if r["type"] == "check"}
     assert len(scores) == 6 and not any(arm == "base" for _, arm in answers)
+    zeros = 0
     for key, score in scores.items():
         prompted = answers[(key, "prompt-only")]["text"]
         instruction = checks[(key, "sda")]["instruction_text"]
@@ -198,7 +201,65 @@ def test_cli_judge_verify_and_eval_with_the_default_judge(tmp_path, model_path):
         assert score["judge"] == "verify" and score["amplifier"] == (0.0 if met else A_MAX)
         assert answers[(key, "sda")]["stats"]["strength"] == score["amplifier"]
         steered = answers[(key, "sda")]["stats"]
+        zeros += score["amplifier"] == 0
         if met:
             assert steered["temperature_mode"] == "fixed"
         else:
             assert steered["steering"]["onset"] == 0
+    amplifiers = json.loads(run.with_suffix(".summary.json").read_text())["verifiable_amplifiers"]
+    assert {vid: cell["n"] for vid, cell in amplifiers.items()} == {
+        "ifeval:punctuation:no_comma": 3, "ifeval:keywords:forbidden_words": 3}
+    assert sum(cell["zero"] for cell in amplifiers.values()) == zeros
+
+
+@pytest.mark.parametrize("instruction, phrase", [
+    ("End your answer with the exact phrase 'Thank you'.", "Thank you"),
+    ('End your answer with the exact phrase "Thank you".', "Thank you"),
+    ("End your answer with the exact words: Hope this helps!", "Hope this helps!"),
+    ("End your answer with the exact phrase See you soon.", "See you soon"),
+])
+def test_an_end_phrase_is_read_without_what_follows_it(instruction, phrase):
+    (check,) = parse_checks(instruction)
+    assert check.detail == f"ends with {phrase!r}"
+    assert check.passes(f"Well. {phrase}", "") and not check.passes(f"{phrase} and more", "")
+    # What follows a quoted phrase is part of the instruction, not of the phrase: checked, or not verifiable at
+    # all. (An unquoted phrase runs to the end of its sentence: nothing says where it stops.)
+    if "'" in instruction or '"' in instruction:
+        assert parse_checks(instruction.rstrip(".") + ", then explain why.") is None
+    both = parse_checks("End your answer with the exact phrase 'Bye'. Do not use commas.")
+    assert sorted(c.detail for c in both) == ["ends with 'Bye'", "no commas"]
+
+
+def test_a_quoted_word_is_counted_without_its_quotes():
+    (twice,) = parse_checks("In your response, the word 'banana' should appear at least 2 times.")
+    assert twice.passes("A banana and a banana.", "") and not twice.passes("One banana.", "")
+    (never,) = parse_checks("In your response, the word 'cat' should appear less than 1 times.")
+    assert never.passes("A dog.", "") and not never.passes("A cat.", "")
+
+
+def test_long_instructions_are_not_read():
+    # Each rule rescans the text, so reading grows with its square (152k characters took 19 s): a cap.
+    from sda_local.judging.checks import MAX_INSTRUCTION_CHARS
+
+    assert parse_checks("Do not use any commas. " * 5000) is None
+    assert parse_checks("x" * 100_000) is None
+    assert MAX_INSTRUCTION_CHARS >= 400  # IFEval's longest instruction is read
+
+
+def test_language_checks_are_right_from_many_threads_at_once():
+    pytest.importorskip("langdetect")
+    from concurrent.futures import ThreadPoolExecutor
+
+    import sda_local.judging.checks as checks
+
+    checks._detector_factory = None  # as in a fresh process: threads race to load the profiles
+    (french,) = parse_checks("Your ENTIRE response should be in French language, no other language is allowed.")
+    english = "The sky is blue because the air scatters the short wavelengths of sunlight the most."
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda _: french.passes(english, ""), range(16))) == [False] * 16
+    assert french.passes("Le ciel est bleu parce que l'air diffuse davantage la lumière bleue du soleil.", "")
+
+
+def test_the_verify_judge_refuses_an_instruction_it_cannot_check_before_generating(engine):
+    with pytest.raises(InputError, match="not one a program can check"):
+        align(engine, "Name three fruits.", "Be kind.", judge="verify", max_tokens=4)

@@ -40,7 +40,8 @@ log = logging.getLogger("sda_local.scheduler")
 
 QUEUED, PREFILL, DECODE, DONE = "queued", "prefill", "decode", "done"
 # A held slot whose follow-up has not come by then is freed (the pipeline releases it itself; this is the net
-# under a caller that did not). The hold only spans the judging of an observed first answer: no work at all.
+# under a caller that did not). The hold only spans the judging of a first answer (r read off an observed one,
+# or a program's check of a prompted one): no work to speak of.
 HOLD_SECONDS = 5.0
 IDLE_WAIT = 0.05  # seconds a driver waits when only held slots stand between the queue and the decode
 

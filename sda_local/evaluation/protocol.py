@@ -629,8 +629,8 @@ def summarize(records: Iterable[dict]) -> dict:
                 cell["omega"] = (cell["wins"] - cell["losses"]) / n if n else None
     amplifiers: Dict[str, List[float]] = {}
     scores = {r["key"]: r for r in records if r.get("type") == "score" and r.get("key", "").startswith("verify:")}
-    for key, r in scores.items():
-        amplifiers.setdefault(key.split(":")[1], []).append(r["amplifier"])
+    for key, r in scores.items():  # "verify:VID:PREFIX:INDEX", and an IFEval VID has colons of its own
+        amplifiers.setdefault(key[len("verify:"):].rsplit(":", 2)[0], []).append(r["amplifier"])
     per_arm: Dict[str, List[dict]] = {}
     verifiable = {}
     for vid, arms in compliance.items():

@@ -14,8 +14,10 @@ is installed, and is not recognised where it is not). The evaluation measures co
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import threading
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -56,6 +58,8 @@ def _relation(text: str) -> Callable[[int, int], bool]:
     return lambda n, bound: n == bound  # "exactly", or nothing
 
 
+# A word the instruction names: quoted (its text: group 1) or bare (group 2); a closing quote is not part of it.
+_WORD = r"(?:['\"‘“]([^'\"‘’“”]+)['\"’”]|([\w-]+))"
 _REL = r"(less than|fewer than|under|below|at most|no more than|not more than|up to|at least|no fewer than|" \
        r"no less than|a minimum of|more than|over|exactly)?\s*"
 
@@ -143,19 +147,42 @@ def _two_responses(text: str) -> bool:
     return len(parts) == 2 and all(parts) and parts[0] != parts[1]
 
 
+_detector_lock = threading.Lock()
+_detector_factory = None
+
+
+def _detect(text: str) -> str:
+    """langdetect's language of ``text``, from a private factory loaded once (langdetect's own global factory is
+    published before its profiles are loaded, so threads detecting at once can see it empty), seeded."""
+    global _detector_factory
+    from langdetect.detector_factory import PROFILES_DIRECTORY, DetectorFactory
+
+    with _detector_lock:
+        if _detector_factory is None:
+            factory = DetectorFactory()
+            factory.load_profile(PROFILES_DIRECTORY)
+            factory.set_seed(0)
+            _detector_factory = factory
+        detector = _detector_factory.create()
+    detector.append(text)
+    return detector.detect()
+
+
 def _language(code_or_name: str) -> Optional[Callable[[str, str], bool]]:
     try:
         import langdetect
     except ImportError:
         return None
-    code = _LANGUAGES.get(code_or_name.lower(), code_or_name.lower())
-    if code not in _LANGUAGES.values():
+    name = code_or_name.lower()
+    known = {c for v in _LANGUAGES.values() for c in (v if isinstance(v, tuple) else (v,))}
+    value = _LANGUAGES.get(name, name if name in known else None)
+    if value is None:
         return None
+    codes = value if isinstance(value, tuple) else (value,)
 
     def passes(answer: str, query: str) -> bool:
-        langdetect.DetectorFactory.seed = 0
         try:
-            return langdetect.detect(answer) == code
+            return _detect(answer) in codes
         except langdetect.LangDetectException:
             return True  # nothing to detect: IFEval counts it as followed
 
@@ -164,7 +191,7 @@ def _language(code_or_name: str) -> Optional[Callable[[str, str], bool]]:
 
 _LANGUAGES = {"english": "en", "french": "fr", "german": "de", "spanish": "es", "italian": "it",
               "portuguese": "pt", "dutch": "nl", "finnish": "fi", "swedish": "sv", "russian": "ru",
-              "japanese": "ja", "korean": "ko", "chinese": "zh-cn", "arabic": "ar", "hindi": "hi",
+              "japanese": "ja", "korean": "ko", "chinese": ("zh-cn", "zh-tw"), "arabic": "ar", "hindi": "hi",
               "bengali": "bn", "marathi": "mr", "tamil": "ta", "telugu": "te", "gujarati": "gu",
               "kannada": "kn", "punjabi": "pa", "urdu": "ur", "nepali": "ne", "persian": "fa",
               "thai": "th", "vietnamese": "vi", "turkish": "tr", "polish": "pl", "greek": "el",
@@ -207,6 +234,13 @@ def _quoted(answer: str, query: str) -> bool:
 
 def _ends_with(phrase: str) -> Callable[[str, str], bool]:
     return lambda answer, query: answer.strip().lower().endswith(phrase.strip().lower())
+
+
+def _ends_with_loosely(phrase: str) -> Callable[[str, str], bool]:
+    """A person's "end with the exact phrase X": a full stop after X, in the answer or the instruction, is not
+    part of it."""
+    wanted = phrase.strip().rstrip(".").strip().lower()
+    return lambda answer, query: answer.strip().rstrip(".").rstrip().lower().endswith(wanted)
 
 
 def _postscript(marker: str) -> Callable[[str, str], bool]:
@@ -252,8 +286,11 @@ _RULES: List[_Rule] = [
     (r"(?:finish|end) " + _ANSWER + r" with (?:this|the) exact (?:phrase|words?):? ['\"“]?(.+?)['\"”]?\.?"
      r"(?:\s*no other words should follow this phrase)",
      lambda m: Check("end_phrase", f"ends with {m.group(1)!r}", _ends_with(m.group(1)))),
-    (r"(?:finish|end) " + _ANSWER + r" with (?:this|the) exact (?:phrase|words?):? ['\"“]?(.+?)['\"”]?$",
-     lambda m: Check("end_phrase", f"ends with {m.group(1)!r}", _ends_with(m.group(1)))),
+    # A person's phrasing: the phrase quoted, or unquoted up to the end of its sentence.
+    (r"(?:finish|end) " + _ANSWER + r" with (?:this|the) exact (?:phrase|words?):? (?:['\"“‘]([^'\"“”‘’]+)['\"”’]"
+     r"|([^.!?'\"“”‘’]+[!?]?))(?=[\s.]|$)",
+     lambda m: Check("end_phrase", f"ends with {(m.group(1) or m.group(2))!r}",
+                     _ends_with_loosely(m.group(1) or m.group(2)))),
     (r"(?:at the end of " + _ANSWER + r",? )?(?:please )?(?:explicitly )?add a postscript(?: starting with| that starts "
      r"with| beginning with) (P\.P\.S\.?|P\.S\.?)",
      lambda m: Check("postscript", f"a postscript {m.group(1)}", _postscript(m.group(1)))),
@@ -263,7 +300,7 @@ _RULES: List[_Rule] = [
     (r"(?:the response|" + _ANSWER + r") must contain at least " + _NUM + r" placeholders? represented by square "
      r"brackets,? such as \[[^\]]*\]",
      lambda m: Check("placeholders", f"at least {m.group(1)} [placeholders]",
-                     lambda a, q, n=_number(m.group(1)): len(re.findall(r"\[.*?\]", a)) >= n)),
+                     lambda a, q, n=_number(m.group(1)): len(re.findall(r"\[[^\]\n]*\]", a)) >= n)),
     (r"" + _ANSWER + r" must contain exactly " + _NUM + r" bullet points?\.?(?:\s*use the markdown bullet points "
      r"such as:?\s*\* this is point 1\.?\s*\* this is point 2\.?)?",
      lambda m: Check("bullets", f"exactly {m.group(1)} bullet points",
@@ -302,9 +339,9 @@ _RULES: List[_Rule] = [
      lambda m: Check("keywords", f"all of {_keyword_list(m.group(1))}",
                      lambda a, q, ws=tuple(_keyword_list(m.group(1))): all(
                          re.search(re.escape(w), a, flags=re.IGNORECASE) for w in ws))),
-    (r"(?:in " + _ANSWER + r",? )?the word ['\"]?([\w'-]+)['\"]? should appear " + _REL + _NUM + r" times?",
-     lambda m: Check("word_frequency", f"{m.group(1)!r} {m.group(2) or 'exactly'} {m.group(3)} times",
-                     lambda a, q, w=m.group(1), rel=_relation(m.group(2) or ""), n=_number(m.group(3)):
+    (r"(?:in " + _ANSWER + r",? )?the word " + _WORD + r" should appear " + _REL + _NUM + r" times?",
+     lambda m: Check("word_frequency", f"{(m.group(1) or m.group(2))!r} {m.group(3) or 'exactly'} {m.group(4)} times",
+                     lambda a, q, w=m.group(1) or m.group(2), rel=_relation(m.group(3) or ""), n=_number(m.group(4)):
                      rel(_count_word(w, a), n))),
     (r"(?:in " + _ANSWER + r",? )?the letter ['\"]?([a-z])['\"]? should appear " + _REL + _NUM + r" times?",
      lambda m: Check("letter_frequency", f"the letter {m.group(1)} {m.group(2) or 'exactly'} {m.group(3)} times",
@@ -325,9 +362,11 @@ _RULES: List[_Rule] = [
                      lambda a, q, rel=_relation(m.group(1) or ""), n=_number(m.group(2)): rel(len(_words(a)), n))),
     (r"there should be " + _NUM + r" paragraphs?\.? paragraphs and only paragraphs are separated with each other "
      r"by two new lines as if it was '\\n\\n' in python\.? paragraph " + _NUM + r" must start with (?:the )?word "
-     r"['\"]?([\w'-]+)['\"]?",
-     lambda m: Check("nth_paragraph", f"{m.group(1)} paragraphs, paragraph {m.group(2)} starting with {m.group(3)}",
-                     lambda a, q, n=_number(m.group(1)), k=_number(m.group(2)), w=m.group(3): _nth_paragraph(a, n, k, w))),
+     + _WORD,
+     lambda m: Check("nth_paragraph", f"{m.group(1)} paragraphs, paragraph {m.group(2)} starting with "
+                     f"{m.group(3) or m.group(4)}",
+                     lambda a, q, n=_number(m.group(1)), k=_number(m.group(2)), w=m.group(3) or m.group(4):
+                     _nth_paragraph(a, n, k, w))),
     (r"there should be " + _NUM + r" paragraphs?\.? paragraphs are separated with the markdown divider:? \*\*\*",
      lambda m: Check("paragraphs", f"{m.group(1)} paragraphs separated by ***",
                      lambda a, q, n=_number(m.group(1)): _paragraph_count(a, n))),
@@ -337,12 +376,23 @@ _COMPILED = [(re.compile(p, flags=re.IGNORECASE), build) for p, build in _RULES]
 _LEFTOVER = re.compile(r"^(?:[\s.,;:!()\-–—]|\band\b|\balso\b|\bplease\b|\bplus\b|\bthen\b)*$", flags=re.IGNORECASE)
 
 
+# Longer instructions are not read (each rule rescans the text: the time grows with its square). IFEval's
+# longest is under 400 characters.
+MAX_INSTRUCTION_CHARS = 2000
+
+
 def parse_checks(instruction: str) -> Optional[List[Check]]:
     """The checks of ``instruction``, or None when some of it is not a verifiable requirement recognised here
     (or nothing is)."""
     text = " ".join((instruction or "").split())
-    if not text:
+    if not text or len(text) > MAX_INSTRUCTION_CHARS:
         return None
+    checks = _parse(text)
+    return None if checks is None else list(checks)
+
+
+@functools.lru_cache(maxsize=256)  # pure: an instruction is read once per process, however often it is judged
+def _parse(text: str) -> Optional[Tuple[Check, ...]]:
     checks: List[Check] = []
     for pattern, build in _COMPILED:
         while True:
@@ -356,7 +406,7 @@ def parse_checks(instruction: str) -> Optional[List[Check]]:
             text = text[:m.start()] + " . " + text[m.end():]
     if not checks or not _LEFTOVER.match(text):
         return None
-    return checks
+    return tuple(checks)
 
 
 def check_answer(checks: List[Check], answer: str, query: str = "") -> List[Tuple[Check, bool]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+from ..errors import InputError
 from ..rubrics import Rubric
 from .checks import check_answer, parse_checks
 from .replies import Judgement, JudgeError, PairJudgement
@@ -27,6 +28,9 @@ VERSION = "verify-v1"
 # and 1.5 gave 53.8, 52.4, 52.8 and 50.6 % compliance, but 10.2, 7.0, 7.2 and 10.0 % degenerate answers
 # (prompting alone: 33.6 % and 6.6 %); 1 is the highest compliance within 2 points of prompting's loops.
 A_MAX = 1.0
+
+UNCHECKABLE = ("verify judge: the instruction is not one a program can check in full (--judge auto uses the self "
+               "judge for such instructions)")
 
 # Which first answer a judge reads (pipeline.plan_alignment makes it):
 FIRST_WITHOUT = "without"  # the paper's: generated without the instruction
@@ -42,6 +46,8 @@ class VerifyJudge:
     identity = "verify"
 
     def first_answer(self, alignment) -> str:
+        if alignment is None or parse_checks(alignment.instruction) is None:  # refused before anything is generated
+            raise InputError(UNCHECKABLE)
         return FIRST_PROMPTED
 
     def score(self, query: str, answer: str, rubric: Rubric, history=()) -> Judgement:
@@ -49,8 +55,7 @@ class VerifyJudge:
         instruction = alignment.instruction if alignment is not None else None
         checks = parse_checks(instruction) if instruction else None
         if checks is None:
-            raise JudgeError("verify judge: the instruction is not one a program can check in full "
-                             "(--judge auto uses the self judge for such instructions)")
+            raise JudgeError(UNCHECKABLE)
         started = time.perf_counter()
         results = check_answer(checks, answer, query)
         passed = sum(ok for _, ok in results)
