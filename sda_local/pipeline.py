@@ -21,7 +21,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 from .amplifier import DEFAULT_MAP, AMPLIFIER_MAPS, amplifier
 from .errors import InputError, ModelError
 from .judging import DEFAULT_JUDGE, Judgement, JudgeError, make_judge
-from .judging.verifier import FIRST_OBSERVED, FIRST_PROMPTED, FIRST_WITHOUT, first_answer_mode
+from .judging.verifier import FIRST_OBSERVED, FIRST_PROMPTED, FIRST_WITHOUT, first_answer_mode, observes
 from .prompts import check_text, resolve_alignment
 from .rubrics import rubric_for
 
@@ -64,11 +64,6 @@ class AmplifierChoice:
     temperature_mode: Optional[str] = None  # "fixed" for the prompt-only fallback, else the request's own
     failure: Optional[str] = None  # the judge's error
     note: Optional[str] = None  # what was done instead, for a warning
-
-
-def observes(judge) -> bool:
-    """Whether ``judge`` reads its score off an observed first answer (the self judge: its r)."""
-    return bool(getattr(judge, "observes", False))
 
 
 def judge_amplifier(judge, query: str, answer: str, alignment, *, amplifier_map: str = DEFAULT_MAP,

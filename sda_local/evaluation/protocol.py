@@ -445,14 +445,15 @@ class Evaluation:
         s = self.config.verify_strength
         steering = judged_steering = self.config.steering_obj
         temperature = self.config.sda_temperature
-        prompted = s == "judge" and first_answer_mode(self.judge, resolve_alignment(instruction)) == FIRST_PROMPTED
+        alignment = resolve_alignment(instruction)
+        prompted = s == "judge" and first_answer_mode(self.judge, alignment) == FIRST_PROMPTED
         base = self._base_answer(key, query, seed) if "base" in arms or (s == "judge" and not prompted) else None
         prompt_only = dict(strength=0.0, temperature_mode="fixed")
         if s == "judge":  # the pipeline: the judge reads the initial answer and sets a
             # The initial answer is the base answer, or for a judge that checks the instruction by program the
             # prompted one (a = 0): the prompt-only arm's answer, the same request as the pipeline's.
             initial = self._answer(key, "prompt-only", query, instruction, seed, **prompt_only) if prompted else base
-            s = self._initial_score(key, query, resolve_alignment(instruction), initial["text"])["amplifier"]
+            s = self._initial_score(key, query, alignment, initial["text"])["amplifier"]
             # As the pipeline: the steered answer after a prompted first answer.
             judged_steering, temperature = steered_settings(FIRST_PROMPTED if prompted else None, s, steering,
                                                             temperature)

@@ -35,7 +35,7 @@ class Check:
 
 
 _NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
-            "nine": 9, "ten": 10, "a single": 1, "a": 1, "an": 1}
+            "nine": 9, "ten": 10}
 _NUM = r"(\d+|one|two|three|four|five|six|seven|eight|nine|ten)"
 
 
@@ -245,12 +245,8 @@ def _ends_with_loosely(phrase: str) -> Callable[[str, str], bool]:
 
 def _postscript(marker: str) -> Callable[[str, str], bool]:
     m = marker.strip().lower()
-    if m in ("p.s.", "p.s"):
-        pattern = r"\s*p\.\s?s\..*$"
-    elif m in ("p.p.s", "p.p.s."):
-        pattern = r"\s*p\.\s?p\.\s?s.*$"
-    else:
-        pattern = r"\s*" + re.escape(m) + r".*$"
+    # The rule captures P.S. or P.P.S only; IFEval's patterns for them.
+    pattern = r"\s*p\.\s?p\.\s?s.*$" if m.startswith("p.p.s") else r"\s*p\.\s?s\..*$"
     return lambda answer, query: re.search(pattern, answer.lower(), flags=re.MULTILINE) is not None
 
 

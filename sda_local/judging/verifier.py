@@ -2,8 +2,8 @@
 
 ``VerifyJudge`` (``--judge verify``) reads the instruction with ``checks.parse_checks`` and checks the first
 answer against it: a = 0 when the answer complies (prompting alone already does what was asked), A_MAX when
-it does not (and the steered answer then has no onset: ``pipeline.steered_settings``). The first answer it judges is *prompted* (generated with the instruction, a = 0), not the paper's
-answer without the instruction: what a decides is whether prompting needs steering, and a prompted answer
+it does not (and the steered answer then has no onset: ``pipeline.steered_settings``). The first answer it
+judges is *prompted* (generated with the instruction, a = 0), not the paper's answer without the instruction: what a decides is whether prompting needs steering, and a prompted answer
 that complies is then the answer itself (the steered pass at a = 0 and the fixed temperature repeats it token
 for token). An instruction it cannot check in full is a JudgeError.
 
@@ -38,6 +38,11 @@ FIRST_OBSERVED = "observed"  # without the instruction, both prompts decoded so 
 FIRST_PROMPTED = "prompted"  # with the instruction at a = 0: prompting alone
 
 
+def checkable(alignment) -> bool:
+    """Whether a program can check ``alignment``'s whole instruction."""
+    return alignment is not None and parse_checks(alignment.instruction) is not None
+
+
 class VerifyJudge:
     """Checks the prompted first answer against a verifiable instruction (see the module docstring)."""
 
@@ -46,7 +51,7 @@ class VerifyJudge:
     identity = "verify"
 
     def first_answer(self, alignment) -> str:
-        if alignment is None or parse_checks(alignment.instruction) is None:  # refused before anything is generated
+        if not checkable(alignment):  # refused before anything is generated
             raise InputError(UNCHECKABLE)
         return FIRST_PROMPTED
 
@@ -83,15 +88,11 @@ class AutoJudge:
         self.verify_judge = VerifyJudge()
         self.identity = f"auto:{engine.model_path.name}"
 
-    @staticmethod
-    def checkable(alignment) -> bool:
-        return alignment is not None and parse_checks(alignment.instruction) is not None
-
     def first_answer(self, alignment) -> str:
-        return FIRST_PROMPTED if self.checkable(alignment) else FIRST_OBSERVED
+        return FIRST_PROMPTED if checkable(alignment) else FIRST_OBSERVED
 
     def score(self, query: str, answer: str, rubric: Rubric, history=()) -> Judgement:
-        judge = self.verify_judge if self.checkable(rubric.alignment) else self.self_judge
+        judge = self.verify_judge if checkable(rubric.alignment) else self.self_judge
         return judge.score(query, answer, rubric, history=history)
 
     def judgement(self, r: Optional[float], seconds: float = 0.0) -> Judgement:
@@ -105,9 +106,14 @@ class AutoJudge:
         pass
 
 
+def observes(judge) -> bool:
+    """Whether ``judge`` reads its score off an observed first answer (the self judge: its r)."""
+    return bool(getattr(judge, "observes", False))
+
+
 def first_answer_mode(judge, alignment) -> str:
     """Which first answer ``judge`` reads for ``alignment``: FIRST_PROMPTED, FIRST_OBSERVED or FIRST_WITHOUT."""
     choose = getattr(judge, "first_answer", None)
     if callable(choose):
         return choose(alignment)
-    return FIRST_OBSERVED if getattr(judge, "observes", False) else FIRST_WITHOUT
+    return FIRST_OBSERVED if observes(judge) else FIRST_WITHOUT
